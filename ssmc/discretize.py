@@ -1,62 +1,286 @@
-"""Symbolic discretization: derive Abar, Bbar from the continuous system h' = a h + b u.
+"""Symbolic discretization: derive Abar, Bbar from the continuous system h' = A h + B u.
 
-Each method is a statement about one step of length dt (the input u held or interpolated over
-the step); sympy solves or integrates it, and the coefficients of h_{t-1}, u_t and u_{t-1} are
-read off. Nothing here is a hand-typed table: change a method's statement and every backend's
-kernel follows, since backends only print these expressions.
+Each method is one statement about a step of length dt (``_statement``): an equation in the
+next state h_next, the last state h_prev, and the inputs u_next, u_prev, written once over an
+"algebra" that is either the scalars (for scalar/diagonal/complex-diagonal A: one element a)
+or n x n matrices (dense and DPLR A: noncommutative MatrixSymbols). sympy solves the equation
+for h_next and the coefficients of h_prev, B u_next and B u_prev are read off:
+
+    h_t = abar h_{t-1} + bbar B_t x_t + bbar_prev B_{t-1} x_{t-1}
+
+Nothing here is a table of answers: change a method's statement and every backend's kernel
+follows, since backends only print these expressions (``ssmc.printers``) and the float64 oracle
+only evaluates them (``evaluate``).
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable, Dict, Tuple
 
+import numpy as np
+import scipy.linalg
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
+from .errors import TargetError
 from .ir import AStructure, Discretized, Method, SSMFamily
+from .printers import cse_print, stable_form
 
-# dt > 0 is Delta after softplus/bias/clamp; a != 0 is one element of A (negative real, or complex
-# with negative real part). Declaring a nonzero lets sympy integrate exp(a s) without a Piecewise.
+# dt > 0 is Delta after softplus/bias/clamp. Real a is negative; complex a is declared complex,
+# not real, and nonzero (which lets sympy integrate exp(a s) without a Piecewise for a = 0).
 DT = sp.Symbol("dt", positive=True)
 A_REAL = sp.Symbol("a", negative=True)
-A_COMPLEX = sp.Symbol("a", nonzero=True)
+A_COMPLEX = sp.Symbol("a", complex=True, zero=False)
+# The real and imaginary parts of a complex a, for dialects without complex numbers.
+A_RE = sp.Symbol("a_re", negative=True)
+A_IM = sp.Symbol("a_im", real=True)
+# Matrix forms: n is the state size, a the n x n matrix (for DPLR formed numerically first).
+N = sp.Symbol("n", integer=True, positive=True)
+A_MATRIX = sp.MatrixSymbol("a", N, N)
 
-_h0, _h1, _u0, _u1, _s = sp.symbols("h_prev h_next u_prev u_next s")
+_s = sp.Symbol("s", real=True)
 
 
-def _one_step(method: Method, a, dt):
-    """h_next as an expression of h_prev, u_next (the step's input) and u_prev (the last one)."""
+class MatrixExp(sp.MatrixExpr):
+    """exp(M) of a square matrix expression (sympy's ``exp`` takes scalars only)."""
+
+    def __new__(cls, arg):
+        arg = sp.sympify(arg)
+        if arg.doit().is_ZeroMatrix:
+            return sp.Identity(arg.shape[0])
+        return super().__new__(cls, arg)
+
+    @property
+    def arg(self):
+        return self.args[0]
+
+    @property
+    def shape(self):
+        return self.arg.shape
+
+    def doit(self, **hints):
+        return MatrixExp(self.arg.doit(**hints)) if hints.get("deep", True) else self
+
+    def _sympystr(self, printer):
+        return f"exp({printer._print(self.arg)})"
+
+    def _pretty(self, printer):
+        return printer._helper_print_function(sp.exp, (self.arg,), func_name="exp")
+
+    def _latex(self, printer):
+        return rf"e^{{{printer._print(self.arg)}}}"
+
+
+# --------------------------------------------------------------------------------------------
+# The methods, stated once for both algebras
+
+class _Algebra:
+    """What a statement may use: A, B, the state/input vectors, 1, exp, and integrals."""
+    A: object
+    B: object
+    h_prev: object
+    h_next: object
+    u_prev: object
+    u_next: object
+    one: object
+
+    def exp(self, x):
+        raise NotImplementedError
+
+    def integrate(self, f: Callable, s, lo, hi):
+        raise NotImplementedError
+
+
+class _Scalars(_Algebra):
+    def __init__(self, a):
+        self.A, self.B, self.one = a, sp.S.One, sp.S.One
+        self.h_prev, self.h_next, self.u_prev, self.u_next = sp.symbols("h_prev h_next u_prev u_next")
+
+    def exp(self, x):
+        return sp.exp(x)
+
+    def integrate(self, f, s, lo, hi):
+        return sp.integrate(f(s), (s, lo, hi))
+
+
+class _Matrices(_Algebra):
+    def __init__(self):
+        m = sp.Symbol("m", integer=True, positive=True)
+        self.A, self.one = A_MATRIX, sp.Identity(N)
+        self.B = sp.MatrixSymbol("B", N, m)
+        self.h_prev, self.h_next = sp.MatrixSymbol("h_prev", N, 1), sp.MatrixSymbol("h_next", N, 1)
+        self.u_prev, self.u_next = sp.MatrixSymbol("u_prev", m, 1), sp.MatrixSymbol("u_next", m, 1)
+
+    def exp(self, x):
+        return MatrixExp(x)
+
+    def integrate(self, f, s, lo, hi):
+        # The integrand is a function of the single matrix A (times scalars), so it lives in the
+        # commutative algebra generated by A: integrate it with A replaced by a scalar x and map
+        # the result back (holomorphic functional calculus). Valid for nonsingular A.
+        x = sp.Symbol("x", complex=True, zero=False)
+        scalar = sp.integrate(_to_scalar(f(s), x), (s, lo, hi))
+        return _lift(sp.simplify(scalar), x)
+
+
+def _statement(method: Method, al: _Algebra):
+    """The residual of one step: an expression that is zero, linear in h_next."""
+    A, B, dt = al.A, al.B, DT
+    h0, h1, u0, u1 = al.h_prev, al.h_next, al.u_prev, al.u_next
+
+    def kernel(s):  # the propagator from time s to the end of the step: e^{A (dt - s)}
+        return al.exp((dt - s) * A)
+
     if method is Method.EULER:
-        return _h0 + dt * (a * _h0 + _u1)
+        return h1 - (h0 + dt * (A * h0 + B * u1))
     if method is Method.BILINEAR:
-        # Trapezoid rule on the whole right-hand side with the input held over the step: implicit.
-        eq = sp.Eq(_h1, _h0 + dt / 2 * ((a * _h0 + _u1) + (a * _h1 + _u1)))
-        return sp.solve(eq, _h1)[0]
+        # Trapezoid rule on the whole right-hand side, input held over the step: implicit in h1.
+        return h1 - (h0 + dt / 2 * ((A * h0 + B * u1) + (A * h1 + B * u1)))
     if method is Method.ZOH:
-        # Variation of constants with u held: h(dt) = e^{a dt} h0 + int_0^dt e^{a (dt - s)} u ds.
-        return sp.exp(a * dt) * _h0 + sp.integrate(sp.exp(a * (dt - _s)), (_s, 0, dt)) * _u1
+        # Variation of constants with u held: h(dt) = e^{A dt} h0 + int_0^dt e^{A (dt - s)} ds B u.
+        return h1 - (kernel(0) * h0 + al.integrate(kernel, _s, 0, dt) * B * u1)
     if method is Method.EXP_EULER:
-        # Exact decay, input integral approximated by dt * u (Mamba's discretization).
-        return sp.exp(a * dt) * _h0 + dt * _u1
+        # Exact decay; the input integral approximated by dt times its integrand at s = dt.
+        return h1 - (kernel(0) * h0 + dt * kernel(dt) * B * u1)
     if method is Method.TRAPEZOIDAL:
-        # Exact decay; trapezoid rule on the input integral int_0^dt e^{a (dt - s)} u(s) ds,
-        # with u(0) = u_prev and u(dt) = u_next.
-        f0 = sp.exp(a * dt) * _u0
-        f1 = _u1
-        return sp.exp(a * dt) * _h0 + dt / 2 * (f0 + f1)
+        # Exact decay; trapezoid rule on the input integral with u(0) = u_prev, u(dt) = u_next.
+        return h1 - (kernel(0) * h0 + dt / 2 * (kernel(0) * B * u0 + kernel(dt) * B * u1))
     raise ValueError(method)
 
 
+# --------------------------------------------------------------------------------------------
+# Elementwise: scalar / diagonal / complex-diagonal A
+
 @lru_cache(maxsize=None)
 def derive_elementwise(method: Method, complex_a: bool = False) -> Discretized:
-    """Abar, Bbar for one element of a scalar/diagonal/complex-diagonal A."""
+    """Abar, Bbar for one element a of a scalar/diagonal/complex-diagonal A."""
     a = A_COMPLEX if complex_a else A_REAL
-    step = sp.expand(_one_step(method, a, DT))
-    abar = sp.simplify(sp.diff(step, _h0))
-    bbar = sp.simplify(sp.diff(step, _u1))
-    bbar_prev = sp.simplify(sp.diff(step, _u0))
+    al = _Scalars(a)
+    (step,) = sp.solve(_statement(method, al), al.h_next)
+    step = sp.expand(step)
+    abar, bbar, bbar_prev = (sp.simplify(sp.diff(step, v)) for v in (al.h_prev, al.u_next, al.u_prev))
     structure = AStructure.COMPLEX_DIAGONAL if complex_a else AStructure.DIAGONAL
     return Discretized(method=method, structure=structure, dt=DT, a=a,
                        abar=abar, bbar=bbar, bbar_prev=bbar_prev)
 
+
+# --------------------------------------------------------------------------------------------
+# Matrix: dense / DPLR A (noncommutative)
+
+def _to_scalar(expr, x):
+    """A matrix function of A_MATRIX as the scalar function of x it stands for."""
+    if expr == A_MATRIX:
+        return x
+    if isinstance(expr, sp.Identity):
+        return sp.S.One
+    if isinstance(expr, sp.ZeroMatrix):
+        return sp.S.Zero
+    if isinstance(expr, MatrixExp):
+        return sp.exp(_to_scalar(expr.arg, x))
+    if isinstance(expr, sp.MatMul):
+        return sp.Mul(*(_to_scalar(f, x) for f in expr.args))
+    if isinstance(expr, sp.MatAdd):
+        return sp.Add(*(_to_scalar(t, x) for t in expr.args))
+    if isinstance(expr, sp.Inverse):
+        return 1 / _to_scalar(expr.arg, x)
+    if isinstance(expr, sp.MatPow):
+        return _to_scalar(expr.base, x) ** expr.exp
+    if isinstance(expr, sp.MatrixExpr):
+        raise ValueError(f"not a function of A alone: {expr}")
+    return expr  # a scalar coefficient
+
+
+def _lift_polynomial(expr, x):
+    """A sum of c * x^k * exp(q x) terms as the matrix sum of c * A^k * exp(q A)."""
+    terms = []
+    for term in sp.Add.make_args(sp.expand(expr)):
+        coeff, mats = sp.S.One, []
+        for f in sp.Mul.make_args(term):
+            if not f.has(x):
+                coeff *= f
+            elif f == x:
+                mats.append(A_MATRIX)
+            elif f.is_Pow and f.base == x and f.exp.is_Integer and f.exp > 0:
+                mats.extend([A_MATRIX] * int(f.exp))
+            elif isinstance(f, sp.exp) and sp.diff(f.args[0], x, 2) == 0:
+                mats.append(MatrixExp(sp.expand(f.args[0] / x) * A_MATRIX))
+            else:
+                raise ValueError(f"cannot lift {f} to a matrix function")
+        terms.append(coeff * (sp.MatMul(*mats) if mats else sp.Identity(N)))
+    return sp.MatAdd(*terms).doit()
+
+
+def _lift(expr, x):
+    """The scalar function ``expr`` of x as the matrix function of A_MATRIX (inverses on the left)."""
+    num, den = sp.fraction(sp.together(expr))
+    num_m = _lift_polynomial(num, x)
+    if not den.has(x):
+        return (num_m / den).doit()
+    return sp.MatMul(sp.Inverse(_lift_polynomial(den, x)), num_m).doit()
+
+
+def _collect(residual, al: _Matrices) -> Dict[object, object]:
+    """Coefficients of h_next, h_prev, u_next, u_prev in a residual linear in them.
+
+    Noncommutative: every expanded term ends in a vector (h) or in B times a vector (u); the
+    coefficient is what multiplies it from the left (with B stripped for the inputs).
+    """
+    coeffs: Dict[object, list] = {v: [] for v in (al.h_next, al.h_prev, al.u_next, al.u_prev)}
+    expanded = residual.expand().doit()
+    for term in (expanded.args if isinstance(expanded, sp.MatAdd) else (expanded,)):
+        if isinstance(term, sp.MatMul):
+            c, mats = term.as_coeff_matrices()
+        else:
+            c, mats = sp.S.One, [term]
+        vec, left = mats[-1], list(mats[:-1])
+        if vec in (al.u_next, al.u_prev):
+            if not left or left[-1] != al.B:
+                raise ValueError(f"input term without B: {term}")
+            left.pop()
+        coeffs[vec].append(c * (sp.MatMul(*left) if left else sp.Identity(N)))
+    return {v: (sp.MatAdd(*cs).doit() if cs else sp.ZeroMatrix(N, N)) for v, cs in coeffs.items()}
+
+
+def _factor_left(expr):
+    """Factor a common leftmost matrix out of a sum: X^{-1} E - X^{-1} -> X^{-1} (E - I)."""
+    if not isinstance(expr, sp.MatAdd):
+        return expr
+    split = []
+    for term in expr.args:
+        c, mats = term.as_coeff_matrices() if isinstance(term, sp.MatMul) else (sp.S.One, [term])
+        split.append((c, list(mats)))
+    first = split[0][1][0] if split[0][1] else None
+    if first is None or any(not m or m[0] != first for _, m in split):
+        return expr
+    rest = [c * (sp.MatMul(*m[1:]) if len(m) > 1 else sp.Identity(N)) for c, m in split]
+    return sp.MatMul(first, sp.MatAdd(*rest).doit(), evaluate=False)
+
+
+def _tidy(expr):
+    expr = expr.doit()
+    return sp.ZeroMatrix(N, N) if expr.is_ZeroMatrix else _factor_left(expr)
+
+
+@lru_cache(maxsize=None)
+def derive_matrix(method: Method) -> Tuple[object, object, object]:
+    """(abar, bbar, bbar_prev) as n x n matrix expressions in DT and A_MATRIX; Bbar B = bbar @ B."""
+    al = _Matrices()
+    c = _collect(_statement(method, al), al)
+    lhs = c[al.h_next]  # lhs h_next + (rest) = 0  =>  h_next = lhs^{-1} (-rest)
+    solved = []
+    for v in (al.h_prev, al.u_next, al.u_prev):
+        rhs = (-c[v]).doit()
+        if lhs == sp.Identity(N):
+            solved.append(_tidy(rhs))
+        elif rhs.is_ZeroMatrix:
+            solved.append(sp.ZeroMatrix(N, N))
+        else:
+            solved.append(_tidy(sp.MatMul(sp.Inverse(lhs), rhs)))
+    return tuple(solved)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
 
 def discretize(family: SSMFamily) -> Discretized:
     """The discretized system for a family's A structure and method."""
@@ -66,4 +290,224 @@ def discretize(family: SSMFamily) -> Discretized:
         return Discretized(family.method, st, d.dt, d.a, d.abar, d.bbar, d.bbar_prev)
     if st is AStructure.COMPLEX_DIAGONAL:
         return derive_elementwise(family.method, complex_a=True)
-    raise NotImplementedError(f"matrix discretization for {st.value}")  # filled in by the matrix pass
+    if st in (AStructure.DENSE, AStructure.DPLR):
+        abar, bbar, bbar_prev = derive_matrix(family.method)
+        return Discretized(family.method, st, DT, A_MATRIX, abar, bbar, bbar_prev)
+    raise ValueError(f"unknown A structure {st}")
+
+
+def is_matrix(disc: Discretized) -> bool:
+    return isinstance(disc.a, sp.MatrixExpr)
+
+
+@lru_cache(maxsize=None)
+def split_complex(expr) -> Tuple[object, object]:
+    """(re, im) of an elementwise complex-a expression, in the real symbols a_re (< 0) and a_im.
+
+    For dialects without complex numbers (Triton, C, TIR): kernels carry a as two real parts.
+    exp(w) - 1 is split as expm1(w_re) cos(w_im) - 2 sin^2(w_im / 2) + i exp(w_re) sin(w_im):
+    the naive exp(w_re) cos(w_im) - 1 cancels for small |a dt| just like the real exp(x) - 1.
+    """
+    z = A_RE + sp.I * A_IM
+    expr = stable_form(sp.sympify(expr))
+    held, back = {}, {}
+    for f in expr.atoms(expm1):
+        w_re, w_im = sp.expand_complex(f.args[0].subs(A_COMPLEX, z)).as_real_imag()
+        e_re, e_im = sp.Dummy("e_re", real=True), sp.Dummy("e_im", real=True)
+        held[f] = e_re + sp.I * e_im
+        back[e_re] = expm1(w_re) * sp.cos(w_im) - 2 * sp.sin(w_im / 2) ** 2
+        back[e_im] = sp.exp(w_re) * sp.sin(w_im)
+    expr = expr.xreplace(held).subs(A_COMPLEX, z)
+    re, im = sp.expand_complex(expr).as_real_imag()
+    return sp.simplify(re).xreplace(back), sp.simplify(im).xreplace(back)
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric evaluation (the float64 oracle's Abar, Bbar): built from the expressions above
+
+def _singular_at_zero(expr, a) -> bool:
+    at0 = expr.subs(a, 0)
+    return at0.has(sp.nan, sp.zoo, sp.oo, -sp.oo)
+
+
+@lru_cache(maxsize=None)
+def _elementwise_fn(expr, a):
+    """(f(dt, a), f0(dt) or None): f from the stable form; f0 the limit a -> 0 where f is 0/0."""
+    f = sp.lambdify((DT, a), stable_form(expr), modules="numpy")
+    f0 = None
+    if expr.has(a) and _singular_at_zero(expr, a):
+        x = sp.Symbol("x", real=True)
+        f0 = sp.lambdify((DT,), sp.limit(expr.subs(a, x), x, 0), modules="numpy")
+    return f, f0
+
+
+def _eval_elementwise(expr, a_sym, dt, a, dtype):
+    shape = np.broadcast_shapes(dt.shape, a.shape)
+    f, f0 = _elementwise_fn(expr, a_sym)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.array(np.broadcast_to(f(dt, a), shape), dtype=dtype)
+    if f0 is not None and np.any(a == 0):
+        at0 = np.broadcast_to(f0(dt), shape)
+        mask = np.broadcast_to(a == 0, shape)
+        out[mask] = at0[mask]
+    return out
+
+
+@lru_cache(maxsize=None)
+def _matrix_fn(expr) -> Callable:
+    """A numpy function env -> array for a matrix expression (walked once, then cached).
+
+    env holds dt as (..., 1, 1), a as (..., n, n) and the identity. exp maps to the batched
+    scipy.linalg.expm, inv(X) @ Y to a solve.
+    """
+    if expr == A_MATRIX:
+        return lambda env: env["a"]
+    if isinstance(expr, sp.Identity):
+        return lambda env: env["eye"]
+    if isinstance(expr, sp.ZeroMatrix):
+        return lambda env: np.zeros_like(env["a"])
+    if isinstance(expr, MatrixExp):
+        arg = _matrix_fn(expr.arg)
+        return lambda env: scipy.linalg.expm(arg(env))
+    if isinstance(expr, sp.MatAdd):
+        terms = [_matrix_fn(t) for t in expr.args]
+        return lambda env: sum(t(env) for t in terms)
+    if isinstance(expr, sp.Inverse) or (isinstance(expr, sp.MatPow) and expr.exp == -1):
+        base = _matrix_fn(expr.args[0])
+        return lambda env: np.linalg.inv(base(env))
+    if isinstance(expr, sp.MatPow) and expr.exp.is_Integer and expr.exp > 0:
+        base, k = _matrix_fn(expr.base), int(expr.exp)
+        return lambda env: np.linalg.matrix_power(base(env), k)
+    if isinstance(expr, sp.MatMul):
+        coeff, mats = expr.as_coeff_matrices()
+        scale = sp.lambdify((DT,), coeff, modules="numpy")
+        first = mats[0]
+        if isinstance(first, (sp.Inverse, sp.MatPow)) and len(mats) > 1 and first.args[1:] in ((), (-1,)):
+            lhs = _matrix_fn(first.args[0])
+            rhs = _matrix_fn(sp.MatMul(*mats[1:]) if len(mats) > 2 else mats[1])
+
+            def product(env):
+                x = lhs(env)
+                return np.linalg.solve(x, np.broadcast_to(rhs(env), x.shape))
+        else:
+            fs = [_matrix_fn(m) for m in mats]
+
+            def product(env):
+                out = fs[0](env)
+                for f in fs[1:]:
+                    out = out @ f(env)
+                return out
+        return lambda env: scale(env["dt"]) * product(env)
+    raise ValueError(f"no numeric evaluation for {type(expr).__name__}: {expr}")
+
+
+def evaluate(disc: Discretized, dt, a) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(abar, bbar, bbar_prev) as float64 / complex128 numpy arrays.
+
+    Elementwise structures: ``dt`` and ``a`` broadcast against each other (a may be complex);
+    where a == 0 and a form is 0/0 (zoh's bbar) its limit a -> 0 is used.
+    Matrix structures (dense, DPLR): ``dt`` (...) and ``a`` (..., n, n) give three (..., n, n)
+    arrays with Bbar B = bbar @ B.
+    """
+    dt = np.asarray(dt, dtype=np.float64)
+    a = np.asarray(a)
+    dtype = np.complex128 if (np.iscomplexobj(a) or disc.structure is AStructure.COMPLEX_DIAGONAL) \
+        else np.float64
+    a = a.astype(dtype)
+    exprs = (disc.abar, disc.bbar, disc.bbar_prev)
+    if not is_matrix(disc):
+        return tuple(_eval_elementwise(sp.sympify(e), disc.a, dt, a, dtype) for e in exprs)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"matrix A must be (..., n, n), got shape {a.shape}")
+    n = a.shape[-1]
+    batch = np.broadcast_shapes(dt.shape, a.shape[:-2])
+    env = {"a": np.broadcast_to(a, batch + (n, n)),
+           "dt": np.broadcast_to(dt, batch)[..., None, None],
+           "eye": np.eye(n, dtype=dtype)}
+    return tuple(np.array(np.broadcast_to(_matrix_fn(e)(env), batch + (n, n)), dtype=dtype)
+                 for e in exprs)
+
+
+# --------------------------------------------------------------------------------------------
+# Human-readable summary (``ssmc show discretization SPEC``)
+
+_STRUCTURE_TEXT = {
+    AStructure.SCALAR: "scalar per head (one a shared by head_dim and state)",
+    AStructure.DIAGONAL: "diagonal (one real a per channel x state)",
+    AStructure.COMPLEX_DIAGONAL: "complex diagonal (one complex a per channel x state; "
+                                 "y = 2 Re(C h))",
+    AStructure.DPLR: "diagonal plus low rank: A = diag(Λ) − Pᵀ Q per channel "
+                     "(formed numerically, then treated as a dense n x n matrix)",
+    AStructure.DENSE: "dense n x n per channel",
+}
+
+
+def _delta_text(family: SSMFamily) -> str:
+    d = family.delta
+    ssd = family.A.structure is AStructure.SCALAR
+    raw, bias = ("dt", "dt_bias") if ssd else ("delta", "delta_bias")
+    text = f"{raw}_t" if d.selective else raw
+    if d.bias:
+        text = f"{text} + {bias}"
+    if d.softplus:
+        text = f"softplus({text})"
+    if d.clamp is not None:
+        lo, hi = d.clamp
+        text = f"clamp({text}, {lo:g}, {hi:g})"
+    lhs = "Δ_t" if d.selective else "Δ"
+    why = "selective: per token, from the input" if d.selective else "learned constant"
+    return f"{lhs} = {text}    ({why})"
+
+
+def _pretty(expr, matrix: bool) -> str:
+    shown = {DT: sp.Symbol("Δ")}
+    if matrix:
+        expr = expr.subs(A_MATRIX, sp.MatrixSymbol("A", N, N))
+    else:
+        shown.update({A_REAL: sp.Symbol("A"), A_COMPLEX: sp.Symbol("A")})
+    return sp.pretty(sp.sympify(expr).subs(shown), use_unicode=True)
+
+
+def _indent(label: str, block: str, width: int = 8) -> str:
+    lines = block.splitlines() or [""]
+    pad = " " * (width + len(label))
+    return "\n".join([f"{' ' * width}{label}{lines[0]}"] + [pad + ln for ln in lines[1:]])
+
+
+def describe(family: SSMFamily) -> str:
+    """What ``ssmc show discretization`` prints: structure, method, Δ, Ā, B̄, printed forms."""
+    disc = discretize(family)
+    matrix = is_matrix(disc)
+    trap = disc.method is Method.TRAPEZOIDAL
+    out = [f"{family.name}: A {_STRUCTURE_TEXT[disc.structure]}"
+           + (", selective (per token)" if family.A.selective else ""),
+           f"  discretization: {disc.method.value}",
+           f"  {_delta_text(family)}",
+           "  h_t = Ā h_{t-1} + B̄ B_t x_t" + (" + B̄₋ B_{t-1} x_{t-1}" if trap else "")
+           + ("      (Ā, B̄ are n x n matrices; B̄ B = bbar @ B)" if matrix else ""),
+           _indent("Ā  = ", _pretty(disc.abar, matrix), 4),
+           _indent("B̄  = ", _pretty(disc.bbar, matrix), 4)]
+    if trap:
+        out.append(_indent("B̄₋ = ", _pretty(disc.bbar_prev, matrix), 4))
+    exprs = {"abar": disc.abar, "bbar": disc.bbar}
+    if trap:
+        exprs["bbar_prev"] = disc.bbar_prev
+    names = {"dt": "dt[..., None, None]"} if matrix else None
+    for dialect in ("numpy", "triton", "c"):
+        out.append(f"  {dialect}:")
+        try:
+            if disc.structure is AStructure.COMPLEX_DIAGONAL and dialect != "numpy":
+                parts = {}
+                for k, e in exprs.items():
+                    parts[f"{k}_re"], parts[f"{k}_im"] = split_complex(e)
+                lines, finals = cse_print(parts, dialect, names)
+                out.append("      (no complex numbers: a = a_re + i a_im, split)")
+            else:
+                lines, finals = cse_print(exprs, dialect, names)
+        except TargetError as err:
+            out.append(f"      (not printed: {err.message})")
+            continue
+        out.extend(f"      {ln}" for ln in lines)
+        sep = ";" if dialect == "c" else ""
+        out.extend(f"      {k} = {v}{sep}" for k, v in finals.items())
+    return "\n".join(out)
