@@ -1,0 +1,687 @@
+"""The calling convention: check a user's call and normalize it into a ``Problem``.
+
+``bind`` is the one place where the arguments of a compiled family are validated (shape, dtype,
+device, stride, the arguments the spec fixes, varlen offsets). Every backend then receives the
+same normalized tensors, and every mistake is reported once, naming the argument, before
+anything runs. ``example_inputs`` draws random valid keyword arguments for a family's signature.
+
+Sizes (DESIGN.md section 3): b batch, l seqlen, h heads, p head_dim, d channels, n state,
+g groups, r rank, s sequences (the batch, or the number of packed sequences when varlen).
+Normalized forms: selective B/C of the selective scan are always (b, g, n, l); the decode step's
+mamba_ssm-style expanded dt (b,h,p), A (h,p,n), dt_bias (h,p), D (h,p) become (b,h), (h,),
+(h,), (h,); ``cu_seqlens`` is int64; SSD's ``seq_idx`` is (1, l) int32 whenever varlen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import CallError
+from .ir import AStructure, Convention, DType, Method, Sharing, SSMFamily
+
+INF = float("inf")
+TORCH_DTYPE = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
+               DType.FLOAT32: torch.float32, DType.FLOAT64: torch.float64}
+COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+_DIM_WORDS = {"b": "batch", "l": "seqlen", "h": "heads", "p": "head_dim", "d": "channels",
+              "n": "state", "g": "groups", "r": "rank", "s": "sequences"}
+
+
+# --------------------------------------------------------------------------------------------
+# Problems: one per convention, field names = the keyword names of the signature
+
+class _Sizes:
+    """Sizes shared by every problem; the family fixes h, p, d, n, g, r, the tensors b and l."""
+    family: SSMFamily
+
+    heads = property(lambda self: self.family.dims.heads)
+    head_dim = property(lambda self: self.family.dims.head_dim)
+    channels = property(lambda self: self.family.dims.d_inner)
+    state_size = property(lambda self: self.family.dims.state)
+    groups = property(lambda self: self.family.dims.groups)
+    rank = property(lambda self: self.family.dims.rank)
+    varlen = property(lambda self: getattr(self, "cu_seqlens", None) is not None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.input.device
+
+    @property
+    def seq_offsets(self) -> Tuple[int, ...]:
+        """Start offsets of the sequences plus the end: (0, l) unless varlen."""
+        if self.varlen:
+            return tuple(int(v) for v in self.cu_seqlens.tolist())
+        return (0, self.seqlen)
+
+    def kwargs(self) -> Dict[str, object]:
+        """The normalized call as keyword arguments (bind(family, convention, (), kwargs()) works)."""
+        skip = {"family", "convention", "nseq"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+
+
+@dataclass(frozen=True, eq=False)
+class SSDProblem(_Sizes):
+    """mamba_chunk_scan_combined: x (b,l,h,p), dt (b,l,h), A (h,), B/C (b,l,g,n), ..."""
+    family: SSMFamily
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    chunk_size: Optional[int] = None
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    dt_bias: Optional[torch.Tensor] = None
+    initial_states: Optional[torch.Tensor] = None
+    seq_idx: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    dt_softplus: bool = False
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    return_final_states: bool = False
+    nseq: int = 0
+    convention: Convention = field(default=Convention.SSD, init=False)
+
+    input = property(lambda self: self.x)
+    batch = property(lambda self: self.x.shape[0])
+    seqlen = property(lambda self: self.x.shape[1])
+    wants_final_state = property(lambda self: self.return_final_states)
+    initial = property(lambda self: self.initial_states)
+
+
+@dataclass(frozen=True, eq=False)
+class SelectiveScanProblem(_Sizes):
+    """selective_scan_fn: u (b,d,l), delta (b,d,l), A (d,n), B/C (b,g,n,l), ..."""
+    family: SSMFamily
+    u: torch.Tensor
+    delta: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    delta_bias: Optional[torch.Tensor] = None
+    delta_softplus: bool = False
+    return_last_state: bool = False
+    initial_state: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    P: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    nseq: int = 0
+    convention: Convention = field(default=Convention.SELECTIVE_SCAN, init=False)
+
+    input = property(lambda self: self.u)
+    batch = property(lambda self: self.u.shape[0])
+    seqlen = property(lambda self: self.u.shape[-1])
+    wants_final_state = property(lambda self: self.return_last_state)
+    initial = property(lambda self: self.initial_state)
+
+
+@dataclass(frozen=True, eq=False)
+class StateUpdateProblem(_Sizes):
+    """selective_state_update: state (b,h,p,n) or (b,d,n) updated in place, x (b,h,p) or (b,d)."""
+    family: SSMFamily
+    state: torch.Tensor
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    dt_bias: Optional[torch.Tensor] = None
+    dt_softplus: bool = False
+    P: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    nseq: int = 0
+    convention: Convention = field(default=Convention.STATE_UPDATE, init=False)
+
+    input = property(lambda self: self.x)
+    batch = property(lambda self: self.x.shape[0])
+    seqlen = property(lambda self: 1)
+    wants_final_state = property(lambda self: False)
+    initial = property(lambda self: self.state)
+
+
+PROBLEMS = {Convention.SSD: SSDProblem, Convention.SELECTIVE_SCAN: SelectiveScanProblem,
+            Convention.STATE_UPDATE: StateUpdateProblem}
+# For annotations and isinstance checks alike.
+Problem = Union[SSDProblem, SelectiveScanProblem, StateUpdateProblem]
+
+POSITIONAL = {
+    Convention.SSD: ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "initial_states",
+                     "seq_idx", "cu_seqlens", "dt_softplus", "dt_limit", "return_final_states"),
+    Convention.SELECTIVE_SCAN: ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                "delta_softplus", "return_last_state", "initial_state",
+                                "cu_seqlens"),
+    Convention.STATE_UPDATE: ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                              "dt_softplus"),
+}
+KEYWORD_ONLY = {Convention.SSD: (), Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
+                Convention.STATE_UPDATE: ("P", "Q", "dt_limit")}
+
+
+# --------------------------------------------------------------------------------------------
+# What each tensor argument must look like, from the family
+
+@dataclass(frozen=True)
+class _Form:
+    dims: Tuple[str, ...]
+    expanded: Tuple[int, ...] = ()   # axes that must be broadcasts (mamba_ssm's expanded step forms)
+    insert: Optional[int] = None     # axis inserted to reach the normalized form: (b,n,l) -> (b,1,n,l)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    forms: Tuple[_Form, ...]
+    kind: str                        # act (per token) | param | state (initial) | cache (step state)
+    complex: bool = False
+    what: str = ""                   # how the spec defines it, for messages
+    other: Tuple[_Form, ...] = ()    # forms of the opposite selectivity, for a hint
+
+
+def _forms(*dims_list):
+    return tuple(_Form(tuple(d)) for d in dims_list)
+
+
+@lru_cache(maxsize=256)
+def _slots(fam: SSMFamily, conv: Convention) -> Dict[str, _Slot]:
+    st = fam.A.structure
+    cplx = st is AStructure.COMPLEX_DIAGONAL
+    matrix = st is AStructure.DENSE
+    ssd_like = st is AStructure.SCALAR
+    step = conv is Convention.STATE_UPDATE
+    unit = "h" if ssd_like else "d"          # what Δ, D, bias and per-head B/C are indexed by
+    g1 = fam.dims.groups == 1
+
+    def sel(selective, sel_forms, const_forms, what, complex_=False):
+        forms, other = (sel_forms, const_forms) if selective else (const_forms, sel_forms)
+        what += ", selective (one per token)" if selective else ", a learned constant"
+        return _Slot(forms, "act" if selective else "param", complex_, what, other)
+
+    def bc(spec, name):
+        if ssd_like:
+            tok = _forms(("b", "g", "n") if step else ("b", "l", "g", "n"))
+        elif step:
+            tok = _forms(("b", "g", "n")) + ((_Form(("b", "n"), insert=1),) if g1 else ())
+        else:
+            tok = _forms(("b", "g", "n", "l")) + ((_Form(("b", "n", "l"), insert=1),) if g1 else ())
+        const = _forms(("g", "n") if spec.sharing is Sharing.GROUP else (unit, "n"))
+        per = "group" if spec.sharing is Sharing.GROUP else ("head" if ssd_like else "channel")
+        return sel(spec.selective, tok, const, f"{name} is per {per}", cplx)
+
+    s: Dict[str, _Slot] = {}
+    if ssd_like:
+        if step:
+            s["state"] = _Slot(_forms(("b", "h", "p", "n")), "cache")
+            s["x"] = _Slot(_forms(("b", "h", "p")), "act")
+            s["dt"] = sel(fam.delta.selective,
+                          (_Form(("b", "h")), _Form(("b", "h", "p"), expanded=(2,))),
+                          (_Form(("h",)), _Form(("h", "p"), expanded=(1,))), "Δ is one per head")
+            s["A"] = sel(fam.A.selective,
+                         (_Form(("b", "h")), _Form(("b", "h", "p", "n"), expanded=(2, 3))),
+                         (_Form(("h",)), _Form(("h", "p", "n"), expanded=(1, 2))),
+                         "A is scalar per head")
+            s["z"] = _Slot(_forms(("b", "h", "p")), "act")
+            bias = (_Form(("h",)), _Form(("h", "p"), expanded=(1,)))
+        else:
+            s["x"] = _Slot(_forms(("b", "l", "h", "p")), "act")
+            s["dt"] = sel(fam.delta.selective, _forms(("b", "l", "h")), _forms(("h",)),
+                          "Δ is one per head")
+            s["A"] = sel(fam.A.selective, _forms(("b", "l", "h")), _forms(("h",)),
+                         "A is scalar per head")
+            s["z"] = _Slot(_forms(("b", "l", "h", "p")), "act")
+            s["initial_states"] = _Slot(_forms(("s", "h", "p", "n")), "state")
+            s["seq_idx"] = _Slot(_forms(("b", "l")), "index")
+            bias = _forms(("h",))
+        if fam.D is not None and fam.D.sharing is Sharing.HEAD_DIM:
+            d_forms = _forms(("h", "p"))
+        else:
+            d_forms = (_Form(("h",)),) + ((_Form(("h", "p"), expanded=(1,)),) if step else ())
+        per_dim = fam.D is not None and fam.D.sharing is Sharing.HEAD_DIM
+        s["D"] = _Slot(d_forms, "param",
+                       what="D is per head x head_dim" if per_dim else "D is per head")
+        s["dt_bias"] = _Slot(bias, "param", what="the Δ bias is one per head")
+    else:
+        names = (("state", "x", "dt", "z", "dt_bias") if step else
+                 ("initial_state", "u", "delta", "z", "delta_bias"))
+        state_, x_, dt_, z_, bias_ = names
+        tok = ("b", "d") if step else ("b", "d", "l")
+        s[state_] = _Slot(_forms(("b" if step else "s", "d", "n")), "cache" if step else "state",
+                          cplx)
+        s[x_] = _Slot(_forms(tok), "act")
+        s[dt_] = sel(fam.delta.selective, _forms(tok), _forms(("d",)), "Δ is one per channel")
+        a_const = ("d", "n", "n") if matrix else ("d", "n")
+        a_tok = ("b",) + a_const + (() if step else ("l",))
+        s["A"] = sel(fam.A.selective, _forms(a_tok), _forms(a_const),
+                     f"A is {st.value} per channel", cplx)
+        s[z_] = _Slot(_forms(tok), "act")
+        s[bias_] = _Slot(_forms(("d",)), "param", what="the Δ bias is one per channel")
+        s["D"] = _Slot(_forms(("d",)), "param", what="D is per channel")
+        s["P"] = s["Q"] = _Slot(_forms(("d", "r", "n")), "param", what="low-rank factor")
+    s["B"], s["C"] = bc(fam.B, "B"), bc(fam.C, "C")
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# bind
+
+def _err(msg, hint=None):
+    return CallError(msg, hint=hint)
+
+
+def _dims_text(form: _Form, env) -> str:
+    comma = "," if len(form.dims) == 1 else ""
+    sym = ", ".join(form.dims)
+    val = ", ".join(str(env.get(d, d)) for d in form.dims)
+    return f"({sym}{comma}) = ({val}{comma})" if form.dims else "a scalar"
+
+
+def _as_tensor(name, v):
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, np.ndarray):
+        try:
+            return torch.from_numpy(v if v.flags.writeable else v.copy())
+        except (ValueError, TypeError) as e:
+            raise _err(f"argument {name!r}: numpy array cannot become a tensor ({e})") from None
+    raise _err(f"argument {name!r} must be a torch tensor or numpy array, got {type(v).__name__}")
+
+
+class _Binder:
+    def __init__(self, family: SSMFamily, ref_name: str):
+        self.fam, self.ref_name = family, ref_name
+        d = family.dims
+        self.env = {"h": d.heads, "p": d.head_dim, "d": d.d_inner, "n": d.state, "g": d.groups,
+                    "r": d.rank}
+        self.inputs = {TORCH_DTYPE[t] for t in family.dtypes.inputs}
+        self.state_dtype = TORCH_DTYPE[family.dtypes.state]
+        self.ref = None   # the primary input (x / u): fixes dtype and device
+
+    def shape(self, name, t, slot: _Slot) -> _Form:
+        shape = tuple(t.shape)
+        for form in slot.forms:
+            if len(shape) == len(form.dims) and all(
+                    self.env.get(d) in (None, v) for d, v in zip(form.dims, shape)):
+                for dsym, v in zip(form.dims, shape):
+                    self.env.setdefault(dsym, v)
+                return form
+        same_rank = [f for f in slot.forms if len(f.dims) == len(shape)]
+        expected = " or ".join(_dims_text(f, self.env) for f in slot.forms)
+        msg = f"argument {name!r} has shape {shape}; expected {expected}"
+        wrong = [i for i, (dsym, v) in enumerate(zip(same_rank[0].dims, shape))
+                 if self.env.get(dsym) not in (None, v)] if same_rank else []
+        if wrong:
+            i, dsym = wrong[0], same_rank[0].dims[wrong[0]]
+            msg += f": dim {i} ({_DIM_WORDS.get(dsym, dsym)}) is {shape[i]}, expected {self.env[dsym]}"
+        hint = None
+        if not same_rank and any(len(f.dims) == len(shape) for f in slot.other):
+            hint = f"that rank fits the other selectivity, but the spec says {slot.what}"
+        raise _err(msg, hint)
+
+    def dtype(self, name, t, slot: _Slot):
+        if slot.kind == "index":
+            ok = {torch.int32, torch.int64}
+        elif slot.complex:
+            base = set(self.inputs) | {self.state_dtype} if slot.kind in ("param", "act") \
+                else {self.state_dtype}
+            ok = {COMPLEX_OF[b] for b in base if b in COMPLEX_OF}
+        elif slot.kind == "act":
+            ok = {self.ref.dtype}
+        elif slot.kind == "param":
+            ok = self.inputs | {torch.float32}
+        elif slot.kind == "state":
+            ok = {self.state_dtype}
+        else:
+            ok = self.inputs | {self.state_dtype}
+        if t.dtype not in ok:
+            names = ", ".join(sorted(str(o).replace("torch.", "") for o in ok))
+            why = {"act": f" (per-token inputs share the dtype of {self.ref_name})",
+                   "state": " (states are kept in the spec's state dtype)"}.get(slot.kind, "")
+            if slot.complex:
+                why = f" ({self.fam.name}'s A is complex diagonal)"
+            raise _err(f"argument {name!r} has dtype {str(t.dtype).replace('torch.', '')}; "
+                       f"expected {names}{why}")
+
+    def tensor(self, name, v, slot: _Slot):
+        t = _as_tensor(name, v)
+        if self.ref is not None and t.device != self.ref.device:
+            raise _err(f"argument {name!r} is on {t.device} but {self.ref_name} is on "
+                       f"{self.ref.device}; all tensors must be on one device")
+        form = self.shape(name, t, slot)
+        if self.ref is None:
+            if t.dtype not in self.inputs:
+                names = ", ".join(sorted(str(o).replace("torch.", "") for o in self.inputs))
+                raise _err(f"argument {name!r} has dtype {str(t.dtype).replace('torch.', '')}; "
+                           f"the spec's input dtypes are {names}")
+        else:
+            self.dtype(name, t, slot)
+        if form.expanded:
+            for ax in sorted(form.expanded):
+                if t.shape[ax] > 1 and t.stride(ax) != 0 and not torch.equal(
+                        t, t.narrow(ax, 0, 1).expand_as(t)):
+                    raise _err(f"argument {name!r} varies along {_DIM_WORDS[form.dims[ax]]} but "
+                               f"the spec says {slot.what}")
+            for ax in sorted(form.expanded, reverse=True):
+                t = t.select(ax, 0)
+            return t.contiguous()
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise _err(f"argument {name!r} must be contiguous along its last dim "
+                       f"({_DIM_WORDS.get(form.dims[-1], form.dims[-1])}); got strides "
+                       f"{tuple(t.stride())} (stride {t.stride(-1)} along the last dim)",
+                       "call .contiguous() on it first")
+        return t.unsqueeze(form.insert) if form.insert is not None else t
+
+
+def _flag(name, v, spec_value: bool, what: str, fam):
+    if v is None:
+        return spec_value
+    if not isinstance(v, (bool, np.bool_, int)):
+        raise _err(f"argument {name!r} must be a bool, got {type(v).__name__}")
+    if bool(v) != spec_value:
+        raise _err(f"argument {name}={bool(v)} contradicts the spec: {fam.name} "
+                   f"{'applies' if spec_value else 'does not apply'} {what}",
+                   "omit it (None means the spec's value)")
+    return spec_value
+
+
+def _limit(v, fam):
+    spec = tuple(float(x) for x in fam.delta.clamp) if fam.delta.clamp else (0.0, INF)
+    if v is None:
+        return spec
+    try:
+        lo, hi = (float(x) for x in v)
+    except (TypeError, ValueError):
+        raise _err(f"argument 'dt_limit' must be a pair (lo, hi), got {v!r}") from None
+    same = all(a == b or math.isclose(a, b, rel_tol=1e-9) for a, b in zip((lo, hi), spec))
+    if not same:
+        raise _err(f"argument dt_limit={(lo, hi)} contradicts the spec: {fam.name} clamps Δ to "
+                   f"{spec}", "omit it (None means the spec's value)")
+    return spec
+
+
+def _offsets(cu, batch, seqlen, device):
+    """cu_seqlens checked and as int64 on the tensors' device."""
+    if isinstance(cu, (list, tuple)):
+        cu = torch.tensor(cu, dtype=torch.int64, device=device)
+    cu = _as_tensor("cu_seqlens", cu)
+    if cu.dim() != 1 or cu.shape[0] < 2 or cu.dtype not in (torch.int32, torch.int64):
+        raise _err(f"argument 'cu_seqlens' must be a 1-d int32/int64 tensor of nseq+1 offsets, "
+                   f"got shape {tuple(cu.shape)} dtype {str(cu.dtype).replace('torch.', '')}")
+    if cu.device != device:
+        raise _err(f"argument 'cu_seqlens' is on {cu.device} but the inputs are on {device}")
+    if batch != 1:
+        raise _err(f"argument 'cu_seqlens' packs sequences along l, so the batch must be 1; "
+                   f"got batch {batch}")
+    vals = cu.tolist()
+    if vals[0] != 0 or vals[-1] != seqlen or any(b < a for a, b in zip(vals, vals[1:])):
+        raise _err(f"argument 'cu_seqlens' must be non-decreasing offsets from 0 to seqlen "
+                   f"{seqlen}; got {vals if len(vals) <= 12 else vals[:6] + ['...'] + vals[-3:]}")
+    return cu.to(torch.int64), vals
+
+
+def _seq_idx_of(offsets, seqlen, device):
+    pos = torch.arange(seqlen, dtype=torch.int64)
+    idx = torch.searchsorted(torch.tensor(offsets[1:], dtype=torch.int64), pos, right=True)
+    return idx.to(torch.int32).reshape(1, seqlen).to(device)
+
+
+def _collect(conv, args, kwargs):
+    pos, kwo = POSITIONAL[conv], KEYWORD_ONLY[conv]
+    if len(args) > len(pos):
+        raise _err(f"{conv.value} takes at most {len(pos)} positional arguments "
+                   f"({', '.join(pos)}); got {len(args)}")
+    values = dict(zip(pos, args))
+    for k, v in (kwargs or {}).items():
+        if k not in pos and k not in kwo:
+            raise _err(f"unexpected keyword argument {k!r} for the {conv.value} convention",
+                       f"it takes: {', '.join(pos + kwo)}")
+        if k in values:
+            raise _err(f"argument {k!r} given both by position and by keyword")
+        values[k] = v
+    return values
+
+
+def _presence(fam: SSMFamily, conv: Convention, values, slots, primary, env):
+    """Tensors the spec needs must be given; tensors the spec does not have must not be."""
+    st = fam.A.structure
+    bias = "delta_bias" if conv is Convention.SELECTIVE_SCAN else "dt_bias"
+    required = {primary, "A", "B", "C", "delta" if conv is Convention.SELECTIVE_SCAN else "dt"}
+    if conv is Convention.STATE_UPDATE:
+        required.add("state")
+    not_dplr = None if st is AStructure.DPLR else "has no low-rank part in A (it is not DPLR)"
+    lacks = {"D": None if fam.D else "has no D skip", "z": None if fam.gate else "has no output gate",
+             bias: None if fam.delta.bias else "adds no bias to Δ", "P": not_dplr, "Q": not_dplr}
+    for name, why in lacks.items():
+        if why is None and name in slots:
+            required.add(name)
+        elif why is not None and values.get(name) is not None:
+            raise _err(f"argument {name!r} was given but {fam.name} {why}")
+    for name in sorted(required, key=lambda k: (k != primary, k)):
+        if values.get(name) is None:
+            raise _err(f"argument {name!r} is missing: {fam.name} needs it, shaped "
+                       f"{_dims_text(slots[name].forms[0], env)}")
+
+
+def _varlen(binder: _Binder, values, slots, conv, batch, seqlen, device):
+    """(cu_seqlens int64 or None, seq_idx (1, l) int32 or None, nseq), checked and derived."""
+    cu, seq_idx, offsets = values.get("cu_seqlens"), values.get("seq_idx"), None
+    if cu is not None:
+        cu, offsets = _offsets(cu, batch, seqlen, device)
+    if seq_idx is not None:
+        seq_idx = binder.tensor("seq_idx", seq_idx, slots["seq_idx"])
+        if batch != 1:
+            raise _err(f"argument 'seq_idx' describes sequences packed along l and needs batch 1; "
+                       f"got batch {batch}")
+        ids = seq_idx[0].tolist()
+        if any(b < a for a, b in zip(ids, ids[1:])) or (ids and ids[0] < 0):
+            raise _err("argument 'seq_idx' must be non-decreasing sequence numbers from 0")
+        # offset k = how many tokens belong to sequences before k (empty sequences allowed)
+        from_ids = torch.searchsorted(torch.tensor(ids, dtype=torch.int64),
+                                      torch.arange((ids[-1] + 1 if ids else 1) + 1)).tolist()
+        if offsets is None:
+            offsets = from_ids
+            cu = torch.tensor(offsets, dtype=torch.int64, device=device)
+        elif not torch.equal(seq_idx.to(torch.int32), _seq_idx_of(offsets, seqlen, device)):
+            raise _err("arguments 'seq_idx' and 'cu_seqlens' describe different sequences")
+        seq_idx = seq_idx.to(torch.int32)
+    elif offsets is not None and conv is Convention.SSD:
+        seq_idx = _seq_idx_of(offsets, seqlen, device)
+    return cu, seq_idx, (len(offsets) - 1 if offsets is not None else batch)
+
+
+def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[dict] = None):
+    """Validate one call of ``family`` under ``convention``; returns the normalized Problem.
+
+    Raises ``CallError`` naming the offending argument (expected vs got) before anything runs.
+    """
+    conv, fam = Convention(convention), family
+    st = fam.A.structure
+    if conv is not Convention.STATE_UPDATE and (conv is Convention.SSD) != (st is AStructure.SCALAR):
+        need = "A scalar per head" if conv is Convention.SSD else "an A that is not scalar per head"
+        raise _err(f"the {conv.value} convention needs {need}; {fam.name}'s A is {st.value}")
+    if conv is Convention.STATE_UPDATE and fam.method is Method.TRAPEZOIDAL:
+        raise _err(f"{fam.name} uses the trapezoidal method, whose decode step needs the previous "
+                   "token's B x; the state_update convention carries only the state",
+                   "run the scan/chunked form, or ask for a convention with a previous-input cache")
+    values = _collect(conv, args, kwargs)
+    slots = _slots(fam, conv)
+    primary = "u" if conv is Convention.SELECTIVE_SCAN else "x"
+    binder = _Binder(fam, primary)
+    _presence(fam, conv, values, slots, primary, binder.env)
+
+    # The primary input fixes batch, seqlen, dtype and device.
+    x = binder.ref = binder.tensor(primary, values[primary], slots[primary])
+    batch, seqlen = x.shape[0], binder.env.setdefault("l", 1)
+    cu, seq_idx, nseq = _varlen(binder, values, slots, conv, batch, seqlen, x.device)
+    binder.env["s"] = nseq
+    fields = {primary: x}
+    for name, slot in slots.items():
+        if name not in fields and name != "seq_idx" and values.get(name) is not None:
+            fields[name] = binder.tensor(name, values[name], slot)
+
+    pos = POSITIONAL[conv]
+    softplus = "delta_softplus" if conv is Convention.SELECTIVE_SCAN else "dt_softplus"
+    fields.update(family=fam, nseq=nseq, dt_limit=_limit(values.get("dt_limit"), fam))
+    fields[softplus] = _flag(softplus, values.get(softplus), fam.delta.softplus, "softplus to Δ",
+                             fam)
+    for flag in ("return_final_states", "return_last_state"):
+        if flag in pos:
+            fields[flag] = _bool(flag, values.get(flag))
+    if "cu_seqlens" in pos:
+        fields["cu_seqlens"] = cu
+    if conv is Convention.SSD:
+        fields.update(seq_idx=seq_idx, chunk_size=_chunk(values.get("chunk_size"), fam))
+    return PROBLEMS[conv](**fields)
+
+
+def _chunk(chunk, fam):
+    if chunk is None:
+        return fam.compute.chunk_size
+    if not (isinstance(chunk, (int, np.integer)) and chunk > 0):
+        raise _err(f"argument 'chunk_size' must be a positive int, got {chunk!r}")
+    if fam.compute.chunk_size is not None and chunk != fam.compute.chunk_size:
+        raise _err(f"argument chunk_size={chunk} contradicts the spec: {fam.name} is compiled for "
+                   f"chunks of {fam.compute.chunk_size}", "omit it (None means the spec's value)")
+    return int(chunk)
+
+
+def _bool(name, v):
+    if v is None:
+        return False
+    if not isinstance(v, (bool, np.bool_, int)):
+        raise _err(f"argument {name!r} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+# --------------------------------------------------------------------------------------------
+# example_inputs
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def example_inputs(family: SSMFamily, convention=None, batch: int = 2, seqlen: int = 64,
+                   dtype="float32", device="cpu", seed: int = 0, *, with_state: bool = False,
+                   varlen: Optional[Sequence[int]] = None) -> dict:
+    """Random valid keyword arguments for ``family`` under ``convention`` (default: the family's).
+
+    Reproducible from ``seed``. Per-token tensors are in ``dtype``; learned parameters fp32;
+    states in the state dtype. Values follow the usual initializations: Δ log-uniform in
+    [1e-3, 1e-1] after softplus(dt + dt_bias); Mamba-1 A = -(1..n) per channel, Mamba-2 A in
+    [-16, -1]; complex A = -1/2 + i pi k (S4D-Lin); B, C, x, z, D standard normal.
+    ``with_state`` adds an initial state and asks for the final one; ``varlen`` (a list of
+    sequence lengths) packs them into batch 1 with ``cu_seqlens`` (batch and seqlen are then
+    taken from it). For the state_update convention ``seqlen`` is ignored and ``state`` included.
+    """
+    conv = Convention(convention) if convention is not None else family.convention
+    act_dtype = _DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
+    gen = torch.Generator().manual_seed(int(seed))
+    fam, dims = family, family.dims
+    st = fam.A.structure
+    step = conv is Convention.STATE_UPDATE
+    scalar, cplx = st is AStructure.SCALAR, st is AStructure.COMPLEX_DIAGONAL
+    h, p, n, g, r, d = dims.heads, dims.head_dim, dims.state, dims.groups, dims.rank, dims.d_inner
+    unit = h if scalar else d
+    lengths = None
+    if varlen is not None:
+        if step:
+            raise ValueError("varlen has no meaning for the state_update convention")
+        lengths = [int(v) for v in varlen]
+        batch, seqlen = 1, sum(lengths)
+    steps = 1 if step else seqlen
+    nseq = len(lengths) if lengths is not None else batch
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def crandn(*shape):
+        return torch.complex(randn(*shape), randn(*shape)) / math.sqrt(2.0)
+
+    def log_uniform(lo, hi, *shape):
+        return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo))
+                         * torch.rand(shape, generator=gen, dtype=torch.float64))
+
+    def inv_softplus(y):
+        return torch.log(torch.expm1(y))
+
+    def a_values(*lead):
+        base = torch.arange(1, n + 1, dtype=torch.float64)
+        if scalar:
+            return -(1.0 + 15.0 * torch.rand(lead, generator=gen, dtype=torch.float64))
+        if cplx:
+            re = -0.5 * torch.exp(0.1 * randn(*lead, n))
+            return torch.complex(re, math.pi * (base - 1) + 0.1 * randn(*lead, n))
+        # Jitter the log so that a kernel reading the wrong channel's A cannot pass by symmetry.
+        diag = -base * torch.exp(0.1 * randn(*lead, n))
+        if st is AStructure.DENSE:
+            return torch.diag_embed(diag) + 0.5 * randn(*lead, n, n) / math.sqrt(n)
+        return diag
+
+    # Token-major (b, L, ...) first; the selective scan moves L last, the step drops it.
+    def per_token(t):
+        t = t.to(COMPLEX_OF[torch.float32] if t.is_complex() else act_dtype)
+        if step:
+            return t.squeeze(1).contiguous()
+        return t.movedim(1, -1).contiguous() if conv is Convention.SELECTIVE_SCAN else t
+
+    def param(t):
+        return t.to(torch.complex64 if t.is_complex() else torch.float32).contiguous()
+
+    x_shape = (batch, steps, h, p) if scalar else (batch, steps, d)
+    out = {}
+    names = {Convention.SSD: ("x", "dt", "dt_bias", "initial_states", "return_final_states"),
+             Convention.SELECTIVE_SCAN: ("u", "delta", "delta_bias", "initial_state",
+                                         "return_last_state"),
+             Convention.STATE_UPDATE: ("x", "dt", "dt_bias", "state", None)}[conv]
+    x_name, dt_name, bias_name, state_name, ret_name = names
+    out[x_name] = per_token(randn(*x_shape))
+
+    # Δ* log-uniform in [1e-3, 1e-1]; dt and dt_bias chosen so that the spec's map gives Δ*.
+    target = log_uniform(1e-3, 1e-1, *((batch, steps, unit) if fam.delta.selective else (unit,)))
+    pre = inv_softplus(target) if fam.delta.softplus else target
+    if fam.delta.bias:
+        bias_target = log_uniform(1e-3, 1e-1, unit)
+        bias = inv_softplus(bias_target) if fam.delta.softplus else 0.5 * bias_target
+        out[bias_name] = param(bias)
+        pre = pre - bias
+    out[dt_name] = per_token(pre) if fam.delta.selective else param(pre)
+
+    out["A"] = per_token(a_values(batch, steps, unit)) if fam.A.selective else param(a_values(unit))
+    if st is AStructure.DPLR:
+        out["P"] = param(0.3 * randn(d, r, n) / math.sqrt(n))
+        out["Q"] = param(0.3 * randn(d, r, n) / math.sqrt(n))
+    for name, spec in (("B", fam.B), ("C", fam.C)):
+        draw = crandn if cplx else randn
+        if spec.selective:
+            out[name] = per_token(draw(batch, steps, g, n))
+        else:
+            out[name] = param(draw(g if spec.sharing is Sharing.GROUP else unit, n))
+    if fam.D is not None:
+        out["D"] = param(randn(h, p) if fam.D.sharing is Sharing.HEAD_DIM and scalar
+                         else randn(unit))
+    if fam.gate is not None:
+        out["z"] = per_token(randn(*x_shape))
+    state_shape = (h, p, n) if scalar else (d, n)
+    state_dtype = TORCH_DTYPE[fam.dtypes.state]
+    if step or with_state:
+        s = (crandn if cplx else randn)(batch if step else nseq, *state_shape)
+        out[state_name] = s.to(COMPLEX_OF[state_dtype] if cplx else state_dtype)
+        if ret_name:
+            out[ret_name] = True
+    if lengths is not None:
+        out["cu_seqlens"] = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    order = POSITIONAL[conv] + KEYWORD_ONLY[conv]
+    return {k: out[k].to(device) if isinstance(out[k], torch.Tensor) else out[k]
+            for k in sorted(out, key=order.index)}
