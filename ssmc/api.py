@@ -1,0 +1,207 @@
+"""The Python entry points: parse a spec, compile a family for a target, get a callable.
+
+A compiled family is a ``CompiledKernel``: call it with mamba_ssm's arguments (DESIGN.md
+section 3). Arguments are validated by ``ssmc.signature.bind`` before any kernel launches.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .errors import CallError, SSMCError, TargetError
+from .ir import Algorithm, Convention, KernelPlan, SpecFile, SSMFamily
+from .plan import convention_of, ir_hash, make_plan
+
+
+# --------------------------------------------------------------------------------------------
+# Spec input
+
+def _looks_like_path(s: str) -> bool:
+    return "\n" not in s and "{" not in s and (s.endswith(".ssm") or os.path.exists(s))
+
+
+def parse(spec_or_path: Union[str, os.PathLike, SpecFile]) -> SpecFile:
+    """Parse and check a spec given as text, a path, or an already-parsed SpecFile."""
+    from . import frontend
+    if isinstance(spec_or_path, SpecFile):
+        return spec_or_path
+    if isinstance(spec_or_path, os.PathLike) or (isinstance(spec_or_path, str)
+                                                  and _looks_like_path(spec_or_path)):
+        path = Path(spec_or_path)
+        if not path.exists():
+            raise SSMCError(f"no such spec file: {path}")
+        return frontend.parse_file(path)
+    return frontend.parse(spec_or_path)
+
+
+def _family(spec, family: Optional[str]) -> SSMFamily:
+    if isinstance(spec, SSMFamily):
+        return spec
+    spec_file = parse(spec)
+    try:
+        return spec_file.family(family)
+    except (KeyError, ValueError) as e:
+        raise SSMCError(e.args[0]) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed target string: which backend, and what it needs to know about the machine."""
+    name: str                      # as written: cuda, cuda:sm_90, cpu, llvm ..., c, aarch64, riscv64
+    backend: str                   # module under ssmc.backends
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs_here(self) -> bool:
+        """Cross targets produce artifacts; they run only under an emulator."""
+        return "triple" not in self.options
+
+
+CROSS_TRIPLES = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
+
+
+def parse_target(name: str) -> Target:
+    name = name.strip()
+    if name == "reference":
+        return Target(name, "reference")
+    if name == "cuda" or name.startswith("cuda:"):
+        arch = name.split(":", 1)[1] if ":" in name else None
+        if arch is not None and not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+            raise TargetError(f"unknown CUDA architecture {arch!r} in target {name!r}; "
+                              "expected e.g. cuda:sm_90")
+        return Target(name, "triton", {"arch": arch} if arch else {})
+    if name == "cpu":
+        return Target(name, "cpu", {"llvm_target": "llvm -mcpu=native"})
+    if name.startswith("llvm"):
+        return Target(name, "cpu", {"llvm_target": name})
+    if name == "c":
+        return Target(name, "c")
+    if name in CROSS_TRIPLES:
+        return Target(name, "c", {"triple": CROSS_TRIPLES[name]})
+    raise TargetError(f"unknown target {name!r}; expected one of: reference, cuda[:sm_XX], cpu, "
+                      "'llvm <options>', c, aarch64, riscv64")
+
+
+def backend_module(target: Target):
+    return importlib.import_module(f"ssmc.backends.{target.backend}")
+
+
+def resolve_config(plan: KernelPlan, target: Target, config: Optional[dict] = None) -> dict:
+    """The backend's default config, overridden by a tuned one, overridden by the caller's."""
+    backend = backend_module(target)
+    reason = backend.supports(plan)
+    if reason:
+        raise TargetError(f"target {target.name} cannot compile {plan.family.name} "
+                          f"({plan.algorithm.value}): {reason}", plan.family.compute.loc)
+    resolved = dict(backend.default_config(plan))
+    tuned = _tuned_config(plan, target)
+    if tuned:
+        resolved.update(tuned)
+    if config:
+        resolved.update(config)
+    resolved.update(target.options)
+    return resolved
+
+
+def _tuned_config(plan: KernelPlan, target: Target) -> Optional[dict]:
+    try:
+        from ssmc.runtime import tuning_db
+    except ImportError:
+        return None
+    lookup = getattr(tuning_db, "lookup_for_plan", None)
+    return lookup(plan, target.name) if lookup else None
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled callable
+
+_MAIN_INPUT = {Convention.SSD: "x", Convention.SELECTIVE_SCAN: "u", Convention.STATE_UPDATE: "state"}
+
+
+class CompiledKernel:
+    """A compiled family: call it like the mamba_ssm function of its convention."""
+
+    def __init__(self, plan: KernelPlan, target: Target, config: dict, kernel):
+        self.plan = plan
+        self.family: SSMFamily = plan.family
+        self.target = target
+        self.config = config
+        self.convention = convention_of(plan)
+        self._kernel = kernel
+        self._step: Optional[CompiledKernel] = None
+
+    def __repr__(self):
+        return (f"<ssmc {self.family.name} {self.plan.algorithm.value} for {self.target.name} "
+                f"({self.convention.value} convention)>")
+
+    def __call__(self, *args, **kwargs):
+        from . import signature
+        problem = signature.bind(self.family, self.convention, args, kwargs)
+        self._check_device(problem)
+        y, final = self._kernel(problem)
+        if self.convention is Convention.STATE_UPDATE:
+            return y
+        wants_state = bool(getattr(problem, "return_final_states", False)
+                           or getattr(problem, "return_last_state", False))
+        return (y, final) if wants_state else y
+
+    def _check_device(self, problem):
+        name = _MAIN_INPUT[self.convention]
+        tensor = getattr(problem, name)
+        is_cuda = tensor.device.type == "cuda"
+        if self.target.backend == "triton" and not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise CallError(f"{name} is on {tensor.device}, but target {self.target.name} runs on a "
+                            "CUDA device (or set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+        if self.target.backend in ("cpu", "c") and is_cuda:
+            raise CallError(f"{name} is on {tensor.device}, but target {self.target.name} runs on "
+                            "the CPU; move the tensors with .cpu()")
+
+    def example_inputs(self, batch: int = 2, seqlen: int = 64, dtype: str = "float32",
+                       device: Optional[str] = None, seed: int = 0, **options) -> dict:
+        """Random, valid keyword arguments for this callable's own signature."""
+        from . import signature
+        if device is None:
+            device = "cuda" if self.target.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+        return signature.example_inputs(self.family, self.convention, batch, seqlen, dtype=dtype,
+                                        device=device, seed=seed, **options)
+
+    @property
+    def step(self) -> "CompiledKernel":
+        """The decode step (selective_state_update convention) of the same family and target."""
+        if self.plan.algorithm is Algorithm.STEP:
+            return self
+        if self._step is None:
+            self._step = compile(self.family, target=self.target.name, algorithm=Algorithm.STEP)
+        return self._step
+
+    @property
+    def source(self) -> str:
+        """The generated source, as ``ssmc compile`` writes it."""
+        return backend_module(self.target).lower(self.plan, self.config)
+
+
+def compile(spec_or_path, target: str = "reference", family: Optional[str] = None,  # noqa: A001
+            algorithm: Union[Algorithm, str, None] = None, config: Optional[dict] = None) -> CompiledKernel:
+    """Compile one family of a spec for ``target``; see CompiledKernel."""
+    fam = _family(spec_or_path, family)
+    tgt = parse_target(target)
+    if not tgt.runs_here:
+        raise TargetError(f"target {tgt.name} cross-compiles: use `ssmc compile SPEC --target "
+                          f"{tgt.name} -o DIR` to get its library and sources")
+    if isinstance(algorithm, str):
+        algorithm = Algorithm(algorithm)
+    plan = make_plan(fam, algorithm)
+    cfg = resolve_config(plan, tgt, config)
+    kernel = backend_module(tgt).build(plan, cfg)
+    return CompiledKernel(plan, tgt, cfg, kernel)
+
+
+__all__ = ["parse", "compile", "parse_target", "Target", "CompiledKernel", "resolve_config",
+           "ir_hash"]

@@ -1,0 +1,250 @@
+"""The `ssmc` command: check, show, compile (and, from the runtime: tune, cache).
+
+Errors from the spec or the target print as ``file:line:col: error: ...`` with no traceback and
+exit 1; ``SSMC_DEBUG=1`` prints every stage (IR, discretization, plan, source) while compiling
+and keeps tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import SSMCError
+from .ir import Algorithm, Loc, SpecFile
+
+
+# --------------------------------------------------------------------------------------------
+# Printing the IR
+
+def format_ir(node, indent: int = 0) -> str:
+    """An indented, loc-free rendering of an IR node (what `ssmc show ir` prints)."""
+    pad = "  " * indent
+    if dataclasses.is_dataclass(node):
+        lines = [f"{type(node).__name__}"]
+        for f in dataclasses.fields(node):
+            if f.name in ("loc", "text"):
+                continue
+            value = getattr(node, f.name)
+            lines.append(f"{pad}  {f.name}: {format_ir(value, indent + 1)}")
+        return "\n".join(lines)
+    if isinstance(node, enum.Enum):
+        return node.value
+    if isinstance(node, tuple) and node and dataclasses.is_dataclass(node[0]):
+        return "\n".join([""] + [f"{pad}  - {format_ir(x, indent + 2)}" for x in node])
+    return repr(node)
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands
+
+def _load(path: str) -> SpecFile:
+    from .api import parse
+    return parse(Path(path))
+
+
+def cmd_check(args) -> int:
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = _load(path)
+        except SSMCError as e:
+            print(e.render(), file=sys.stderr)
+            failed += 1
+            continue
+        names = [f"ssm {f.name}" for f in spec.families] + [f"model {m.name}" for m in spec.models]
+        print(f"{path}: ok ({', '.join(names) or 'empty'})")
+    return 1 if failed else 0
+
+
+def _selected_families(spec: SpecFile, names: Optional[List[str]]):
+    if not names:
+        return list(spec.families)
+    return [spec.family(n) for n in names]
+
+
+def cmd_show(args) -> int:
+    if args.what == "memory":
+        from ssmc.runtime import memory
+        return memory.main(args)
+    spec = _load(args.spec)
+    if args.what == "ir":
+        for fam in _selected_families(spec, args.family):
+            print(f"ssm {fam.name}  ({fam.loc})\n  " + format_ir(fam, 1))
+        if not args.family:
+            for model in spec.models:
+                print(f"model {model.name}  ({model.loc})\n  " + format_ir(model, 1))
+                kinds = [type(b).__name__ for b in model.blocks()]
+                print(f"  unrolled: {len(kinds)} blocks")
+        return 0
+    if args.what == "discretization":
+        from .discretize import describe
+        for fam in _selected_families(spec, args.family):
+            print(describe(fam))
+        return 0
+    if args.what in ("plan", "source"):
+        from .api import backend_module, parse_target, resolve_config
+        from .plan import make_plan
+        target = parse_target(args.target)
+        for fam in _selected_families(spec, args.family):
+            plan = make_plan(fam, Algorithm(args.algorithm) if args.algorithm else None)
+            config = resolve_config(plan, target)
+            if args.what == "plan":
+                print(f"plan {fam.name}: algorithm={plan.algorithm.value} chunk={plan.chunk_size} "
+                      f"target={target.name} config={json.dumps(config, sort_keys=True)}")
+                print(f"  abar = {plan.disc.abar}\n  bbar = {plan.disc.bbar}\n"
+                      f"  bbar_prev = {plan.disc.bbar_prev}")
+            else:
+                print(backend_module(target).lower(plan, config))
+        return 0
+    raise AssertionError(args.what)
+
+
+def _versions() -> dict:
+    out = {"ssmc": __version__, "python": platform.python_version()}
+    for mod in ("torch", "triton", "tvm", "sympy", "lark", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # an optional tool missing is recorded, not fatal
+            out[mod] = None
+    return out
+
+
+def cmd_compile(args) -> int:
+    import hashlib
+    from .api import backend_module, parse_target, resolve_config
+    from .plan import ir_hash, make_plan
+
+    spec = _load(args.spec)
+    target = parse_target(args.target)
+    backend = backend_module(target)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    user_config = json.loads(args.config) if args.config else None
+    algorithms = [Algorithm(a) for a in args.algorithm] if args.algorithm else [None]
+    if args.step:
+        algorithms.append(Algorithm.STEP)
+    debug = os.environ.get("SSMC_DEBUG") == "1"
+    manifest = {
+        "spec": str(args.spec),
+        "spec_sha256": hashlib.sha256(spec.text.encode()).hexdigest(),
+        "target": target.name,
+        "versions": _versions(),
+        "kernels": [],
+    }
+    for fam in _selected_families(spec, args.family):
+        for algorithm in algorithms:
+            plan = make_plan(fam, algorithm)
+            config = resolve_config(plan, target, user_config)
+            if debug:
+                print(format_ir(fam), file=sys.stderr)
+                print(f"abar={plan.disc.abar} bbar={plan.disc.bbar} bbar_prev={plan.disc.bbar_prev}",
+                      file=sys.stderr)
+            kernel_dir = out_dir / fam.name / plan.algorithm.value
+            kernel_dir.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            files = backend.write_artifact(plan, config, kernel_dir)
+            seconds = time.perf_counter() - start
+            if debug:
+                print(backend.lower(plan, config), file=sys.stderr)
+            rel = sorted(str(Path(f).resolve().relative_to(out_dir.resolve())) for f in files)
+            manifest["kernels"].append({
+                "family": fam.name, "algorithm": plan.algorithm.value,
+                "chunk_size": plan.chunk_size, "ir_hash": ir_hash(plan), "config": config,
+                "files": rel, "compile_seconds": round(seconds, 4),
+            })
+            print(f"compiled {fam.name} [{plan.algorithm.value}] for {target.name} in "
+                  f"{seconds * 1000:.0f} ms -> {kernel_dir}")
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out_dir / 'manifest.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Argument parsing
+
+TARGET_HELP = ("reference (float64 oracle), cuda or cuda:sm_XX (Triton), cpu (TVM, llvm "
+               "-mcpu=native) or any 'llvm ...' target string, c (portable C99), aarch64, riscv64 "
+               "(cross-compiled C)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ssmc",
+        description="ssmc: compile State Space Model specs into Triton, TVM and C kernels.",
+        epilog="Run `ssmc COMMAND --help` for each command. SSMC_DEBUG=1 prints every stage.")
+    p.add_argument("--version", action="version", version=f"ssmc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("check", help="parse and check spec files",
+                       description="Parse and check spec files; print each error with its "
+                                   "file:line:col. Exit status 1 if any spec has an error.")
+    c.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (.ssm)")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("show", help="print the IR, discretization, plan, generated source or memory",
+                       description="Print what the compiler sees: the checked IR, the derived "
+                                   "discretization (sympy, and as printed per backend), the kernel "
+                                   "plan, the generated source, or a hybrid model's state memory.")
+    s.add_argument("what", choices=["ir", "discretization", "plan", "source", "memory"])
+    s.add_argument("spec", metavar="SPEC")
+    s.add_argument("--family", action="append", help="only this family (repeatable)")
+    s.add_argument("--target", default="reference", help=f"for plan/source: {TARGET_HELP}")
+    s.add_argument("--algorithm", choices=[a.value for a in Algorithm],
+                   help="for plan/source: override the spec's compute algorithm")
+    s.add_argument("--context", default="1k,32k,1M",
+                   help="for memory: comma-separated context lengths (k/M suffixes)")
+    s.add_argument("--model", help="for memory: the model name when the file has several")
+    s.add_argument("--plot", help="for memory: also write a PNG plot to this path")
+    s.set_defaults(func=cmd_show)
+
+    k = sub.add_parser("compile", help="compile a spec's families for a target",
+                       description="Compile each family of SPEC (or those named with --family) "
+                                   "for TARGET and write readable generated code, the built "
+                                   "artifacts and manifest.json to DIR.")
+    k.add_argument("spec", metavar="SPEC")
+    k.add_argument("--target", "-t", default="reference", help=TARGET_HELP)
+    k.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    k.add_argument("--family", action="append", help="only this family (repeatable)")
+    k.add_argument("--algorithm", action="append", choices=[a.value for a in Algorithm],
+                   help="compile this algorithm instead of the spec's (repeatable)")
+    k.add_argument("--step", action="store_true", help="also compile the decode step")
+    k.add_argument("--config", help="backend config overrides as JSON, e.g. '{\"num_warps\": 4}'")
+    k.set_defaults(func=cmd_compile)
+
+    try:
+        from ssmc.runtime import cli as runtime_cli
+    except ImportError:
+        runtime_cli = None
+    if runtime_cli is not None:
+        runtime_cli.add_commands(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SSMCError as e:
+        if os.environ.get("SSMC_DEBUG") == "1":
+            raise
+        print(e.render(), file=sys.stderr)
+        return 1
+    except (KeyError, ValueError) as e:
+        if os.environ.get("SSMC_DEBUG") == "1":
+            raise
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Planning: a checked family becomes the KernelPlan(s) a backend lowers.
+
+The plan is where the spec's ``compute`` meets what a caller asks for (e.g. the decode step of a
+chunked family); the discretized expressions are attached here once, so backends only print them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from typing import Optional
+
+from .discretize import discretize
+from .errors import SpecError
+from .ir import Algorithm, Convention, KernelPlan, Loc, SSMFamily
+
+
+def make_plan(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> KernelPlan:
+    """The plan for ``family`` with the spec's algorithm, or ``algorithm`` when given."""
+    algorithm = algorithm or family.compute.algorithm
+    if algorithm is Algorithm.CONV and not family.is_lti:
+        raise SpecError(f"family {family.name} is selective, so the conv algorithm does not apply",
+                        family.compute.loc)
+    chunk = family.compute.chunk_size if algorithm is Algorithm.CHUNKED else None
+    if algorithm is Algorithm.CHUNKED and chunk is None:
+        chunk = 64
+    return KernelPlan(family=family, algorithm=algorithm, disc=discretize(family), chunk_size=chunk)
+
+
+def convention_of(plan: KernelPlan) -> Convention:
+    """The mamba_ssm signature a plan's callable follows (DESIGN.md section 3)."""
+    if plan.algorithm is Algorithm.STEP:
+        return Convention.STATE_UPDATE
+    return plan.family.convention
+
+
+def _canonical(node):
+    """A JSON-able form of an IR node without source locations (they do not change the kernel)."""
+    if isinstance(node, Loc):
+        return None
+    if dataclasses.is_dataclass(node):
+        return {f.name: _canonical(getattr(node, f.name)) for f in dataclasses.fields(node)
+                if f.name != "loc"}
+    if isinstance(node, enum.Enum):
+        return node.value
+    if isinstance(node, (list, tuple)):
+        return [_canonical(x) for x in node]
+    if isinstance(node, float) and node == float("inf"):
+        return "inf"
+    return node
+
+
+def ir_hash(node) -> str:
+    """Content hash of an IR node (family, model or plan minus its sympy expressions)."""
+    if isinstance(node, KernelPlan):
+        payload = {"family": _canonical(node.family), "algorithm": node.algorithm.value,
+                   "chunk_size": node.chunk_size,
+                   "disc": [str(node.disc.abar), str(node.disc.bbar), str(node.disc.bbar_prev)]}
+    else:
+        payload = _canonical(node)
+    text = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,93 @@
+"""The `ssmc` command end to end: exit codes, error rendering, compile artifacts and manifest."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import EXAMPLES
+
+
+def ssmc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ssmc", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def test_help_lists_every_command():
+    out = ssmc("--help")
+    assert out.returncode == 0
+    for command in ("check", "show", "compile"):
+        assert command in out.stdout
+    out = ssmc("compile", "--help")
+    assert out.returncode == 0
+    for flag in ("--target", "--output", "--family", "--algorithm", "--step", "--config"):
+        assert flag in out.stdout
+    for target in ("reference", "cuda", "cpu", "aarch64", "riscv64"):
+        assert target in out.stdout
+
+
+def test_check_examples_ok():
+    out = ssmc("check", *sorted(EXAMPLES.glob("*.ssm")))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": ok") == len(list(EXAMPLES.glob("*.ssm")))
+
+
+def test_check_error_has_location_caret_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.ssm"
+    text = (EXAMPLES / "mamba1.ssm").read_text()
+    lines = text.splitlines()
+    # Misspell the discretization method on its line.
+    idx = next(i for i, l in enumerate(lines) if "discretize" in l)
+    method = lines[idx].split()[-1]
+    lines[idx] = lines[idx].replace(method, "zho")
+    bad.write_text("\n".join(lines) + "\n")
+    out = ssmc("check", bad)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    col = lines[idx].index("zho") + 1
+    assert f"bad.ssm:{idx + 1}:{col}" in out.stderr
+    assert "zoh" in out.stderr                       # the expected words name the methods
+    caret_line = [l for l in out.stderr.splitlines() if l.strip() == "^"]
+    assert caret_line and caret_line[0].index("^") - 4 == col - 1
+
+
+def test_unknown_target_is_a_clear_error():
+    out = ssmc("compile", EXAMPLES / "mamba1.ssm", "--target", "tpu", "-o", "/tmp/x")
+    assert out.returncode == 1 and "unknown target 'tpu'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_show_ir_and_discretization():
+    out = ssmc("show", "ir", EXAMPLES / "mamba2.ssm")
+    assert out.returncode == 0, out.stderr
+    assert "scalar" in out.stdout and "chunked" in out.stdout
+    out = ssmc("show", "discretization", EXAMPLES / "mamba1.ssm")
+    assert out.returncode == 0, out.stderr
+    assert "exp" in out.stdout
+
+
+def test_compile_reference_writes_artifact_and_manifest(tmp_path):
+    out = ssmc("compile", EXAMPLES / "mamba1.ssm", "--target", "reference", "-o", tmp_path, "--step")
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["target"] == "reference"
+    assert len(manifest["spec_sha256"]) == 64
+    algos = {k["algorithm"] for k in manifest["kernels"]}
+    assert algos == {"scan", "step"}
+    for k in manifest["kernels"]:
+        assert k["files"], k
+        for f in k["files"]:
+            assert (tmp_path / f).stat().st_size > 0
+        assert len(k["ir_hash"]) == 16
+    assert manifest["versions"]["sympy"]
+
+
+def test_compile_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        assert ssmc("compile", EXAMPLES / "mamba2.ssm", "--target", "reference", "-o", d).returncode == 0
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for ka, kb in zip(ma["kernels"], mb["kernels"]):
+        assert ka["ir_hash"] == kb["ir_hash"]
+        for f in ka["files"]:
+            assert (a / f).read_bytes() == (b / f).read_bytes()
