@@ -1,0 +1,114 @@
+"""The portable C target (``--target c``) and its cross targets (``aarch64``, ``riscv64``).
+
+C99 source plus a header, depending on nothing but libm, generated from the same KernelPlans as
+every other backend: the math is printed from the plan's sympy expressions by sympy's C printer
+(``ssmc.printers``), the layouts come from the calling convention (``layout.py``), one generator
+per algorithm (``kernels.py``). See docs/c_target.md.
+
+Backend interface (the same for every target): supports, default_config, candidates, lower,
+build, write_artifact; plus lower_files, lower_header and build_cross for the C target.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ssmc.errors import TargetError
+from ssmc.ir import Algorithm, AStructure, DType, KernelPlan, Method
+
+from .kernels import GENERATORS
+from .layout import make_layout
+from .source import header_file, source_file
+
+CROSS_TARGETS = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
+
+
+def supports(plan: KernelPlan) -> Optional[str]:
+    """None when the C target can compile ``plan``, else the reason in words."""
+    fam = plan.family
+    structure = fam.A.structure
+    if structure in (AStructure.DPLR, AStructure.DENSE):
+        return (f"{structure.value} A needs matrix exponentials/solves per step; the C target "
+                "generates scalar, diagonal and complex-diagonal A")
+    if plan.algorithm is Algorithm.CHUNKED and structure is not AStructure.SCALAR:
+        return "the chunked algorithm is SSD's, for scalar A; use scan"
+    if plan.algorithm is Algorithm.CONV and not fam.is_lti:
+        return "the convolution needs an LTI family (no selective Delta, A, B or C)"
+    if plan.algorithm is Algorithm.STEP and fam.method is Method.TRAPEZOIDAL:
+        return ("the trapezoidal decode step needs the previous token's B x, which the "
+                "state-update convention does not carry")
+    if fam.dtypes.state is not DType.FLOAT32 or fam.dtypes.accum is not DType.FLOAT32:
+        return "the C target keeps state and accumulation in fp32"
+    return None
+
+
+def default_config(plan: KernelPlan) -> dict:
+    """Portable and exact by default: no -march=native (the .so may move), no -ffast-math."""
+    return {"opt": "-O3", "native": False, "fast_math": False}
+
+
+def candidates(plan: KernelPlan) -> List[dict]:
+    """The only knobs a portable C kernel has are the compiler's (keys: opt, native, fast_math;
+    ``cflags`` adds flags)."""
+    return [{"opt": "-O3", "native": False, "fast_math": False},
+            {"opt": "-O3", "native": True, "fast_math": False},
+            {"opt": "-O3", "native": True, "fast_math": True},
+            {"opt": "-O2", "native": True, "fast_math": True}]
+
+
+def _check(plan: KernelPlan) -> None:
+    reason = supports(plan)
+    if reason:
+        raise TargetError(f"target c cannot compile {plan.family.name} "
+                          f"({plan.algorithm.value}): {reason}", plan.family.compute.loc)
+
+
+def lower_files(plan: KernelPlan, config: Optional[dict] = None) -> Dict[str, str]:
+    """``{"<family>.h": header, "<family>.c": source}`` for the plan."""
+    _check(plan)
+    layout = make_layout(plan)
+    functions = GENERATORS[plan.algorithm](layout)
+    header_name = f"{layout.prefix}.h"
+    header = header_file(layout, [(name, params, summary) for name, params, summary, _ in functions])
+    source = source_file(layout, header_name, [body for *_, body in functions])
+    return {header_name: header, f"{layout.prefix}.c": source}
+
+
+def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
+    """The generated C source (the .c file; ``lower_header`` gives the .h it includes)."""
+    files = lower_files(plan, config)
+    return next(text for name, text in files.items() if name.endswith(".c"))
+
+
+def lower_header(plan: KernelPlan, config: Optional[dict] = None) -> str:
+    files = lower_files(plan, config)
+    return next(text for name, text in files.items() if name.endswith(".h"))
+
+
+def build(plan: KernelPlan, config: Optional[dict] = None):
+    """Compile for this machine (cached) and return ``kernel(problem) -> (y, final_or_None)``."""
+    from .toolchain import build_host
+    config = dict(default_config(plan), **(config or {}))
+    if config.get("triple"):
+        raise TargetError(f"target {config['triple']} cross-compiles; use write_artifact or "
+                          "build_cross to get its library")
+    return build_host(plan, config)
+
+
+def build_cross(plan: KernelPlan, config: Optional[dict], triple: str, out_dir) -> List[Path]:
+    """Cross-compile the plan for ``triple`` (e.g. aarch64-linux-gnu) into ``out_dir``."""
+    from .cross import build_cross as _build_cross
+    return _build_cross(plan, dict(default_config(plan), **(config or {})), triple, out_dir)
+
+
+def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir,
+                   target: Optional[str] = None) -> List[Path]:
+    """``<family>.c``, ``<family>.h``, ``main.c`` and a Makefile in ``out_dir``; for a cross
+    target (``target`` aarch64/riscv64, or ``config["triple"]``) also the cross-built .so and
+    static example executable."""
+    from .artifact import write_sources
+    config = dict(default_config(plan), **(config or {}))
+    triple = CROSS_TARGETS.get(target, target) if target and target != "c" else config.get("triple")
+    if triple:
+        return build_cross(plan, config, triple, out_dir)
+    return write_sources(plan, config, out_dir)

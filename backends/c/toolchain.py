@@ -1,0 +1,166 @@
+"""Compiling the generated C with the system compiler, caching the library, calling it.
+
+The shared library is cached under ``$SSMC_CACHE_DIR/c`` (default ``~/.cache/ssmc/c``), keyed
+by the sha256 of the sources, the compiler's version line and the flags; the sources are kept
+beside it so that a cached kernel can be read. The cache directory is read once per build call
+(the edge of this backend), never inside the kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ssmc.errors import CallError, TargetError
+from ssmc.ir import KernelPlan
+
+from .calling import float_strides, marshal, results
+from .layout import Layout, make_layout
+
+HOST_CC = "gcc"
+WARNINGS = ["-Wall", "-Werror"]
+ERRORS = {1: "a negative size", 2: "cu_seqlens given with batch != 1",
+          3: "cu_seqlens offsets not nondecreasing within [0, seqlen]"}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SSMC_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "ssmc") / "c"
+
+
+@lru_cache(maxsize=None)
+def compiler_id(cc: str) -> str:
+    """The compiler's version line (part of the cache key), or a TargetError if it is missing."""
+    if shutil.which(cc) is None:
+        raise TargetError(f"C compiler {cc!r} not found on PATH; the c target needs one "
+                          "(Debian: apt-get install gcc)")
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout.splitlines() or [cc])[0]
+
+
+@lru_cache(maxsize=None)
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "isa"))]
+    return platform.machine() + "\n" + "\n".join(sorted(set(lines)))
+
+
+def host_flags(config: dict) -> List[str]:
+    flags = ["-std=c99", config.get("opt", "-O3")] + WARNINGS + ["-fPIC"]
+    if config.get("native"):
+        flags.append("-march=native")
+    if config.get("fast_math"):
+        # Lets gcc vectorize expf (glibc's libmvec) and the C h reductions; a tuning candidate,
+        # never the default: the autotuner keeps it only where it passes the oracle check.
+        flags.append("-ffast-math")
+    return flags + list(config.get("cflags", ()))
+
+
+def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cc: str = HOST_CC,
+                   libs: Sequence[str] = ("-lm",), root: Optional[Path] = None) -> Path:
+    """Compile the ``.c`` files of ``files`` into ``output`` (cached); returns its path."""
+    key = hashlib.sha256()
+    for name in sorted(files):
+        key.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    key.update(compiler_id(cc).encode() + b"\0" + " ".join(flags).encode() + b"\0"
+               + " ".join(libs).encode())
+    if "-march=native" in flags:      # the same flags mean different code on another CPU
+        key.update(_cpu_id().encode())
+    folder = (root or cache_root()) / key.hexdigest()[:32]
+    target = folder / output
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    sources = [name for name in sorted(files) if name.endswith(".c")]
+    # Build under a temporary name and rename: concurrent builds of one kernel cannot see a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{output}.")
+    os.close(fd)
+    cmd = [cc, *flags, *sources, "-o", tmp, *libs]
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise TargetError(f"{cc} failed on the generated C ({folder}):\n  {' '.join(cmd)}\n"
+                          f"{proc.stderr.strip()}")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return target
+
+
+def _argtypes(params) -> List[object]:
+    types: List[object] = []
+    for p in params:
+        if p.kind == "size":
+            types.append(ctypes.c_int64)
+        elif p.kind == "offsets":
+            types.append(ctypes.c_void_p)
+        else:
+            types.append(ctypes.c_void_p)
+            types += [ctypes.c_int64] * len(p.dims)
+    return types
+
+
+def c_arguments(call) -> List[object]:
+    """The flat C argument list: ints, pointers (None for NULL) and strides."""
+    args: List[object] = []
+    for p, value in call.flat():
+        if p.kind == "size":
+            args.append(int(value))
+        elif p.kind == "offsets":
+            args.append(None if value is None else value.data_ptr())
+        elif value is None:
+            args += [None] + [0] * len(p.dims)
+        else:
+            args += [value.data_ptr()] + float_strides(p, value)
+    return args
+
+
+class CKernel:
+    """A compiled C kernel: ``kernel(problem) -> (y, final_state_or_None)``."""
+
+    def __init__(self, plan: KernelPlan, layout: Layout, library: Path):
+        self.plan = plan
+        self.layout = layout
+        self.library = library
+        self._lib = ctypes.CDLL(str(library))
+        self._fn = getattr(self._lib, layout.entry)
+        self._fn.argtypes = _argtypes(layout.params)
+        self._fn.restype = ctypes.c_int
+
+    def __repr__(self):
+        return f"<C kernel {self.layout.entry} from {self.library}>"
+
+    @property
+    def source(self) -> str:
+        return (self.library.parent / f"{self.layout.prefix}.c").read_text()
+
+    def __call__(self, problem):
+        call = marshal(self.layout, problem)
+        with torch.no_grad():
+            rc = self._fn(*c_arguments(call))
+        if rc != 0:
+            raise CallError(f"{self.layout.entry} refused its arguments: {ERRORS.get(rc, rc)}")
+        return results(call)
+
+
+def build_host(plan: KernelPlan, config: dict) -> CKernel:
+    from . import lower_files
+    layout = make_layout(plan)
+    files = lower_files(plan, config)
+    flags = host_flags(config) + ["-shared"]
+    library = compile_cached(files, f"lib{layout.prefix}.so", flags)
+    return CKernel(plan, layout, library)
