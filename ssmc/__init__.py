@@ -15,10 +15,24 @@ def compile(spec_or_path, target: str = "reference", family=None, **options):  #
     return _compile(spec_or_path, target=target, family=family, **options)
 
 
+def load(path, family=None, algorithm=None):
+    """Load what ``ssmc compile SPEC -o DIR`` wrote (DIR/manifest.json) as a compiled callable."""
+    from ssmc.runtime.artifacts import load as _load
+    return _load(path, family=family, algorithm=algorithm)
+
+
+def __getattr__(name):
+    # ssmc.nn pulls in torch.nn and the runtime: import it only when used.
+    if name == "nn":
+        import importlib
+        return importlib.import_module("ssmc.nn")
+    raise AttributeError(f"module 'ssmc' has no attribute {name!r}")
+
+
 def parse(spec_or_path):
     """Parse and check a spec (text or path) into an ``ir.SpecFile``."""
     from .api import parse as _parse
     return _parse(spec_or_path)
 
 
-__all__ = ["compile", "parse", "SSMCError", "SpecError", "CallError", "TargetError", "__version__"]
+__all__ = ["compile", "load", "parse", "SSMCError", "SpecError", "CallError", "TargetError", "__version__"]

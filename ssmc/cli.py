@@ -136,6 +136,7 @@ def cmd_compile(args) -> int:
     manifest = {
         "spec": str(args.spec),
         "spec_sha256": hashlib.sha256(spec.text.encode()).hexdigest(),
+        "spec_text": spec.text,
         "target": target.name,
         "versions": _versions(),
         "kernels": [],
@@ -160,6 +161,7 @@ def cmd_compile(args) -> int:
                 "family": fam.name, "algorithm": plan.algorithm.value,
                 "chunk_size": plan.chunk_size, "ir_hash": ir_hash(plan), "config": config,
                 "files": rel, "compile_seconds": round(seconds, 4),
+                "sha256": {r: hashlib.sha256((out_dir / r).read_bytes()).hexdigest() for r in rel},
             })
             print(f"compiled {fam.name} [{plan.algorithm.value}] for {target.name} in "
                   f"{seconds * 1000:.0f} ms -> {kernel_dir}")
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for memory: comma-separated context lengths (k/M suffixes)")
     s.add_argument("--model", help="for memory: the model name when the file has several")
     s.add_argument("--plot", help="for memory: also write a PNG plot to this path")
+    s.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"],
+                   help="for memory: the KV cache dtype (SSM states are fp32)")
     s.set_defaults(func=cmd_show)
 
     k = sub.add_parser("compile", help="compile a spec's families for a target",

@@ -1,0 +1,201 @@
+"""Compiled kernels as ``torch.library`` custom ops, so models using them compile with dynamo.
+
+``as_op(kernel)`` returns a function with the kernel's own signature (DESIGN.md section 3) that
+calls one registered op. The op's fake implementation states output shapes and dtypes from the
+input shapes and the family alone, which is all ``torch.compile(fullgraph=True)`` needs; the real
+implementation is the kernel (Triton, TVM, C or the float64 reference, whose numpy inside would
+otherwise break the graph).
+
+One op exists per kernel identity (family, algorithm, target, config); building the same kernel
+again rebinds the op to the new callable instead of registering a second op.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from ssmc.ir import AStructure, Convention, DType
+
+_NAMESPACE = "ssmc"
+
+# Every argument of each convention in the order the op's schema lists them. The op always
+# returns (y, final_state); final_state is an empty tensor when the caller did not ask for it,
+# because an op's number of outputs cannot depend on a flag.
+_SCHEMAS = {
+    Convention.SSD: (
+        "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, SymInt? chunk_size, Tensor? D, "
+        "Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, "
+        "bool? dt_softplus, float[]? dt_limit, bool return_final_states) -> (Tensor, Tensor)"),
+    Convention.SELECTIVE_SCAN: (
+        "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool? delta_softplus, bool return_last_state, Tensor? initial_state, "
+        "Tensor? cu_seqlens, Tensor? P, Tensor? Q, float[]? dt_limit) -> (Tensor, Tensor)"),
+    Convention.STATE_UPDATE: (
+        "(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? z, Tensor? dt_bias, bool? dt_softplus, Tensor? P, Tensor? Q, float[]? dt_limit) -> Tensor"),
+}
+
+_ARG_NAMES = {conv: re.findall(r"(\w+)(?=[,)])", schema.split("->")[0])
+              for conv, schema in _SCHEMAS.items()}
+
+# name -> the CompiledKernel the op currently runs
+_KERNELS: Dict[str, object] = {}
+_OPS: Dict[str, object] = {}
+
+_STATE_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT64: torch.float64,
+                 DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+
+
+def _state_dtype(family) -> torch.dtype:
+    dtype = _STATE_DTYPES.get(family.dtypes.state, torch.float32)
+    if family.A.structure is AStructure.COMPLEX_DIAGONAL:
+        return torch.complex128 if dtype == torch.float64 else torch.complex64
+    return dtype
+
+
+def op_name(kernel) -> str:
+    """A stable op name for a kernel: family, algorithm, target and a hash of IR + config."""
+    from ssmc.plan import ir_hash
+    ident = json.dumps({"ir": ir_hash(kernel.plan), "target": kernel.target.name,
+                        "config": kernel.config}, sort_keys=True, default=str)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    family = re.sub(r"\W", "_", kernel.family.name)
+    target = re.sub(r"\W", "_", kernel.target.backend)
+    return f"{family}_{kernel.plan.algorithm.value}_{target}_{digest}"
+
+
+def _final_state_shape(kernel, main: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+    nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else main.shape[0]
+    n = kernel.family.dims.state
+    if kernel.convention is Convention.SSD:
+        return (nseq, main.shape[2], main.shape[3], n)
+    return (nseq, main.shape[1], n)
+
+
+def _register(name: str, kernel):
+    convention = kernel.convention
+    qualname = f"{_NAMESPACE}::{name}"
+    state_dtype = _state_dtype(kernel.family)
+
+    if convention is Convention.STATE_UPDATE:
+        def real(*args):
+            y = _KERNELS[name](**_call_kwargs(convention, args))
+            return _fresh(y, args)
+
+        def fake(*args):
+            x = args[1]
+            return x.new_empty(x.shape)
+
+        op = torch.library.custom_op(qualname, real, mutates_args=("state",),
+                                     schema=_SCHEMAS[convention])
+        op.register_fake(fake)
+        return op
+
+    flag = "return_final_states" if convention is Convention.SSD else "return_last_state"
+
+    def real(*args):
+        call = _call_kwargs(convention, args)
+        wants_state = bool(call[flag])
+        out = _KERNELS[name](**call)
+        y, final = out if wants_state else (out, None)
+        main = args[0]
+        y = y.to(main.dtype)
+        if final is None:
+            final = main.new_empty((0,), dtype=state_dtype)
+        else:
+            final = final.to(state_dtype)
+        return _fresh(y, args), _fresh(final, args)
+
+    def fake(*args):
+        bound = dict(zip(_ARG_NAMES[convention], args))
+        main = args[0]
+        y = main.new_empty(main.shape)
+        if bound[flag]:
+            final = main.new_empty(_final_state_shape(kernel, main, bound["cu_seqlens"]),
+                                   dtype=state_dtype)
+        else:
+            final = main.new_empty((0,), dtype=state_dtype)
+        return y, final
+
+    op = torch.library.custom_op(qualname, real, mutates_args=(), schema=_SCHEMAS[convention])
+    op.register_fake(fake)
+    return op
+
+
+def _call_kwargs(convention, args) -> dict:
+    """The op's positional arguments as the kernel's keyword arguments (None = omitted)."""
+    call = {k: v for k, v in zip(_ARG_NAMES[convention], args) if v is not None}
+    if isinstance(call.get("dt_limit"), list):
+        call["dt_limit"] = tuple(call["dt_limit"])
+    return call
+
+
+def _fresh(out: torch.Tensor, args: Sequence) -> torch.Tensor:
+    """The output as the fake implementation promises it: contiguous, and not an input or a
+    view of one (custom ops may not alias their inputs; compiled graphs assume the strides)."""
+    out = out.contiguous()
+    ptr = out.untyped_storage().data_ptr() if out.numel() else None
+    if ptr is not None and any(isinstance(a, torch.Tensor) and a.numel()
+                               and a.untyped_storage().data_ptr() == ptr for a in args):
+        out = out.clone()
+    return out
+
+
+def get_op(kernel):
+    """The registered op running ``kernel`` (registering it on first use)."""
+    name = op_name(kernel)
+    _KERNELS[name] = kernel
+    if name not in _OPS:
+        _OPS[name] = _register(name, kernel)
+    return _OPS[name]
+
+
+def as_op(kernel) -> Callable:
+    """A function with ``kernel``'s signature that calls it through a torch custom op.
+
+    The function is plain Python over one op call, so dynamo traces it without a graph break;
+    inside the op the kernel runs eagerly. No autograd formula is registered: use it for
+    inference (under ``torch.no_grad()`` / ``torch.inference_mode()``).
+    """
+    op = get_op(kernel)
+    convention = kernel.convention
+
+    if convention is Convention.SSD:
+        def ssd(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, initial_states=None,
+                seq_idx=None, cu_seqlens=None, dt_softplus=None, dt_limit=None,
+                return_final_states=False):
+            y, final = op(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                          cu_seqlens, dt_softplus, None if dt_limit is None else list(dt_limit),
+                          bool(return_final_states))
+            return (y, final) if return_final_states else y
+        fn = ssd
+    elif convention is Convention.SELECTIVE_SCAN:
+        def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=None,
+                           return_last_state=False, initial_state=None, cu_seqlens=None, *,
+                           P=None, Q=None, dt_limit=None):
+            y, last = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                         bool(return_last_state), initial_state, cu_seqlens, P, Q,
+                         None if dt_limit is None else list(dt_limit))
+            return (y, last) if return_last_state else y
+        fn = selective_scan
+    else:
+        def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=None, *,
+                         P=None, Q=None, dt_limit=None):
+            return op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, P, Q,
+                      None if dt_limit is None else list(dt_limit))
+        fn = state_update
+
+    fn.__name__ = f"{kernel.family.name}_{kernel.plan.algorithm.value}"
+    fn.__qualname__ = fn.__name__
+    fn.__doc__ = f"{kernel!r} through the custom op {_NAMESPACE}::{op_name(kernel)}"
+    fn.kernel = kernel
+    fn.family = kernel.family
+    fn.op = op
+    return fn
+
+
+__all__ = ["as_op", "get_op", "op_name"]
