@@ -1,0 +1,179 @@
+"""Chunked SSD (Mamba-2) on Triton: the backend interface for CHUNKED plans.
+
+``ssmc.backends.triton`` dispatches CHUNKED plans here. The kernel source is generated from the
+plan by ``chunked_source.render`` (its math printed from the plan's discretized Abar, Bbar) and
+imported from a real file by ``codegen.load_module`` (``@triton.jit`` reads its source back).
+
+Tunables (``config``): the state kernel's block of head_dim x state and its warps/stages, and the
+output kernel's row block (``out_block_m``), column block (``out_block_k``), head_dim block, warps
+and stages. Every candidate computes the same function; only speed differs.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+from ssmc.ir import Algorithm, AStructure, KernelPlan
+
+from . import chunked_source, codegen
+
+MAX_STATE = 256          # the output kernel keeps a whole row of the state (n) in one tile
+CONFIG_KEYS = ("state_block_t", "state_block_p", "state_block_n", "state_warps", "state_stages",
+               "out_block_m", "out_block_k", "out_block_p", "out_warps", "out_stages",
+               "out_cb", "out_cb_fp32")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def supports_chunked(plan: KernelPlan) -> Optional[str]:
+    """None when this generator can compile ``plan``, else the reason it cannot."""
+    fam = plan.family
+    if plan.algorithm is not Algorithm.CHUNKED:
+        return f"the chunked SSD kernel implements the chunked algorithm, not {plan.algorithm.value}"
+    if fam.A.structure is not AStructure.SCALAR:
+        return (f"chunked SSD needs A scalar per head; {fam.name} has {fam.A.structure.value} A "
+                "(use the scan algorithm)")
+    if not plan.chunk_size or plan.chunk_size < 1:
+        return "chunked SSD needs a positive chunk size"
+    if fam.dims.state > MAX_STATE:
+        return f"state size {fam.dims.state} > {MAX_STATE}: a row of the state no longer fits one tile"
+    abar = plan.disc.abar
+    if abar.is_positive is not True:
+        return (f"{fam.method.value} gives Abar = {abar}, which is not positive for every step "
+                "(e.g. for large Delta); chunked SSD accumulates log(Abar), so it needs Abar > 0 "
+                "(use the scan algorithm, or an exponential method: zoh, exp_euler, trapezoidal)")
+    return None
+
+
+def _check_supported(plan: KernelPlan):
+    reason = supports_chunked(plan)
+    if reason is not None:
+        from ssmc.errors import TargetError
+        raise TargetError(reason)
+
+
+def default_config_chunked(plan: KernelPlan) -> Dict[str, int]:
+    """Block sizes from the plan's dims.
+
+    Measured on an H100 for Mamba-2 sizes (p64 n128, chunk 256; bench/NOTES_ssd.md, call 2): the
+    state kernel is fastest with 128-row blocks of a 32 x 64 (p x n) state tile, 3 stages; the
+    output kernel with 64-row x 32-column blocks over the whole head_dim, 3 stages, C B^T stored
+    once per group in fp32.
+    """
+    fam = plan.family
+    p, n, q = fam.dims.head_dim, fam.dims.state, plan.chunk_size
+    cap_p, cap_n, cap_q = max(16, _pow2(p)), max(16, _pow2(n)), max(16, _pow2(q))
+    return {
+        "state_block_t": min(128, cap_q), "state_block_p": min(32, cap_p),
+        "state_block_n": min(64, cap_n), "state_warps": 4, "state_stages": 3,
+        "out_block_m": min(64, cap_q), "out_block_k": min(32, cap_q), "out_block_p": min(64, cap_p),
+        "out_warps": 4, "out_stages": 3, "out_cb": 1, "out_cb_fp32": 1,
+    }
+
+
+# Settings timed on the H100 (bench/gpu.py --sweep), tried first by the autotuner.
+MEASURED = [
+    {"state_block_t": 128, "state_warps": 8, "state_stages": 2, "state_block_p": 64},
+    {"state_block_t": 128, "state_block_n": 128, "state_warps": 8, "state_block_p": 64},
+    {"state_block_t": 64, "state_block_p": 64, "state_stages": 2},
+    {"out_block_k": 64, "out_stages": 2},
+    {"out_cb_fp32": 0},
+    {"out_cb": 0, "out_block_k": 64},
+]
+
+
+def candidates_chunked(plan: KernelPlan) -> List[Dict[str, int]]:
+    """Configurations for the autotuner: the default, the variants measured on the H100, then a
+    grid of block/warp/stage variations of each kernel (the two main kernels tune independently)."""
+    fam = plan.family
+    p, n, q = fam.dims.head_dim, fam.dims.state, plan.chunk_size
+    base = default_config_chunked(plan)
+    cap_p, cap_n, cap_q = max(16, _pow2(p)), max(16, _pow2(n)), max(16, _pow2(q))
+
+    def fits(cfg):
+        return (cfg["state_block_p"] <= cap_p and cfg["state_block_n"] <= cap_n
+                and cfg["state_block_t"] <= cap_q and cfg["out_block_m"] <= cap_q
+                and cfg["out_block_k"] <= cfg["out_block_m"] and cfg["out_block_p"] <= cap_p)
+
+    out = [base]
+    variants = list(MEASURED)
+    variants += [{"state_block_t": t, "state_block_p": bp, "state_block_n": bn, "state_warps": w,
+                  "state_stages": s}
+                 for t in (64, 128, 256) for bp in (32, 64) for bn in (32, 64, 128)
+                 for w in (4, 8) for s in (2, 3)]
+    variants += [{"out_block_m": bm, "out_block_k": bk, "out_block_p": bp, "out_warps": w,
+                  "out_stages": s}
+                 for bm in (32, 64, 128) for bk in (16, 32, 64) for bp in (32, 64)
+                 for w in (4, 8) for s in (2, 3, 4)]
+    for v in variants:
+        cfg = dict(base, **v)
+        if fits(cfg) and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _full_config(plan: KernelPlan, config: Optional[dict]) -> Dict[str, int]:
+    cfg = default_config_chunked(plan)
+    for k, v in (config or {}).items():
+        if k not in CONFIG_KEYS:
+            raise ValueError(f"unknown chunked SSD config key {k!r}; known: {', '.join(CONFIG_KEYS)}")
+        cfg[k] = int(v)
+    return cfg
+
+
+def kernel_name(plan: KernelPlan) -> str:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in plan.family.name.lower())
+    return f"{safe or 'ssd'}_{plan.family.method.value}"
+
+
+def _header(plan: KernelPlan, config: dict) -> str:
+    fam = plan.family
+    d = plan.disc
+    lines = [
+        f"# Generated by ssmc: chunked SSD forward for family {fam.name}. Do not edit.",
+        f"# method {fam.method.value}: Abar = {d.abar}, Bbar = {d.bbar}, Bbar_prev = {d.bbar_prev}",
+        f"# dims: heads {fam.dims.heads}, head_dim {fam.dims.head_dim}, state {fam.dims.state}, "
+        f"groups {fam.dims.groups}; chunk {plan.chunk_size}",
+        f"# delta: selective {fam.delta.selective}, softplus {fam.delta.softplus}, "
+        f"bias {fam.delta.bias}, clamp {fam.delta.clamp}; A selective {fam.A.selective}; "
+        f"B/C selective {fam.B.selective}/{fam.C.selective}",
+        f"# D {fam.D.sharing.value if fam.D else None}; gate {fam.gate.kind if fam.gate else None}",
+        f"# config: {json.dumps(config, sort_keys=True)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def lower_chunked(plan: KernelPlan, config: Optional[dict] = None) -> str:
+    """The generated Triton source (two kernels and ``launch``) for ``plan``."""
+    _check_supported(plan)
+    cfg = _full_config(plan, config)
+    source = chunked_source.render(plan, kernel_name(plan), _header(plan, cfg))
+    return source + f"\n\nCONFIG = {json.dumps(cfg, sort_keys=True)}\n"
+
+
+class ChunkedKernel:
+    """``kernel(problem) -> (y, final_states or None)``; ``.source`` is the generated text."""
+
+    def __init__(self, plan: KernelPlan, config: dict, source: str, module):
+        self.plan, self.config, self.source, self.module = plan, config, source, module
+
+    def __call__(self, problem, y=None, final_states=None):
+        x = problem.x
+        if str(x.dtype).replace("torch.", "") not in chunked_source.SUPPORTED_FLOAT_NAMES:
+            from ssmc.errors import CallError
+            raise CallError(f"x: dtype {x.dtype} is not supported by the chunked SSD kernel "
+                            "(float32, float16, bfloat16)")
+        if problem.chunk_size is not None and int(problem.chunk_size) != self.plan.chunk_size:
+            from ssmc.errors import CallError
+            raise CallError(f"chunk_size={problem.chunk_size} but this kernel was compiled for "
+                            f"chunk {self.plan.chunk_size}")
+        return self.module.launch(problem, self.config, y=y, final_states=final_states)
+
+
+def build_chunked(plan: KernelPlan, config: Optional[dict] = None) -> ChunkedKernel:
+    cfg = _full_config(plan, config)
+    source = lower_chunked(plan, cfg)
+    module = codegen.load_module(source, stem=f"ssmc_chunked_{kernel_name(plan)}")
+    return ChunkedKernel(plan, cfg, source, module)

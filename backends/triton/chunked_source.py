@@ -1,0 +1,348 @@
+"""Render the chunked SSD (Mamba-2) Triton source for one plan.
+
+The generated module holds four kernels (``chunked_kernels``: prep, C B^T, states, output) and
+a launcher. The plan's math enters here: log(Abar) and Bbar (and Bbar_prev / Abar for the
+trapezoidal previous-input term) are printed from ``plan.disc`` into the prep kernel, as is the
+Delta map (bias, softplus, clamp). Only what the plan has is emitted (no z code for a family
+without a gate, no D code without a skip); problem-level options (varlen, initial/final states,
+whether D/z/dt_bias were passed) are constexpr flags of the kernels.
+"""
+from __future__ import annotations
+
+import textwrap
+from typing import Dict
+
+import sympy as sp
+
+from ssmc.ir import KernelPlan, Sharing
+from ssmc.printers import TritonPrinter, stable_form
+
+from . import chunked_kernels
+
+SUPPORTED_FLOAT_NAMES = ("float32", "float16", "bfloat16")
+
+
+def log_decay_expr(plan: KernelPlan):
+    """log(Abar) in closed form where sympy finds one (a*dt for every exp-type method)."""
+    return sp.expand_log(sp.log(plan.disc.abar), force=True)
+
+
+def prev_input_expr(plan: KernelPlan):
+    """Bbar_prev / Abar, or None when the method has no previous-input term.
+
+    The input B_{t-1} x_{t-1} enters the state at step t with Bbar_prev(t) and is then decayed
+    like everything else; seen from step t-1 its weight is Bbar_prev(t) / Abar(t). Simplified
+    symbolically so that exp(a dt) cancels instead of overflowing as exp(-a dt) for large dt.
+    """
+    if sp.simplify(plan.disc.bbar_prev) == 0:
+        return None
+    return sp.simplify(plan.disc.bbar_prev / plan.disc.abar)
+
+
+class _KernelPrinter(TritonPrinter):
+    """Triton's printer with expm1: the generated module defines an accurate ``_expm1``.
+
+    zoh's Bbar = (exp(a dt) - 1)/a printed literally loses every digit as a dt -> 0 in fp32; the
+    stable form (ssmc.printers.stable_form) names expm1, which the kernel evaluates by Kahan's
+    method from tl.exp and tl.log.
+    """
+    has_expm1 = True
+
+    def _print_expm1(self, expr):
+        return f"_expm1({self._print(expr.args[0])})"
+
+
+def _print(expr, names: Dict[str, str]) -> str:
+    printer = _KernelPrinter(names=names)
+    printer.check(sp.sympify(expr))
+    return printer.doprint(stable_form(sp.sympify(expr)))
+
+
+def _print_step_math(plan: KernelPlan, delta: str, a: str) -> Dict[str, str]:
+    names = {"dt": delta, "a": a}
+    loga = log_decay_expr(plan)
+    if loga.has(sp.log):
+        loga_src = f"tl.log({_print(plan.disc.abar, names)})"
+    else:
+        loga_src = _print(loga, names)
+    out = {"log_decay": loga_src, "coef": _print(plan.disc.bbar, names)}
+    q = prev_input_expr(plan)
+    if q is not None:
+        out["prev_coef"] = _print(q, names)
+    return out
+
+
+def _indent(code: str, n: int) -> str:
+    return textwrap.indent(textwrap.dedent(code).strip("\n"), " " * n)
+
+
+def _delta_code(plan: KernelPlan, out: str, a_out: str, mask: str, t: str, n: int) -> str:
+    """Load dt (and a selective A) at positions ``t`` and turn it into Delta and the decay."""
+    fam = plan.family
+    lines = [f"{out} = tl.load(dt_ptr + b * stride_dt_b + {t} * stride_dt_l + h * stride_dt_h, "
+             f"mask={mask}, other=0.0).to(tl.float32)"]
+    if fam.delta.bias:
+        lines.append(f"if HAS_DT_BIAS:\n    {out} = {out} + dt_bias_h")
+    if fam.delta.softplus:
+        lines.append(f"{out} = _softplus({out})")
+    if fam.delta.clamp is not None:
+        lines.append(f"{out} = tl.minimum(tl.maximum({out}, dt_min), dt_max)")
+    if fam.A.selective:
+        lines.append(f"{a_out} = tl.load(A_ptr + b * stride_A_b + {t} * stride_A_l + h * stride_A_h, "
+                     f"mask={mask}, other=-1.0).to(tl.float32)")
+    return _indent("\n".join(lines), n)
+
+
+def render(plan: KernelPlan, name: str, header: str) -> str:
+    """The generated module's source text."""
+    fam = plan.family
+    trap = prev_input_expr(plan) is not None
+    a_name = "a_t" if fam.A.selective else "a_h"
+    math = _print_step_math(plan, "delta", a_name)
+    prologue = []
+    if fam.delta.bias:
+        prologue.append("if HAS_DT_BIAS:\n    dt_bias_h = tl.load(dt_bias_ptr + h).to(tl.float32)")
+    if not fam.A.selective:
+        prologue.append("a_h = tl.load(A_ptr + h * stride_A_h).to(tl.float32)")
+    step_now = _delta_code(plan, "delta", "a_t", "valid", "t", 4)
+    if trap:
+        math_next = _print_step_math(plan, "delta_next", "a_next" if fam.A.selective else "a_h")
+        step_next = _delta_code(plan, "delta_next", "a_next", "valid_next", "(t + 1)", 4)
+        prev_coef_code = _indent("""
+            valid_next = valid & (t + 1 < seqlen)
+            if VARLEN:
+                seq_next_t = tl.load(seq_idx_ptr + t + 1, mask=valid_next, other=-1)
+                valid_next = valid_next & (seq_next_t == seq_t)
+        """, 4) + "\n" + step_next + "\n" + _indent(f"""
+            # Weight of B_t x_t in the next step's previous-input term, seen from step t.
+            prev_coef = tl.where(valid_next, {math_next['prev_coef']}, 0.0)
+            coef_eff = coef + prev_coef
+        """, 4)
+        store_prev = _indent("tl.store(prev_coef_ptr + scal, prev_coef, mask=valid)", 4)
+    else:
+        prev_coef_code = _indent("coef_eff = coef", 4)
+        store_prev = ""
+    prep = chunked_kernels.PREP.format(
+        name=name, prologue=_indent("\n".join(prologue), 4), step_now=step_now,
+        log_decay=math["log_decay"], coef=math["coef"], prev_coef_code=prev_coef_code,
+        store_prev=store_prev)
+
+    epilogue = []
+    if fam.D is not None:
+        d_off = ("h * stride_D_h + offs_p * stride_D_p" if fam.D.sharing is Sharing.HEAD_DIM
+                 else "h * stride_D_h + offs_p * 0")
+        epilogue.append(f"""
+            if HAS_D:
+                x_m = tl.load(x_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
+                              + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0)
+                D_v = tl.load(D_ptr + {d_off}, mask=offs_p < headdim, other=0.0).to(tl.float32)
+                acc += x_m.to(tl.float32) * D_v[None, :]
+        """)
+    if fam.gate is not None:
+        epilogue.append("""
+            if HAS_Z:
+                z_m = tl.load(z_ptr + b * stride_z_b + t_m[:, None] * stride_z_l + h * stride_z_h
+                              + offs_p[None, :] * stride_z_p, mask=mask_mp, other=0.0).to(tl.float32)
+                acc = acc * z_m * tl.sigmoid(z_m)
+        """)
+    output = chunked_kernels.OUTPUT.format(
+        name=name, epilogue="\n".join(_indent(e, 4) for e in epilogue))
+    body = (prep + chunked_kernels.CB.format(name=name) + chunked_kernels.STATES.format(name=name)
+            + output)
+    return header + _PRELUDE + body + _render_launcher(plan, name, trap)
+
+
+_PRELUDE = '''
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST only under TRITON_INTERPRET: its dot multiplies bf16 bit patterns as integers.
+    # Operands are already rounded to bf16, so fp32 products reproduce the tensor-core result.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _log1p(u):
+    # Kahan: log(v) * u / (v - 1) with v = 1 + u is accurate to a few ulp where log(1 + u) is not.
+    v = 1.0 + u
+    return tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan: (u - 1) * x / log(u) with u = exp(x) keeps the relative precision exp(x) - 1 loses.
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe = tl.where((u == 1.0) | (um1 == -1.0) | (u == float("inf")), 2.0, u)
+    return tl.where(u == 1.0, x, tl.where((um1 == -1.0) | (u == float("inf")), um1,
+                                          (safe - 1.0) * (x / tl.log(safe))))
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)), equal to x in fp32 above 20.
+    return tl.where(x <= 20.0, _log1p(tl.exp(tl.minimum(x, 20.0))), x)
+'''
+
+
+def _render_launcher(plan: KernelPlan, name: str, trap: bool) -> str:
+    fam = plan.family
+    opt_d = "problem.D" if fam.D is not None else "None"
+    opt_z = "problem.z" if fam.gate is not None else "None"
+    opt_bias = "problem.dt_bias" if fam.delta.bias else "None"
+    clamp = "problem.dt_limit" if fam.delta.clamp is not None else "None"
+    clamp_default = repr(tuple(float(v) for v in fam.delta.clamp)) if fam.delta.clamp else "None"
+    clamp_default = clamp_default.replace("inf", 'float("inf")')
+    return LAUNCHER.format(name=name, chunk=plan.chunk_size, opt_d=opt_d, opt_z=opt_z,
+                           opt_bias=opt_bias, clamp=clamp, clamp_default=clamp_default, trap=trap)
+
+
+LAUNCHER = '''
+
+def _as_blgn(t, batch, seqlen):
+    """B/C as (b, l, groups, n): constant (groups, n) ones broadcast with stride 0."""
+    if t.dim() == 2:
+        return t[None, None].expand(batch, seqlen, t.shape[0], t.shape[1])
+    return t
+
+
+def launch(problem, config, y=None, final_states=None):
+    """Run the kernels on a bound SSD problem; returns (y, final_states or None)."""
+    x = problem.x
+    batch, seqlen, nheads, headdim = x.shape
+    chunk = {chunk}
+    nchunks = triton.cdiv(seqlen, chunk)
+    dev = x.device
+    B = _as_blgn(problem.B, batch, seqlen)
+    C = _as_blgn(problem.C, batch, seqlen)
+    dstate = B.shape[-1]
+    dt = problem.dt if problem.dt.dim() == 3 else problem.dt[None, None].expand(batch, seqlen, nheads)
+    A = problem.A if problem.A.dim() == 3 else problem.A[None, None].expand(batch, seqlen, nheads)
+    D = {opt_d}
+    z = {opt_z}
+    dt_bias = {opt_bias}
+    dt_limit = {clamp}
+    dt_min, dt_max = (float(dt_limit[0]), float(dt_limit[1])) if dt_limit is not None else (0.0, 0.0)
+    init = problem.initial_states
+    varlen = problem.cu_seqlens is not None or problem.seq_idx is not None
+    cu, seq_idx = problem.cu_seqlens, problem.seq_idx
+    if varlen:
+        seq_idx = seq_idx.reshape(-1).contiguous()
+        if cu is None:
+            nseq = init.shape[0] if init is not None else int(seq_idx[-1].item()) + 1
+            counts = torch.bincount(seq_idx.long(), minlength=nseq)
+            cu = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
+            cu[1:] = torch.cumsum(counts, 0)
+        cu = cu.contiguous()
+        nseq = cu.numel() - 1
+    else:
+        nseq = batch
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    store_final = bool(problem.return_final_states)
+    if y is None:
+        y = torch.empty_like(x)
+    if store_final and final_states is None:
+        final_states = torch.empty(nseq, nheads, headdim, dstate, dtype=torch.float32, device=dev)
+    cfg = config
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # Under TRITON_INTERPRET, bf16 dots are computed on fp32 copies (see _mma).
+    upcast = x.dtype == torch.bfloat16 and type({name}_chunk_prep).__name__ == "InterpretedFunction"
+    seqp, cup = (seq_idx, cu) if varlen else (dummy, dummy)
+    initp = init if init is not None else dummy
+    init_strides = init.stride() if init is not None else (0, 0, 0, 0)
+    fin = final_states if store_final else dummy
+    fin_strides = final_states.stride() if store_final else (0, 0, 0, 0)
+
+    # 1. Per-step scalars: cumulative log2-decay, input coefficient, weight to the chunk end.
+    cum = torch.empty(batch, nheads, seqlen, dtype=torch.float32, device=dev)
+    coef, weight = torch.empty_like(cum), torch.empty_like(cum)
+    prev_coef = torch.empty_like(cum) if {trap} else dummy
+    decay = torch.empty(batch, nheads, nchunks, dtype=torch.float32, device=dev)
+    block_q = max(16, triton.next_power_of_2(chunk))
+    {name}_chunk_prep[(nchunks, batch * nheads)](
+        dt, A, dt_bias if dt_bias is not None else dummy, seqp, cum, coef, prev_coef, weight, decay,
+        seqlen, nheads, nchunks, *dt.stride(), *A.stride(), dt_min, dt_max,
+        CHUNK=chunk, BLOCK_Q=block_q, HAS_DT_BIAS=dt_bias is not None, VARLEN=varlen,
+        num_warps=4 if block_q <= 256 else 8,
+    )
+
+    # 2. C B^T per chunk and group of heads sharing B and C (skipped when every head has its own).
+    bm, bk, bp2 = cfg["out_block_m"], cfg["out_block_k"], cfg["out_block_p"]
+    block_n = max(16, triton.next_power_of_2(dstate))
+    hp_B, hp_C = nheads // B.shape[2], nheads // C.shape[2]
+    heads_per_cb = hp_B if hp_B == hp_C else 1
+    cb_pre = bool(cfg["out_cb"]) and heads_per_cb > 1
+    if cb_pre:
+        n_cb = nheads // heads_per_cb
+        cb_dtype = torch.float32 if (x.dtype == torch.float32 or cfg["out_cb_fp32"]) else x.dtype
+        cb = torch.empty(batch, nchunks, n_cb, chunk, chunk, dtype=cb_dtype, device=dev)
+        cb_grid = (triton.cdiv(chunk, bm) * triton.cdiv(chunk, bk), batch * nchunks, n_cb)
+        {name}_chunk_cb[cb_grid](
+            B, C, cb, seqlen, nchunks, dstate, heads_per_cb, hp_B, hp_C,
+            *B.stride(), *C.stride(), *cb.stride()[:4],
+            CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=block_n,
+            DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=4, num_stages=2,
+        )
+        cb_strides = cb.stride()[:4]
+    else:
+        cb, cb_strides = dummy, (0, 0, 0, 0)
+
+    # 3. States entering each chunk (and the final states), walking the chunks in order.
+    chunk_states = torch.empty(batch, nchunks, nheads, dstate, headdim, dtype=x.dtype, device=dev)
+    bp, bn = cfg["state_block_p"], cfg["state_block_n"]
+    bt = min(cfg["state_block_t"], block_q)
+    subs = chunk // bt if chunk % bt == 0 else 1
+    if subs == 1:
+        bt = block_q
+    {name}_chunk_states[(triton.cdiv(headdim, bp) * triton.cdiv(dstate, bn), batch * nheads)](
+        x, B, initp, seqp, cup, cum, coef, prev_coef, weight, decay, chunk_states, fin,
+        seqlen, nheads, headdim, dstate, nchunks, hp_B,
+        *x.stride(), *B.stride(), *init_strides, *chunk_states.stride(), *fin_strides,
+        CHUNK=chunk, BLOCK_T=bt, SUBS=subs, BLOCK_P=bp, BLOCK_N=bn, VARLEN=varlen,
+        HAS_INIT=init is not None, HAS_PREV={trap}, STORE_FINAL=store_final,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=cfg["state_warps"], num_stages=cfg["state_stages"],
+    )
+
+    # 4. Outputs, fully parallel over chunks, row blocks, heads and head_dim blocks.
+    zp = z if z is not None else x
+    Dp = D if D is not None else dummy
+    D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
+    grid = (triton.cdiv(chunk, bm) * triton.cdiv(headdim, bp2), nheads, batch * nchunks)
+    {name}_chunk_output[grid](
+        x, zp, B, C, Dp, cb, seqp, cup, initp, chunk_states, cum, coef, prev_coef, y,
+        seqlen, nheads, headdim, dstate, nchunks, hp_B, hp_C, heads_per_cb,
+        *x.stride(), *zp.stride(), *B.stride(), *C.stride(), *D_strides, *cb_strides,
+        *init_strides, *chunk_states.stride(), *y.stride(),
+        CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=bp2, BLOCK_N=block_n, CB_PRECOMPUTED=cb_pre,
+        HAS_D=D is not None, HAS_Z=z is not None, VARLEN=varlen, HAS_INIT=init is not None,
+        HAS_PREV={trap}, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],
+    )
+    if store_final and varlen:
+        # Empty sequences have no token to write their state: it is their initial state.
+        empty = (cu[1:] == cu[:-1]).view(-1, 1, 1, 1)
+        start = init if init is not None else torch.zeros_like(final_states)
+        final_states = torch.where(empty, start.to(torch.float32), final_states)
+    return y, (final_states if store_final else None)
+
+
+def forward(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+            cu_seqlens=None, return_final_states=False, config=None):
+    """Standalone entry (already validated tensors, the spec's softplus and dt_limit)."""
+    problem = types.SimpleNamespace(
+        x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+        seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_states=return_final_states,
+        dt_limit={clamp_default})
+    return launch(problem, config or CONFIG)
+'''

@@ -1,0 +1,627 @@
+"""Generator of the selective-scan kernel (selective_scan_fn convention, diagonal / complex A).
+
+One program owns BLOCK_D channels of one sequence and walks it once, the state on chip. Layout
+choices, all for the Mamba-1 shape (b8 d4096 l2048 n16, bf16), where the cost is one exp per
+(channel, state, step):
+
+- Every tensor in the kernel is a 1-D vector over the program's lanes (one lane = one channel,
+  or one of SPLIT parts of a channel's state). The state index n is unrolled in the generated
+  source (h0, h1, ...), so each thread keeps its channel's states in registers and C·h is a
+  sum of registers, with no cross-thread reduction.
+- Time is loaded CHUNK steps at a time as [lanes, CHUNK] tiles (16 bytes per thread for 16-bit
+  inputs at CHUNK=8) and split into per-step vectors in registers (``codegen.split_tree``); the
+  outputs are joined back and stored 16 bytes wide. B_t and C_t of a group are loaded the same
+  way (every lane of a group reads the same 16 bytes, which the L1 broadcasts).
+- Within a chunk the code walks n-major (all steps of h0, then of h1...), so only one state's
+  B/C tiles are live at a time.
+- exp(dt * a) is exp2(dt * a_l2) with a_l2 = a * log2(e) precomputed per lane (codegen).
+- SPLIT > 1 gives each channel SPLIT threads (N/SPLIT states each) and reduces y across them
+  once per chunk: more parallelism when b * d is small (long single sequences).
+
+Full chunks run without time masks; the last partial chunk runs a masked copy of the body.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Tuple
+
+from ssmc.ir import AStructure, KernelPlan, Sharing
+
+from . import codegen
+from .codegen import Lines, Part, as_text, cadd, cmul
+
+WHAT = "selective scan"
+
+
+def supports(plan: KernelPlan) -> Optional[str]:
+    st = plan.family.A.structure
+    if st not in (AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
+        return (f"the Triton scan handles diagonal and complex-diagonal A, not {st.value} "
+                "(scalar A: use the chunked algorithm; DPLR/dense: use conv)")
+    if plan.family.dims.state > 256:
+        return f"state size {plan.family.dims.state} > 256 is not unrolled by the Triton scan"
+    return None
+
+
+def _pow2(x) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def default_config(plan: KernelPlan) -> dict:
+    f = plan.family
+    n = f.dims.state
+    cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
+    sixteen_bit = any(t.value in ("fp16", "bf16") for t in f.dtypes.inputs)
+    # 8 steps of a 16-bit input = one 16-byte load per lane; complex A (twice the state, and
+    # sin/cos per element) gets 4 to keep registers and code size in bounds.
+    chunk = 8 if sixteen_bit and not cplx else 4
+    # Registers a lane keeps per state element (h, a, a*log2e; constant B, C; trapezoid's
+    # previous B x), doubled for complex: keep ~96 of them per lane, split the rest over lanes.
+    per_state = 3 + (not f.B.selective) + (not f.C.selective)
+    per_state += 1 if any(not codegen.is_zero(e) for k, e in codegen.split_parts(plan).items()
+                          if k.startswith("bbar_prev")) else 0
+    per_state *= 2 if cplx else 1
+    per_lane = 1 << max(1, (96 // per_state).bit_length() - 1)
+    split = 1
+    while n // split > per_lane and n % (2 * split) == 0:
+        split *= 2
+    return {"block_d": max(1, 128 // split), "split": split, "chunk": chunk, "num_warps": 4,
+            "prefetch": True, "few_split": min(n, max(4, 2 * split))}
+
+
+def candidates(plan: KernelPlan) -> List[dict]:
+    base = default_config(plan)
+    n = plan.family.dims.state
+    out = [base]
+    for split in (1, 2, 4, 8):
+        if n % split or n // split > 64 or n // split < 2:
+            continue
+        for lanes, warps in ((64, 2), (128, 4), (256, 8)):
+            for chunk in (4, 8, 16):
+                cfg = dict(base, block_d=lanes // split, split=split, chunk=chunk,
+                           num_warps=warps)
+                if cfg != base:
+                    out.append(cfg)
+    return out
+
+
+def check_config(plan: KernelPlan, config: dict):
+    n = plan.family.dims.state
+    bd, split, chunk = config["block_d"], config["split"], config["chunk"]
+    if not (_pow2(bd) and _pow2(split) and _pow2(chunk)):
+        raise ValueError(f"scan config needs powers of two: {config}")
+    if n % split:
+        raise ValueError(f"split {split} does not divide the state size {n}")
+
+
+class _ScanGen:
+    def __init__(self, plan: KernelPlan, config: dict):
+        check_config(plan, config)
+        self.plan, self.cfg = plan, config
+        f = self.f = plan.family
+        self.N = f.dims.state
+        self.split = config["split"]
+        self.NS = self.N // self.split
+        self.chunk = config["chunk"]
+        self.cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
+        self.sel = {"dt": f.delta.selective, "A": f.A.selective, "B": f.B.selective,
+                    "C": f.C.selective}
+        self.parts = codegen.split_parts(plan)
+        self.asyms = ("a_re", "a_im") if self.cplx else ("a",)
+        self.trap = any(not codegen.is_zero(e) for k, e in self.parts.items()
+                        if k.startswith("bbar_prev"))
+        # Which coefficients vary with the state index n (j) and with time (k).
+        self.levels: Dict[str, str] = {}
+        for key, e in self.parts.items():
+            if codegen.is_zero(e):
+                continue
+            dep_a = any(codegen.uses(e, s) for s in self.asyms)
+            dep_t = (codegen.uses(e, "dt") and self.sel["dt"]) or (dep_a and self.sel["A"])
+            self.levels[key] = {(False, False): "P", (True, False): "J",
+                                (False, True): "K", (True, True): "JK"}[(dep_a, dep_t)]
+        # Streams kept in fp32 (B, C, complex A planes) load 4 steps = 16 bytes at a time.
+        self.f32_width = min(self.chunk, 4)
+        self.fp32_streams = self.sel["B"] or self.sel["C"] or (self.sel["A"] and self.cplx)
+        # exp(a * dt) with a constant: fold log2(e) into a once per lane.
+        self._printed: Dict[str, tuple] = {}
+        self.l2 = (not self.sel["A"]) and any(
+            codegen.has_exp_of(self.parts[k], self.asyms[0]) for k in self.levels)
+
+    # ---- names ------------------------------------------------------------------------------
+    def nidx(self, j: int) -> str:
+        return f"(part * {self.NS} + {j})" if self.split > 1 else str(j)
+
+    def a_names(self, j: int, k: Optional[int]) -> Dict[str, str]:
+        suffix = f"{j}_{k}" if self.sel["A"] else f"{j}"
+        if self.cplx:
+            return {"a_re": f"a{suffix}_re", "a_im": f"a{suffix}_im"}
+        return {"a": f"a{suffix}"}
+
+    def dt_name(self, k: Optional[int]) -> str:
+        return f"dt{k}" if self.sel["dt"] else "dt"
+
+    def bc(self, which: str, j: int, k: int) -> Tuple[Part, Part]:
+        base = f"{which.lower()}{j}_{k}" if self.sel[which] else f"{which.lower()}{j}"
+        return (base, f"{base}_im" if self.cplx else None)
+
+    def coef(self, key: str, j: int, k: Optional[int]) -> Tuple[Part, Part]:
+        """(re, im) variable names of Abar/Bbar/Bbar_prev at (j, k); None where exactly zero."""
+        keys = (key + "_re", key + "_im") if self.cplx else (key,)
+        out = []
+        for kk in keys:
+            lvl = self.levels.get(kk)
+            if lvl is None:
+                out.append(None)
+            elif lvl == "P":
+                out.append(kk)
+            elif lvl == "J":
+                out.append(f"{kk}{j}")
+            elif lvl == "K":
+                out.append(f"{kk}_t{k}")
+            else:
+                out.append(f"{kk}_v")
+        if not self.cplx:
+            out.append(None)
+        return out[0], out[1]
+
+    def emit_coefs(self, out: Lines, level: str, j: Optional[int], k: Optional[int]):
+        keys = [kk for kk, lvl in self.levels.items() if lvl == level]
+        if not keys:
+            return
+        names = {"dt": self.dt_name(k)}
+        names.update(self.a_names(j if j is not None else 0, k))
+        target = {"P": lambda kk: kk, "J": lambda kk: f"{kk}{j}", "K": lambda kk: f"{kk}_t{k}",
+                  "JK": lambda kk: f"{kk}_v"}[level]
+        # Print once per level with placeholder names (sympy's cse is the slow part), then
+        # rename per (j, k).
+        if level not in self._printed:
+            ph = {s: f"SSMC_{s.upper()}" for s in ("dt",) + self.asyms}
+            ph_l2 = {s: f"{ph[s]}_l2" for s in self.asyms[:1]} if self.l2 else None
+            self._printed[level] = codegen.print_block(
+                {kk: self.parts[kk] for kk in keys}, ph, tmp_prefix="tmp", log2e_names=ph_l2)
+        lines, finals = self._printed[level]
+        pattern = re.compile(r"\bSSMC_(DT|A_RE|A_IM|A)(_l2)?\b")
+
+        def rename(text):
+            return pattern.sub(lambda m: names[m.group(1).lower()] + (m.group(2) or ""), text)
+        out.extend(rename(ln) for ln in lines)
+        for kk in keys:
+            out(f"{target(kk)} = {rename(finals[kk])}")
+
+    # ---- kernel -----------------------------------------------------------------------------
+    def params(self) -> List[str]:
+        p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"]
+        if self.f.D:
+            p.append("D_ptr")
+        if self.f.gate:
+            p.append("z_ptr")
+        if self.f.delta.bias:
+            p.append("dt_bias_ptr")
+        p += ["h0_ptr", "out_ptr", "hT_ptr", "cu_ptr", "n_channels", "seqlen", "cpg_B", "cpg_C",
+              "stride_u_b", "stride_u_d"]
+        if self.sel["dt"]:
+            p += ["stride_dt_b", "stride_dt_d"]
+        if self.sel["A"]:
+            p += ["stride_A_b", "stride_A_d", "stride_A_n", "stride_A_plane"]
+        for w in ("B", "C"):
+            if self.sel[w]:
+                p += [f"stride_{w}_b", f"stride_{w}_g", f"stride_{w}_n", f"stride_{w}_plane"]
+        if self.f.gate:
+            p += ["stride_z_b", "stride_z_d"]
+        p += ["stride_out_b", "stride_out_d"]
+        p += ["BLOCK_D: tl.constexpr", "SPLIT: tl.constexpr", "CHUNK: tl.constexpr",
+              "HAS_H0: tl.constexpr", "WRITE_HT: tl.constexpr", "VARLEN: tl.constexpr"]
+        if self.f.D:
+            p.append("HAS_D: tl.constexpr")
+        if self.f.gate:
+            p.append("HAS_Z: tl.constexpr")
+        if self.f.delta.bias:
+            p.append("HAS_DT_BIAS: tl.constexpr")
+        return p
+
+    def kernel(self, name: str) -> str:
+        f, N, NS = self.f, self.N, self.NS
+        o = Lines()
+        o("@triton.jit")
+        o(f"def {name}(")
+        o.indent().extend(f"{p}," for p in self.params()).dedent()
+        o("):")
+        o.indent()
+        o("pid_d = tl.program_id(0)",
+          "pid_s = tl.program_id(1)  # batch index, or sequence index when VARLEN",
+          "if VARLEN:",
+          "    start = tl.load(cu_ptr + pid_s).to(tl.int32)",
+          "    end = tl.load(cu_ptr + pid_s + 1).to(tl.int32)",
+          "    batch = pid_s * 0",
+          "else:",
+          "    start = 0",
+          "    end = seqlen",
+          "    batch = pid_s",
+          "bat = batch.to(tl.int64)",
+          "lane = tl.arange(0, BLOCK_D * SPLIT)")
+        if self.split > 1:
+            o("ch = pid_d * BLOCK_D + lane // SPLIT", "part = lane % SPLIT")
+        else:
+            o("ch = pid_d * BLOCK_D + lane")
+        o("ch_ok = ch < n_channels",
+          "# Loads read a valid channel on every lane (the last one past the end), so that no",
+          "# load needs a mask; only stores are masked.",
+          "chl = tl.minimum(ch, n_channels - 1)",
+          "ch64 = chl.to(tl.int64)",
+          "cols = tl.arange(0, CHUNK)")
+        if self.f32_width < self.chunk:
+            o(f"cols_f32 = tl.arange(0, {self.f32_width})")
+        o("u_rows = u_ptr + bat * stride_u_b + ch64 * stride_u_d")
+        if self.sel["dt"]:
+            o("dt_rows = delta_ptr + bat * stride_dt_b + ch64 * stride_dt_d")
+        if self.sel["A"]:
+            o("a_rows = A_ptr + bat * stride_A_b + ch64 * stride_A_d")
+        for w in ("B", "C"):
+            if self.sel[w]:
+                o(f"{w.lower()}_rows = {w}_ptr + bat * stride_{w}_b + "
+                  f"(chl // cpg_{w}).to(tl.int64) * stride_{w}_g")
+        # ---- per-lane constants
+        if f.delta.bias:
+            o("if HAS_DT_BIAS:",
+              "    dt_bias = tl.load(dt_bias_ptr + chl)",
+              "else:",
+              "    dt_bias = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
+        if not self.sel["dt"]:
+            o(f"dt = {codegen.delta_expr(f, 'tl.load(delta_ptr + chl)')}")
+        if not self.sel["A"]:
+            for j in range(NS):
+                nm = self.a_names(j, None)
+                if self.cplx:
+                    o(f"{nm['a_re']} = tl.load(A_ptr + (ch64 * {N} + {self.nidx(j)}) * 2)",
+                      f"{nm['a_im']} = tl.load(A_ptr + (ch64 * {N} + {self.nidx(j)}) * 2 + 1)")
+                else:
+                    o(f"{nm['a']} = tl.load(A_ptr + ch64 * {N} + {self.nidx(j)})")
+                if self.l2:
+                    s = self.asyms[0]
+                    o(f"{nm[s]}_l2 = {nm[s]} * {codegen.LOG2E!r}")
+        for w in ("B", "C"):
+            if self.sel[w]:
+                continue
+            sharing = getattr(f, w).sharing
+            row = "ch64" if sharing is Sharing.HEAD else f"(chl // cpg_{w}).to(tl.int64)"
+            for j in range(NS):
+                re, im = self.bc(w, j, 0)
+                if self.cplx:
+                    o(f"{re} = tl.load({w}_ptr + ({row} * {N} + {self.nidx(j)}) * 2)",
+                      f"{im} = tl.load({w}_ptr + ({row} * {N} + {self.nidx(j)}) * 2 + 1)")
+                else:
+                    o(f"{re} = tl.load({w}_ptr + {row} * {N} + {self.nidx(j)})")
+        if f.D:
+            o("if HAS_D:", "    d_skip = tl.load(D_ptr + chl)")
+        self.emit_coefs(o, "P", None, None)
+        for j in range(NS):
+            self.emit_coefs(o, "J", j, None)
+        # ---- state
+        o(f"state_rows = (pid_s.to(tl.int64) * n_channels + ch64) * {N}")
+        comps = (("", 0), ("_im", 1)) if self.cplx else (("", None),)
+        for j in range(NS):
+            for sfx, part in comps:
+                addr = (f"(state_rows + {self.nidx(j)}) * 2 + {part}" if part is not None
+                        else f"state_rows + {self.nidx(j)}")
+                o("if HAS_H0:",
+                  f"    h{j}{sfx} = tl.load(h0_ptr + {addr})",
+                  "else:",
+                  f"    h{j}{sfx} = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
+                if self.trap:
+                    o(f"p{j}{sfx} = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
+        # ---- epilogue rows (whole channels)
+        if self.split > 1:
+            o("ep_ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)", "ep_ok = ep_ch < n_channels",
+              "ep_ch64 = tl.minimum(ep_ch, n_channels - 1).to(tl.int64)",
+              "ep_u_rows = u_ptr + bat * stride_u_b + ep_ch64 * stride_u_d")
+            if f.D:
+                o("if HAS_D:", "    ep_d_skip = tl.load(D_ptr + ep_ch64)")
+        else:
+            o("ep_ok = ch_ok", "ep_ch64 = ch64")
+            if f.D:
+                o("if HAS_D:", "    ep_d_skip = d_skip")
+        if f.gate:
+            o("ep_z_rows = z_ptr + bat * stride_z_b + ep_ch64 * stride_z_d")
+        o("ep_out_rows = out_ptr + bat * stride_out_b + ep_ch64 * stride_out_d")
+        # ---- time loop
+        o("n_full = (end - start) // CHUNK")
+        streams = self.prefetched()
+        if streams:
+            o("# The next chunk's tiles are loaded one iteration ahead (the last one reloads",
+              "# itself), so DRAM latency overlaps the current chunk's arithmetic.",
+              "# (masks constant along time keep the 16-byte loads)",
+              "pre_lanes = (lane * 0 + n_full)[:, None] > 0",
+              "pre_rows = (ep_ok.to(tl.int32) * 0 + n_full)[:, None] > 0")
+            for name, rows, cond in streams:
+                mask = "pre_rows" if rows.startswith("ep_") else "pre_lanes"
+                load = f"tl.load({rows}[:, None] + (start + cols)[None, :], mask={mask}, other=0.0)"
+                o(*([f"if {cond}:", f"    {name}_pre = {load}"] if cond else [f"{name}_pre = {load}"]))
+        o("for i in range(0, n_full):")
+        o.indent()
+        o("t0 = start + i * CHUNK")
+        if streams:
+            o("t_next = start + tl.minimum(i + 1, n_full - 1) * CHUNK")
+            for name, rows, cond in streams:
+                load = f"tl.load({rows}[:, None] + (t_next + cols)[None, :])"
+                body = [f"{name}_cur = {name}_pre", f"{name}_pre = {load}"]
+                o(*([f"if {cond}:"] + ["    " + b for b in body] if cond else body))
+        self.chunk_body(o, masked=False)
+        o.dedent()
+        o("# the last CHUNK - 1 steps or fewer: the same body with time masks",
+          "t0 = start + n_full * CHUNK", "if t0 < end:")
+        o.indent()
+        self.chunk_body(o, masked=True)
+        o.dedent()
+        # ---- final state
+        o("if WRITE_HT:")
+        o.indent()
+        for j in range(NS):
+            for sfx, part in comps:
+                addr = (f"(state_rows + {self.nidx(j)}) * 2 + {part}" if part is not None
+                        else f"state_rows + {self.nidx(j)}")
+                o(f"tl.store(hT_ptr + {addr}, h{j}{sfx}, mask=ch_ok)")
+        o.dedent()
+        return o.text()
+
+    def prefetched(self) -> List[Tuple[str, str, str]]:
+        """(name, row pointers, constexpr condition) of the tiles loaded one chunk ahead."""
+        if not self.cfg.get("prefetch", False):
+            return []
+        out = [("u", "u_rows", "")]
+        if self.sel["dt"]:
+            out.append(("dt", "dt_rows", ""))
+        if self.f.gate:
+            out.append(("z", "ep_z_rows", "HAS_Z"))
+        return out
+
+    def load_columns(self, o: Lines, rows: str, masked: bool, prefix: str, suffix: str = "",
+                     fp32: bool = False, other: float = 0.0,
+                     loaded: Optional[str] = None) -> List[str]:
+        """Load CHUNK steps of ``rows`` (one pointer per lane) and split them into per-step
+        vectors named ``{prefix}{k}{suffix}``. fp32 streams load 4 steps (16 bytes) at a time.
+        ``loaded`` names a tile already in registers (prefetched) instead."""
+        if loaded is not None:
+            o(f"{prefix}tile0{suffix} = {loaded}.to(tl.float32)")
+            return codegen.split_tree(o, f"{prefix}tile0{suffix}", "BLOCK_D * SPLIT",
+                                      self.chunk, prefix, suffix)
+        rows = rows if rows.isidentifier() else f"({rows})"
+        width = self.f32_width if fp32 else self.chunk
+        names: List[str] = []
+        R = "BLOCK_D * SPLIT"
+        for s in range(self.chunk // width):
+            offs = "offs" if width == self.chunk else f"offs_f{s}"
+            mask = (f", mask=tmask{'' if width == self.chunk else f'_f{s}'}[None, :], "
+                    f"other={other!r}") if masked else ""
+            tile = f"{prefix}tile{s}{suffix}"
+            cast = "" if fp32 else ".to(tl.float32)"
+            o(f"{tile} = tl.load({rows}[:, None] + {offs}[None, :]{mask}){cast}")
+            part = codegen.split_tree(o, tile, R, width, prefix, suffix, offset=s * width)
+            names += part
+        return names
+
+    def chunk_body(self, o: Lines, masked: bool):
+        f, NS, CH = self.f, self.NS, self.chunk
+        R = "BLOCK_D * SPLIT"
+        o("offs = t0 + cols")
+        if masked:
+            o("tmask = offs < end")
+        if self.f32_width < CH and self.fp32_streams:
+            for s in range(CH // self.f32_width):
+                o(f"offs_f{s} = t0 + {s * self.f32_width} + cols_f32")
+                if masked:
+                    o(f"tmask_f{s} = offs_f{s} < end")
+        pre = {name for name, _, _ in self.prefetched()} if not masked else set()
+        xs = self.load_columns(o, "u_rows", masked, "x", loaded="u_cur" if "u" in pre else None)
+        if self.sel["dt"]:
+            raws = self.load_columns(o, "dt_rows", masked, "dr",
+                                     loaded="dt_cur" if "dt" in pre else None)
+            o.extend(f"dt{k} = {codegen.delta_expr(f, raws[k])}" for k in range(CH))
+        if masked:
+            for k in range(CH):
+                o(f"v{k} = t0 + {k} < end")
+        for k in range(CH):
+            self.emit_coefs(o, "K", None, k)
+        # Bbar * x hoisted per step when Bbar does not vary with n.
+        bbar_lvls = {lvl for key, lvl in self.levels.items()
+                     if key.startswith("bbar") and not key.startswith("bbar_prev")}
+        hoist_bx = bool(bbar_lvls) and bbar_lvls <= {"P", "K"}
+        if hoist_bx:
+            for k in range(CH):
+                bx = cmul(self.coef("bbar", 0, k), (xs[k], None))
+                o(f"bx{k} = {as_text(bx[0])}")
+                if bx[1] is not None:
+                    o(f"bx{k}_im = {bx[1]}")
+        for j in range(NS):
+            o(f"# state n = {self.nidx(j)}")
+            for w, letter in (("A", "a"), ("B", "b"), ("C", "c")):
+                if not self.sel[w]:
+                    continue
+                fp32 = w != "A" or self.cplx
+                o(f"{letter}_rows_j = {letter}_rows + {self.nidx(j)} * stride_{w}_n")
+                # past the end, a = -1 keeps coefficients like expm1(a dt)/a finite
+                self.load_columns(o, f"{letter}_rows_j", masked, f"{letter}{j}_",
+                                  "_re" if (self.cplx and w == "A") else "", fp32,
+                                  -1.0 if w == "A" else 0.0)
+                if self.cplx:
+                    self.load_columns(o, f"{letter}_rows_j + stride_{w}_plane", masked,
+                                      f"{letter}{j}_", "_im", fp32)
+            for k in range(CH):
+                self.step(o, j, k, xs[k], hoist_bx, masked)
+        # ---- outputs of the chunk
+        codegen.join_tree(o, [f"y{k}" for k in range(CH)], R, "y_tile")
+        if self.cplx:
+            o("y_tile = 2.0 * y_tile  # conjugate pairs: y = 2 Re(C h)")
+        if self.split > 1:
+            o("y_tile = tl.sum(tl.reshape(y_tile, (BLOCK_D, SPLIT, CHUNK)), axis=1)")
+        tmask = ", mask=tmask[None, :], other=0.0" if masked else ""
+        if f.D:
+            if self.split > 1:
+                o("if HAS_D:",
+                  f"    u_ep = tl.load(ep_u_rows[:, None] + offs[None, :]{tmask}).to(tl.float32)",
+                  "    y_tile += ep_d_skip[:, None] * u_ep")
+            else:
+                codegen.join_tree(o, xs, R, "u_tile")
+                o("if HAS_D:", "    y_tile += ep_d_skip[:, None] * u_tile")
+        if f.gate:
+            z = ("z_cur" if "z" in pre else
+                 f"tl.load(ep_z_rows[:, None] + offs[None, :]{tmask})")
+            o("if HAS_Z:", f"    z_tile = {z}.to(tl.float32)",
+              "    y_tile = y_tile * _silu(z_tile)")
+        mask = "ep_ok[:, None] & tmask[None, :]" if masked else "ep_ok[:, None]"
+        o("tl.store(ep_out_rows[:, None] + offs[None, :], "
+          f"y_tile.to(out_ptr.dtype.element_ty), mask={mask})")
+
+    def step(self, o: Lines, j: int, k: int, x: str, hoist_bx: bool, masked: bool):
+        """One state element at one step: h = Abar h + Bbar B x (+ Bbar_prev B_prev x_prev)."""
+        self.emit_coefs(o, "JK", j, k)
+        h = (f"h{j}", f"h{j}_im" if self.cplx else None)
+        b, c = self.bc("B", j, k), self.bc("C", j, k)
+        bx = cmul(b, (x, None))
+        if hoist_bx:
+            bbar_im = self.coef("bbar", j, k)[1]
+            term = cmul((f"bx{k}", f"bx{k}_im" if bbar_im else None), b)
+        else:
+            term = cmul(self.coef("bbar", j, k), bx)
+        new = cadd(cmul(self.coef("abar", j, k), h), term)
+        if self.trap:
+            p = (f"p{j}", f"p{j}_im" if self.cplx else None)
+            new = cadd(new, cmul(self.coef("bbar_prev", j, k), p))
+        updates = [(h[0], as_text(new[0]))]
+        if self.cplx:
+            updates.append((h[1], as_text(new[1])))
+        if self.trap:
+            updates.append((f"p{j}", as_text(bx[0])))
+            if self.cplx:
+                updates.append((f"p{j}_im", as_text(bx[1])))
+        if len(updates) > 1 or masked:
+            # the new values all read the old ones: compute them first, then assign
+            for i, (dst, val) in enumerate(updates):
+                o(f"new{i} = {val}")
+            for i, (dst, _) in enumerate(updates):
+                o(f"{dst} = tl.where(v{k}, new{i}, {dst})" if masked else f"{dst} = new{i}")
+        else:
+            o(f"{updates[0][0]} = {updates[0][1]}")
+        contrib = codegen._sum(("+", codegen._prod(c[0], h[0])), ("-", codegen._prod(c[1], h[1])))
+        o(f"y{k} = {contrib}" if j == 0 else f"y{k} += {contrib}")
+
+
+LAUNCHER = '''
+N = {N}
+COMPLEX = {cplx}
+SELECTIVE = {sel!r}
+CONFIG = {config!r}
+# Few channels x sequences (one long sequence): split each channel's state over lanes so that
+# there are programs for every SM (None: this module has only the kernel above).
+FEW_CONFIG = {few_config!r}
+
+
+def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+            cu_seqlens=None, return_last_state=False, out=None, state_out=None, **_):
+    """{name}: selective scan of u (b, d, l); returns (out, last_state or None).
+
+    ``out`` (b, d, l) and ``state_out`` (nseq, d, n) may be given to be written into.
+    """
+    batch, d, L = u.shape
+    dev = u.device
+    varlen = cu_seqlens is not None
+    nseq = cu_seqlens.numel() - 1 if varlen else batch
+    u = _time_contiguous(u)
+    strides = []
+    if SELECTIVE["dt"]:
+        delta = _time_contiguous(delta)
+        strides += [delta.stride(0), delta.stride(1)]
+    else:
+        delta = delta.to(torch.float32).contiguous()
+    if SELECTIVE["A"]:
+        A, s = _tokens(A, COMPLEX)
+        strides += s
+    else:
+        A = _param(A, COMPLEX)
+    bc, cpg = [], []
+    for name, t in (("B", B), ("C", C)):
+        if SELECTIVE[name]:
+            # fp32 copies: B and C are small (groups x n per token) and every lane of a group
+            # reads them, so the kernel should not convert them lane by lane.
+            t, s = _tokens(t.unsqueeze(1) if t.dim() == 3 else t, COMPLEX, fp32=True)
+            strides += s
+            groups = t.shape[2] if COMPLEX else t.shape[1]
+        else:
+            t = _param(t, COMPLEX)
+            groups = t.shape[0]
+        bc.append(t)
+        cpg.append(max(d // groups, 1))
+    if out is None:
+        out = torch.empty((batch, d, L), device=dev, dtype=u.dtype)
+    assert out.shape == (batch, d, L) and out.dtype == u.dtype and out.is_contiguous()
+    state_shape = (nseq, d, N, 2) if COMPLEX else (nseq, d, N)
+    if state_out is not None:
+        last = torch.view_as_real(state_out) if COMPLEX else state_out
+        assert tuple(last.shape) == state_shape and last.is_contiguous()
+    else:
+        last = torch.empty(state_shape, device=dev, dtype=torch.float32) if return_last_state else out
+    h0 = _param(initial_state, COMPLEX) if initial_state is not None else out
+    extra = {{}}
+    opt_args = []
+{opt_args}
+    cu = cu_seqlens if varlen else out
+    if L > 0 and d > 0 and nseq > 0:
+        kernel, cfg = {kernel}, CONFIG
+        if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < _sm_count(dev):
+            kernel, cfg = {few_kernel}, FEW_CONFIG
+        grid = (triton.cdiv(d, cfg["block_d"]), nseq)
+        kernel[grid](
+            u, delta, A, bc[0], bc[1], *opt_args, h0, out, last, cu, d, L, cpg[0], cpg[1],
+            u.stride(0), u.stride(1), *strides, *z_strides, out.stride(0), out.stride(1),
+            BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
+            HAS_H0=initial_state is not None, WRITE_HT=bool(return_last_state), VARLEN=varlen,
+            num_warps=cfg["num_warps"], **extra)
+    elif return_last_state:
+        last.copy_(h0 if initial_state is not None else torch.zeros_like(last))
+    if not return_last_state:
+        return out, None
+    return out, (state_out if state_out is not None else
+                 torch.view_as_complex(last) if COMPLEX else last)
+'''
+
+
+def few_channels_config(plan: KernelPlan, config: dict) -> Optional[dict]:
+    """The state-split variant used when there are fewer programs than SMs, or None."""
+    split = config.get("few_split", 4)
+    n = plan.family.dims.state
+    if split <= config["split"] or n % split or n // split < 2:
+        return None
+    lanes = config["block_d"] * config["split"]
+    return {**config, "split": split, "block_d": max(1, lanes // split)}
+
+
+def generate(plan: KernelPlan, config: dict) -> str:
+    gen = _ScanGen(plan, config)
+    f = plan.family
+    kname = f"ssmc_scan_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
+    body = gen.kernel(kname)
+    few = few_channels_config(plan, config)
+    few_name = "None"
+    if few is not None:
+        few_name = f"{kname}_split{few['split']}"
+        body += "\n\n" + _ScanGen(plan, few).kernel(few_name)
+    opt = []
+    if f.D:
+        opt += ["    opt_args.append(D.to(torch.float32).contiguous() if D is not None else out)",
+                "    extra['HAS_D'] = D is not None"]
+    if f.gate:
+        opt += ["    if z is not None:",
+                "        z = _time_contiguous(z)",
+                "    opt_args.append(z if z is not None else out)",
+                "    extra['HAS_Z'] = z is not None",
+                "    z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)"]
+    else:
+        opt += ["    z_strides = ()"]
+    if f.delta.bias:
+        opt += ["    opt_args.append(delta_bias.to(torch.float32).contiguous() "
+                "if delta_bias is not None else out)",
+                "    extra['HAS_DT_BIAS'] = delta_bias is not None"]
+    # Keep the kernel's parameter order: D, z, dt_bias come right after C.
+    launcher = LAUNCHER.format(N=gen.N, cplx=gen.cplx, sel=gen.sel, config=dict(config),
+                               few_config=few, few_kernel=few_name, name=f.name, kernel=kname,
+                               opt_args="\n".join(opt))
+    return codegen.module_source(plan, config, WHAT, body + launcher)

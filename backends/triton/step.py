@@ -1,0 +1,342 @@
+"""Generator of the decode-step kernel (selective_state_update convention).
+
+One token: the state is read once, updated in place and written once, so the kernel is bound
+by memory bandwidth (Mamba-2 decode, b64 h80 p64 n128: 168 MB of fp32 state each way). A
+program owns a [BLOCK_R, N] tile of the state, contiguous along n (full 16-byte loads across a
+warp), and computes y = C·h for its rows with one reduction over n.
+
+- Scalar A per head (state (b, h, p, n)): rows are head_dim entries of one head; Δ, Ā and B̄
+  are scalars of the program, B and C one vector of its group.
+- Diagonal / complex-diagonal A (state (b, d, n)): rows are channels; Ā, B̄ are tiles. Complex
+  tensors travel as real views (the state through ``torch.view_as_real``, so the in-place
+  update reaches the caller's tensor) and y = 2 Re(C h).
+The trapezoidal method has no decode step in this convention (it needs the previous B x).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from ssmc.ir import AStructure, KernelPlan, Method, Sharing
+
+from . import codegen
+from .codegen import Lines, as_text, cadd, cmul
+
+WHAT = "decode step (state update)"
+
+
+def supports(plan: KernelPlan) -> Optional[str]:
+    st = plan.family.A.structure
+    if st not in (AStructure.SCALAR, AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
+        return f"the Triton decode step handles scalar, diagonal and complex-diagonal A, not {st.value}"
+    if plan.family.method is Method.TRAPEZOIDAL:
+        return ("the trapezoidal method's decode step needs the previous token's B x, which the "
+                "state_update convention does not carry")
+    return None
+
+
+def _is_scalar(plan: KernelPlan) -> bool:
+    return plan.family.A.structure is AStructure.SCALAR
+
+
+def default_config(plan: KernelPlan) -> dict:
+    f = plan.family
+    n = codegen.pow2_at_least(f.dims.state)
+    if _is_scalar(plan):
+        rows = min(codegen.pow2_at_least(f.dims.head_dim), max(1, 4096 // n))
+        return {"block_r": rows, "num_warps": 4}
+    return {"block_r": max(1, min(64, 2048 // n)), "num_warps": 4}
+
+
+def candidates(plan: KernelPlan) -> List[dict]:
+    f = plan.family
+    out = []
+    limit = codegen.pow2_at_least(f.dims.head_dim) if _is_scalar(plan) else 256
+    for rows in (4, 8, 16, 32, 64, 128):
+        if rows > limit:
+            continue
+        for warps in (1, 2, 4, 8):
+            out.append({"block_r": rows, "num_warps": warps})
+    return out
+
+
+def _delta(o: Lines, f, raw: str, bias_load: str):
+    if f.delta.bias:
+        o("if HAS_DT_BIAS:", f"    dt_bias = {bias_load}.to(tl.float32)", "else:",
+          "    dt_bias = 0.0")
+    o(f"dt = {codegen.delta_expr(f, raw)}")
+
+
+def _coefs(o: Lines, plan: KernelPlan, names):
+    """abar/bbar (re, im) names, printed from the IR; None where zero."""
+    parts = codegen.split_parts(plan)
+    keys = [k for k, e in parts.items() if not k.startswith("bbar_prev") and not codegen.is_zero(e)]
+    lines, finals = codegen.print_block({k: parts[k] for k in keys}, names, tmp_prefix="tmp")
+    o.extend(lines)
+    for k in keys:
+        o(f"{k} = {finals[k]}")
+    cplx = plan.family.A.structure is AStructure.COMPLEX_DIAGONAL
+    get = lambda k: k if k in keys else None  # noqa: E731
+    if cplx:
+        return (get("abar_re"), get("abar_im")), (get("bbar_re"), get("bbar_im"))
+    return (get("abar"), None), (get("bbar"), None)
+
+
+def _scalar_kernel(plan: KernelPlan, name: str) -> str:
+    f = plan.family
+    N = f.dims.state
+    o = Lines()
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr"]
+    params += ["D_ptr"] if f.D else []
+    params += ["z_ptr"] if f.gate else []
+    params += ["dt_bias_ptr"] if f.delta.bias else []
+    params += ["y_ptr", "head_dim", "heads_per_group_B", "heads_per_group_C",
+               "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
+               "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
+               "stride_z_b", "stride_z_h", "stride_y_b", "stride_y_h",
+               "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
+               "HAS_DT_BIAS: tl.constexpr"]
+    o("@triton.jit", f"def {name}(")
+    o.indent().extend(f"{p}," for p in params).dedent()
+    o("):")
+    o.indent()
+    o("pid_r = tl.program_id(0)", "head = tl.program_id(1)",
+      "bat = tl.program_id(2).to(tl.int64)",
+      "rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "r_ok = rows < head_dim",
+      f"nn = tl.arange(0, {codegen.pow2_at_least(N)})", f"n_ok = nn < {N}")
+    # Δ, A: one scalar per head for this program
+    raw = "bat * stride_dt_b + head" if f.delta.selective else "head"
+    _delta(o, f, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + head)")
+    if f.A.selective:
+        o("a = tl.load(A_ptr + bat * stride_A_b + head).to(tl.float32)")
+    else:
+        o("a = tl.load(A_ptr + head).to(tl.float32)")
+    abar, bbar = _coefs(o, plan, {"dt": "dt", "a": "a"})
+    for w in ("B", "C"):
+        spec = getattr(f, w)
+        if spec.selective:
+            src = (f"{w}_ptr + bat * stride_{w}_b + (head // heads_per_group_{w}) * "
+                   f"stride_{w}_g + nn")
+        elif spec.sharing is Sharing.HEAD:
+            src = f"{w}_ptr + head * {N} + nn"
+        else:
+            src = f"{w}_ptr + (head // heads_per_group_{w}) * {N} + nn"
+        o(f"{w.lower()}_vec = tl.load({src}, mask=n_ok, other=0.0).to(tl.float32)")
+    o("x = tl.load(x_ptr + bat * stride_x_b + head * stride_x_h + rows, mask=r_ok, "
+      "other=0.0).to(tl.float32)",
+      "s_ptrs = state_ptr + bat * stride_s_b + head * stride_s_h + rows[:, None] * stride_s_p "
+      "+ nn[None, :]",
+      "s_mask = r_ok[:, None] & n_ok[None, :]",
+      "h = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)")
+    bx = cmul(bbar, ("x", None))[0]
+    o(f"h = {as_text(cmul(abar, ('h', None))[0])} + ({bx})[:, None] * b_vec[None, :]")
+    o("tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=s_mask)",
+      "y = tl.sum(h * c_vec[None, :], axis=1)")
+    if f.D:
+        if f.D.sharing is Sharing.HEAD_DIM:
+            o("if HAS_D:", "    y += tl.load(D_ptr + head * head_dim + rows, mask=r_ok, "
+              "other=0.0).to(tl.float32) * x")
+        else:
+            o("if HAS_D:", "    y += tl.load(D_ptr + head).to(tl.float32) * x")
+    if f.gate:
+        o("if HAS_Z:",
+          "    z = tl.load(z_ptr + bat * stride_z_b + head * stride_z_h + rows, mask=r_ok, "
+          "other=0.0).to(tl.float32)",
+          "    y = y * _silu(z)")
+    o("tl.store(y_ptr + bat * stride_y_b + head * stride_y_h + rows, "
+      "y.to(y_ptr.dtype.element_ty), mask=r_ok)")
+    return o.text()
+
+
+def _diagonal_kernel(plan: KernelPlan, name: str) -> str:
+    f = plan.family
+    N = f.dims.state
+    NP = codegen.pow2_at_least(N)
+    cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
+    o = Lines()
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr"]
+    params += ["D_ptr"] if f.D else []
+    params += ["z_ptr"] if f.gate else []
+    params += ["dt_bias_ptr"] if f.delta.bias else []
+    params += ["y_ptr", "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
+               "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
+               "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b",
+               "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
+               "HAS_DT_BIAS: tl.constexpr"]
+    o("@triton.jit", f"def {name}(")
+    o.indent().extend(f"{p}," for p in params).dedent()
+    o("):")
+    o.indent()
+    o("pid_r = tl.program_id(0)", "bat = tl.program_id(1).to(tl.int64)",
+      "ch = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "ok = ch < n_channels",
+      "chl = tl.minimum(ch, n_channels - 1).to(tl.int64)",
+      f"nn = tl.arange(0, {NP})", f"n_ok = nn < {N}", "tile_ok = ok[:, None] & n_ok[None, :]",
+      "nl = tl.minimum(nn, %d)" % (N - 1))
+    raw = "bat * stride_dt_b + chl" if f.delta.selective else "chl"
+    _delta(o, f, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + chl)")
+    o("dt2 = dt[:, None]")
+    # Complex parameters arrive as (..., n, 2) real views: re at 2k, im at 2k + 1.
+    a_idx = ("bat * stride_A_b + " if f.A.selective else "") + f"chl[:, None] * {N} + nl[None, :]"
+    if cplx:
+        o(f"a_re = tl.load(A_ptr + ({a_idx}) * 2).to(tl.float32)",
+          f"a_im = tl.load(A_ptr + ({a_idx}) * 2 + 1).to(tl.float32)")
+        abar, bbar = _coefs(o, plan, {"dt": "dt2", "a_re": "a_re", "a_im": "a_im"})
+    else:
+        o(f"a = tl.load(A_ptr + {a_idx}).to(tl.float32)")
+        abar, bbar = _coefs(o, plan, {"dt": "dt2", "a": "a"})
+    vals = {}
+    for w in ("B", "C"):
+        spec = getattr(f, w)
+        if spec.selective:
+            row = f"bat * stride_{w}_b + (chl // cpg_{w})[:, None] * stride_{w}_g"
+        elif spec.sharing is Sharing.HEAD:
+            row = f"chl[:, None] * {N}"
+        else:
+            row = f"(chl // cpg_{w})[:, None] * {N}"
+        letter = w.lower()
+        if cplx:
+            o(f"{letter}_re = tl.load({w}_ptr + ({row} + nl[None, :]) * 2).to(tl.float32)",
+              f"{letter}_im = tl.load({w}_ptr + ({row} + nl[None, :]) * 2 + 1).to(tl.float32)")
+            vals[w] = (f"{letter}_re", f"{letter}_im")
+        else:
+            o(f"{letter}_t = tl.load({w}_ptr + {row} + nl[None, :]).to(tl.float32)")
+            vals[w] = (f"{letter}_t", None)
+    o("x = tl.load(x_ptr + bat * stride_x_b + chl).to(tl.float32)",
+      "s_ptrs = state_ptr + bat * stride_s_b + chl[:, None] * stride_s_d + nn[None, :] * stride_s_n")
+    if cplx:
+        o("h_re = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)",
+          "h_im = tl.load(s_ptrs + 1, mask=tile_ok, other=0.0).to(tl.float32)")
+        h = ("h_re", "h_im")
+    else:
+        o("h = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)")
+        h = ("h", None)
+    new = cadd(cmul(abar, h), cmul(bbar, cmul(vals["B"], ("x[:, None]", None))))
+    o(f"new_re = {as_text(new[0])}")
+    if cplx:
+        o(f"new_im = {as_text(new[1])}",
+          "tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=tile_ok)",
+          "tl.store(s_ptrs + 1, new_im.to(state_ptr.dtype.element_ty), mask=tile_ok)",
+          # padded n columns load 0 for h but may not be 0 for C: mask the reduction
+          "y = 2.0 * tl.sum(tl.where(tile_ok, c_re * new_re - c_im * new_im, 0.0), axis=1)")
+    else:
+        o("tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=tile_ok)",
+          "y = tl.sum(tl.where(tile_ok, c_t * new_re, 0.0), axis=1)")
+    if f.D:
+        o("if HAS_D:", "    y += tl.load(D_ptr + chl).to(tl.float32) * x")
+    if f.gate:
+        o("if HAS_Z:", "    y = y * _silu(tl.load(z_ptr + bat * stride_z_b + chl).to(tl.float32))")
+    o("tl.store(y_ptr + bat * stride_y_b + ch, y.to(y_ptr.dtype.element_ty), mask=ok)")
+    return o.text()
+
+
+SCALAR_LAUNCHER = '''
+CONFIG = {config!r}
+
+
+def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
+    """{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None)."""
+    batch, heads, head_dim, n = state.shape
+    assert state.stride(-1) == 1, "state must be contiguous along n"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    A = A.contiguous()
+    dt = dt.contiguous()
+    groups = []
+    bc = []
+    for t, selective in ((B, {sel_B}), (C, {sel_C})):
+        t = t.contiguous() if selective else t.to(torch.float32).contiguous()
+        bc.append(t)
+        groups.append(t.shape[-2])
+    y = out if out is not None else torch.empty((batch, heads, head_dim), device=x.device,
+                                                dtype=x.dtype)
+    opt = []
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None)
+{opt}
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    grid = (triton.cdiv(head_dim, CONFIG["block_r"]), heads, batch)
+    {kernel}[grid](
+        state, x, dt, A, bc[0], bc[1], *opt, y, head_dim,
+        max(heads // groups[0], 1), max(heads // groups[1], 1),
+        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
+        dt.stride(0) if dt.dim() == 2 else 0, A.stride(0) if A.dim() == 2 else 0,
+        bc[0].stride(0) if bc[0].dim() == 3 else 0, bc[0].stride(-2),
+        bc[1].stride(0) if bc[1].dim() == 3 else 0, bc[1].stride(-2),
+        *zs, y.stride(0), y.stride(1),
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], **flags)
+    return y, None
+'''
+
+DIAGONAL_LAUNCHER = '''
+CONFIG = {config!r}
+COMPLEX = {cplx}
+
+
+def _real(t, selective):
+    """Parameters as the kernel reads them (per-token ones keep their dtype)."""
+    return t.contiguous() if selective and not COMPLEX else _param(t, COMPLEX)
+
+
+def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
+    """{name}: one decode step; updates state (b, d, n) in place, returns (y, None)."""
+    batch, d, n = state.shape
+    if COMPLEX:
+        assert state.is_complex() and state.stride(-1) == 1, "state: complex, contiguous along n"
+        s = torch.view_as_real(state)
+        s_strides = (s.stride(0), s.stride(1), s.stride(2))
+    else:
+        assert state.stride(-1) == 1, "state must be contiguous along n"
+        s = state
+        s_strides = (s.stride(0), s.stride(1), 1)
+    x = x.contiguous()
+    dt = dt.contiguous()
+    A = _real(A, {sel_A})
+    groups = []
+    bc = []
+    for t, selective in ((B, {sel_B}), (C, {sel_C})):
+        if t.dim() == 2 and selective:
+            t = t.unsqueeze(1)
+        t = _real(t, selective)
+        bc.append(t)
+        groups.append(t.shape[-3 if COMPLEX else -2])
+    y = out if out is not None else torch.empty((batch, d), device=x.device, dtype=x.dtype)
+    opt = []
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None)
+{opt}
+    zs = (z.stride(0),) if z is not None else (0,)
+    sel = ({sel_B}, {sel_C})
+    bstr = []
+    for t, selective in zip(bc, sel):
+        per = 2 if COMPLEX else 1
+        bstr += [t.stride(0) // per if selective else 0, t.stride(1) // per if selective else 0]
+    grid = (triton.cdiv(d, CONFIG["block_r"]), batch)
+    {kernel}[grid](
+        s, x, dt, A, bc[0], bc[1], *opt, y, d, max(d // groups[0], 1), max(d // groups[1], 1),
+        *s_strides, x.stride(0), dt.stride(0) if dt.dim() == 2 else 0,
+        (A.stride(0) // (2 if COMPLEX else 1)) if {sel_A} else 0, *bstr, *zs, y.stride(0),
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], **flags)
+    return y, None
+'''
+
+
+def generate(plan: KernelPlan, config: dict) -> str:
+    f = plan.family
+    kname = f"ssmc_step_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
+    opt = []
+    if f.D:
+        opt.append("    opt.append(D.to(torch.float32).contiguous() if D is not None else y)")
+    if f.gate:
+        opt.append("    z = z if z is None or z.stride(-1) == 1 else z.contiguous()")
+        opt.append("    opt.append(z if z is not None else y)")
+    if f.delta.bias:
+        opt.append("    opt.append(dt_bias.to(torch.float32).contiguous() "
+                   "if dt_bias is not None else y)")
+    if _is_scalar(plan):
+        body = _scalar_kernel(plan, kname)
+        launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
+                                          sel_B=f.B.selective, sel_C=f.C.selective,
+                                          opt="\n".join(opt))
+    else:
+        body = _diagonal_kernel(plan, kname)
+        launcher = DIAGONAL_LAUNCHER.format(
+            config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
+            sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt),
+            cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL)
+    return codegen.module_source(plan, config, WHAT, body + launcher)

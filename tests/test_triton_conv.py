@@ -1,0 +1,113 @@
+"""The generated convolutional mode (LTI families) against the float64 oracle.
+
+Interpreter on the CPU by default; ``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0`` on a GPU (with
+``SSMC_TEST_FULL=1`` for longer sequences). Each case compares y (convolution + D skip + the
+zero-input response of the initial state) and the final state with ``reference.run_float64``.
+The kernel buffers K are poisoned with NaN (the module's allocator is swapped), so a K element
+the generated Triton kernel fails to write cannot pass.
+"""
+from __future__ import annotations
+
+import os
+
+ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import families as F  # noqa: E402
+from conftest import TOL, assert_rel_close  # noqa: E402
+from ssmc import signature  # noqa: E402
+from ssmc.backends import reference  # noqa: E402
+from ssmc.backends import triton as tb  # noqa: E402
+from ssmc.ir import Algorithm, Method  # noqa: E402
+from ssmc.plan import ir_hash, make_plan  # noqa: E402
+
+if ON_CUDA and not torch.cuda.is_available():
+    pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
+DEVICE = "cuda" if ON_CUDA else "cpu"
+FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+CH, STATE, SEQ = (64, 16, 512) if FULL else (8, 4, 17)
+METHODS = list(Method)
+
+
+def run_conv(fam, problem, dtype="float32"):
+    kernel = tb.build(make_plan(fam, Algorithm.CONV), {})
+    module = kernel.module
+    real_empty = module._empty
+    module._empty = lambda shape, device: torch.full(shape, float("nan"), device=device)
+    try:
+        y, last = kernel(problem)
+    finally:
+        module._empty = real_empty
+    y64, state64 = reference.run_float64(problem)
+    assert y.dtype == problem.u.dtype
+    assert_rel_close("y", y, y64, dtype)
+    if problem.return_last_state:
+        assert_rel_close("final state", last, state64, "float32", tol=TOL["float32"] * 4)
+    return y
+
+
+def bound(fam, seqlen=SEQ, dtype="float32", seed=0, **kw):
+    inputs = signature.example_inputs(fam, None, 2, seqlen, dtype=dtype, device=DEVICE,
+                                      seed=seed, **kw)
+    return signature.bind(fam, fam.convention, (), inputs)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.value)
+@pytest.mark.parametrize("complex_a", [False, True], ids=["S4D", "S4D-Lin"])
+def test_conv_diagonal(method, complex_a, seed):
+    fam = F.s4d(channels=CH, state=STATE, method=method, complex_a=complex_a)
+    run_conv(fam, bound(fam, seed=seed, with_state=True))
+
+
+def test_conv_s5_varlen(seed):
+    fam = F.s5(channels=CH, state=STATE, algorithm=Algorithm.CONV)
+    lengths = [5, 0, 12, 16] if not FULL else [100, 0, 300, 112]
+    run_conv(fam, bound(fam, seed=seed, with_state=True, varlen=lengths))
+
+
+@pytest.mark.parametrize("seqlen", [1, 33])
+def test_conv_lengths(seqlen, seed):
+    fam = F.s4d(channels=CH, state=STATE)
+    run_conv(fam, bound(fam, seqlen=seqlen, seed=seed, with_state=True))
+
+
+def test_conv_bf16_without_states(seed):
+    fam = F.s4d(channels=CH, state=STATE, complex_a=True)
+    problem = bound(fam, dtype="bfloat16", seed=seed)
+    assert problem.initial_state is None
+    run_conv(fam, problem, "bfloat16")
+
+
+@pytest.mark.parametrize("method", [Method.ZOH, Method.BILINEAR, Method.TRAPEZOIDAL],
+                         ids=lambda m: m.value)
+def test_conv_dplr(method, seed):
+    fam = F.s4_dplr(channels=4, state=STATE, rank=2, method=method)
+    run_conv(fam, bound(fam, seed=seed, with_state=True))
+
+
+def test_conv_dense(seed):
+    fam = F.dense(channels=4, state=STATE, selective=False, algorithm=Algorithm.CONV)
+    run_conv(fam, bound(fam, seed=seed, with_state=True))
+
+
+def test_conv_supports_and_source():
+    assert tb.supports(make_plan(F.s4d(), Algorithm.CONV)) is None
+    from ssmc.ir import KernelPlan
+    from ssmc.discretize import discretize
+    selective = F.mamba1()
+    plan = KernelPlan(selective, Algorithm.CONV, discretize(selective))
+    assert "LTI" in tb.supports(plan)
+    s4d = make_plan(F.s4d(method=Method.ZOH), Algorithm.CONV)
+    src = tb.lower(s4d, {})
+    assert src == tb.lower(s4d, {}) and ir_hash(s4d) in src
+    assert "torch.expm1(a_*dt_)/a_" in src        # zoh's Bbar, printed from the IR (torch)
+    kernel_src = src.split("def forward")[0].split("def ssmc_conv")[1]
+    assert "abar = exp(lam)" in src and "_cos(" not in kernel_src  # real Abar > 0: no trig
+    bil = tb.lower(make_plan(F.s4d(method=Method.BILINEAR), Algorithm.CONV), {})
+    assert "torch.log(" in bil and "_cos(ang)" in bil  # Abar may be negative: complex powers
+    imports = {ln for ln in src.splitlines() if ln.startswith(("import ", "from "))}
+    assert imports == {"import torch", "import triton", "import triton.language as tl"}

@@ -1,0 +1,191 @@
+"""The generated Triton decode step (selective_state_update convention) against the oracle.
+
+Interpreter on the CPU by default; ``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0`` on a GPU, with
+``SSMC_TEST_FULL=1`` for full-size shapes (Mamba-2 h80 p64 n128). Each case compares y and the
+state updated in place with ``reference.run_float64`` on the same inputs; the step applied token
+by token must also reproduce the oracle's whole-sequence output and final state.
+"""
+from __future__ import annotations
+
+import os
+
+ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import families as F  # noqa: E402
+from conftest import TOL, assert_rel_close, poison  # noqa: E402
+from ssmc import signature  # noqa: E402
+from ssmc.backends import reference  # noqa: E402
+from ssmc.backends import triton as tb  # noqa: E402
+from ssmc.ir import Algorithm, AStructure, Convention, Method, Sharing  # noqa: E402
+from ssmc.plan import ir_hash, make_plan  # noqa: E402
+
+if ON_CUDA and not torch.cuda.is_available():
+    pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
+DEVICE = "cuda" if ON_CUDA else "cpu"
+FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+HEADS, HEAD_DIM, SSD_STATE = (80, 64, 128) if FULL else (4, 8, 16)
+CH, STATE = (1024, 16) if FULL else (8, 4)
+BATCH = 8 if FULL else 3
+CPLX = AStructure.COMPLEX_DIAGONAL
+STEP = Convention.STATE_UPDATE
+STEP_FIELDS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def mamba2(**kw):
+    args = dict(heads=HEADS, head_dim=HEAD_DIM, state=SSD_STATE, groups=2)
+    args.update(kw)
+    return F.mamba2(**args)
+
+
+def mamba1(**kw):
+    args = dict(channels=CH, state=STATE)
+    args.update(kw)
+    return F.mamba1(**args)
+
+
+CASES = {
+    "mamba2": lambda: mamba2(),
+    "mamba2-D-per-head-dim": lambda: mamba2(D=Sharing.HEAD_DIM, groups=1),
+    "mamba2-constant-dt-B-C-selective-A-clamp": lambda: mamba2(
+        selective_A=True, selective_B=False, selective_C=False, selective_delta=False,
+        clamp=(0.01, 0.05)),
+    "mamba2-zoh": lambda: mamba2(method=Method.ZOH),
+    "mamba2-bilinear-no-gate": lambda: mamba2(method=Method.BILINEAR, gate=False, D=None),
+    "mamba1": lambda: mamba1(),
+    "mamba1-zoh-groups2": lambda: mamba1(method=Method.ZOH, groups=2),
+    "mamba1-selective-A-euler": lambda: mamba1(selective_A=True, method=Method.EULER),
+    "complex": lambda: mamba1(structure=CPLX),
+    "complex-selective-A-bilinear": lambda: mamba1(structure=CPLX, selective_A=True,
+                                                   method=Method.BILINEAR),
+    "s4d": lambda: F.s4d(channels=CH, state=STATE, algorithm=Algorithm.STEP),
+    "s4d-complex": lambda: F.s4d(channels=CH, state=STATE, algorithm=Algorithm.STEP,
+                                 complex_a=True),
+}
+
+
+def run_step(fam, problem, config=None):
+    """One generated step on ``problem`` (state updated in place), with a poisoned y buffer."""
+    kernel = tb.build(make_plan(fam, Algorithm.STEP), config or {})
+    out = poison(torch.empty_like(problem.x))
+    y, none = kernel.module.forward(**{k: getattr(problem, k) for k in STEP_FIELDS}, out=out)
+    assert none is None and y.data_ptr() == out.data_ptr()
+    return y
+
+
+def check_step(fam, dtype, seed, config=None):
+    inputs = signature.example_inputs(fam, STEP, BATCH, 1, dtype=dtype, device=DEVICE, seed=seed)
+    problem = signature.bind(fam, STEP, (), inputs)
+    y64, state64 = reference.run_float64(problem)   # does not touch problem.state
+    y = run_step(fam, problem, config)
+    assert y.dtype == problem.x.dtype
+    assert_rel_close("y", y, y64, dtype)
+    assert_rel_close("state (in place)", problem.state, state64, "float32")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_matches_oracle(case, seed):
+    check_step(CASES[case](), "float32", seed)
+
+
+@pytest.mark.parametrize("case", ["mamba2", "mamba1", "complex"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_step_16bit_inputs(case, dtype, seed):
+    check_step(CASES[case](), dtype, seed)
+
+
+@pytest.mark.parametrize("config", [{"block_r": 2, "num_warps": 1}, {"block_r": 16}])
+def test_step_configs(config, seed):
+    """Row blocks smaller/larger than head_dim or channels (masks on both)."""
+    check_step(mamba2(head_dim=HEAD_DIM - 2 if not FULL else 60, state=12 if not FULL else 128),
+               "float32", seed, config)
+    check_step(mamba1(channels=CH - 3, state=STATE + 2), "float32", seed, config)
+
+
+def _token(t, name, value, fam, scalar):
+    """Token t of a sequence tensor, as the step convention shapes it."""
+    if value is None:
+        return None
+    sel = {"x": True, "z": True, "dt": fam.delta.selective, "A": fam.A.selective,
+           "B": fam.B.selective, "C": fam.C.selective}.get(name, False)
+    if not sel:
+        return value
+    return value[:, t] if scalar else value[..., t]
+
+
+@pytest.mark.parametrize("case", ["mamba2", "mamba1-zoh-groups2", "complex",
+                                  "mamba1-selective-A-euler"])
+def test_step_token_by_token_equals_sequence(case, seed):
+    """Decoding a whole sequence one token at a time = the oracle's whole-sequence result."""
+    fam = CASES[case]()
+    scalar = fam.A.structure is AStructure.SCALAR
+    seqlen = 9 if not FULL else 64
+    inputs = signature.example_inputs(fam, None, 2, seqlen, device=DEVICE, seed=seed,
+                                      with_state=True)
+    seq = signature.bind(fam, fam.convention, (), inputs)
+    y64, state64 = reference.run_float64(seq)
+    if scalar:
+        names = dict(x="x", dt="dt", A="A", B="B", C="C", D="D", z="z", dt_bias="dt_bias")
+        state = seq.initial_states.clone()
+    else:
+        names = dict(x="u", dt="delta", A="A", B="B", C="C", D="D", z="z", dt_bias="delta_bias")
+        state = seq.initial_state.clone()
+    kernel = tb.build(make_plan(fam, Algorithm.STEP), {})
+    ys = []
+    for t in range(seqlen):
+        args = {k: _token(t, k, getattr(seq, v), fam, scalar) for k, v in names.items()}
+        y, _ = kernel.module.forward(state=state, **args)
+        ys.append(y)
+    y = torch.stack(ys, dim=1 if scalar else -1)
+    assert_rel_close("y (token by token)", y, y64, "float32", tol=TOL["float32"] * 4)
+    assert_rel_close("final state", state, state64, "float32", tol=TOL["float32"] * 4)
+
+
+def test_step_accepts_mamba_ssm_expanded_arguments(seed):
+    """selective_state_update's expanded dt (b,h,p), A (h,p,n), dt_bias/D (h,p), stride 0."""
+    import ssmc
+    fam = mamba2(groups=1)
+    step = ssmc.compile(fam, target="cuda", algorithm="step")
+    kw = step.example_inputs(batch=BATCH, seed=seed, device=DEVICE)
+    p, n = fam.dims.head_dim, fam.dims.state
+    expanded = dict(kw, dt=kw["dt"][..., None].expand(-1, -1, p),
+                    A=kw["A"][:, None, None].expand(-1, p, n),
+                    dt_bias=kw["dt_bias"][:, None].expand(-1, p), D=kw["D"][:, None].expand(-1, p))
+    problem = signature.bind(fam, STEP, (), kw)
+    y64, state64 = reference.run_float64(problem)
+    y = step(**expanded)
+    assert_rel_close("y", y, y64)
+    assert_rel_close("state (in place)", kw["state"], state64)
+
+
+def test_step_supports():
+    assert tb.supports(make_plan(mamba2(), Algorithm.STEP)) is None
+    reason = tb.supports(make_plan(mamba1(method=Method.TRAPEZOIDAL), Algorithm.STEP))
+    assert reason and "trapezoidal" in reason
+    assert tb.supports(make_plan(F.dense(), Algorithm.STEP))
+    assert tb.candidates(make_plan(mamba2(), Algorithm.STEP))
+
+
+def test_step_source_and_artifact(tmp_path, seed):
+    import importlib.util
+    plan = make_plan(mamba1(structure=CPLX, method=Method.ZOH), Algorithm.STEP)
+    src = tb.lower(plan, {})
+    assert src == tb.lower(plan, {}) and ir_hash(plan) in src
+    assert "_cos(" in src and "_expm1(" in src and "math." not in src
+    (path,) = map(Path, tb.write_artifact(plan, {}, tmp_path))
+    spec = importlib.util.spec_from_file_location("ssmc_artifact_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fam = plan.family
+    problem = signature.bind(fam, STEP, (), signature.example_inputs(
+        fam, STEP, BATCH, 1, device=DEVICE, seed=seed))
+    y64, state64 = reference.run_float64(problem)
+    y, _ = module.forward(**{k: getattr(problem, k) for k in STEP_FIELDS})
+    assert_rel_close("y", y, y64)
+    assert_rel_close("state", problem.state, state64)
