@@ -195,13 +195,13 @@ def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, wi
     return row
 
 
-def scan_rows(ceil) -> list:
+def scan_rows(ceil, args_no_cuda_scan=False) -> list:
     try:
         import gpu_scan
     except Exception as e:  # noqa: BLE001
         return [{"kernel": "selective scan / decode step", "note": f"bench/gpu_scan.py: {type(e).__name__}: {e}"}]
     try:
-        return list(gpu_scan.rows(ceil))
+        return list(gpu_scan.rows(ceil, cuda_scan=None if args_no_cuda_scan else True))
     except Exception as e:  # noqa: BLE001
         return [{"kernel": "selective scan / decode step", "note": f"gpu_scan.rows failed: {type(e).__name__}: {e}"}]
 
@@ -243,7 +243,8 @@ def main(argv=None):
     print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     t0 = time.time()
     if not args.no_cuda_scan and not args.ssd_only:
-        anchors.build_selective_scan()
+        if anchors.build_selective_scan() is None:
+            print(f"[anchors] CUDA selective scan unavailable: {anchors._state['reason']}", flush=True)
     ceil = measure_ceilings()
     print(f"ceilings: {ceil['bandwidth'] / 1e12:.2f} TB/s, {ceil['matmul'] / 1e12:.0f} TFLOP/s", flush=True)
     from ssmc.backends.triton import chunked
@@ -254,7 +255,7 @@ def main(argv=None):
         print({k: v for k, v in rows[-1].items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
     if not args.ssd_only:
-        rows.extend(scan_rows(ceil))
+        rows.extend(scan_rows(ceil, args.no_cuda_scan))
     text = table(rows, ceil, device)
     stamp = datetime.date.today().isoformat()
     md = f"# GPU benchmark ({stamp}, {device})\n\n{text}\n"
