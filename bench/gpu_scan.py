@@ -3,6 +3,7 @@
     python bench/gpu_scan.py            # the rows below, anchors when importable
     python bench/gpu_scan.py --sweep    # also time tuning candidates (compiled in parallel first)
     python bench/gpu_scan.py --no-cuda-scan   # skip mamba_ssm's CUDA selective scan (JIT build)
+    python bench/gpu_scan.py --sweep --scan-only --no-cuda-scan   # the scan configs only
 
 Rows: selective scan b8 d4096 l2048 n16 and b1 d4096 l16384 n16 (bf16, softplus(dt + bias),
 D, silu(z)); decode step h80 p64 n128 with fp32 state at batch 64 and 256. Each row: our median
@@ -37,11 +38,23 @@ SCAN_SHAPES = [("selective scan fwd b8 d4096 l2048 n16", 8, 2048),
                ("selective scan fwd b1 d4096 l16384 n16", 1, 16384)]
 STEP_BATCHES = (64, 256)
 SCAN_SWEEP = {
+    # b8: 256 one-pass programs (>= 132 SMs: {} stays one pass). 1024 warps in all at SPLIT=1,
+    # so more programs per SM only come from SPLIT or segments (more work per element).
     2048: [{}, {"prefetch": False}, {"block_d": 64, "num_warps": 2},
-           {"block_d": 256, "num_warps": 8}, {"chunk": 16}, {"split": 2, "block_d": 64}],
-    # {} runs the module's state-split kernel here (32 programs at SPLIT=1 < 132 SMs)
-    16384: [{}, {"few_split": 2}, {"few_split": 4, "block_d": 64, "num_warps": 2},
-            {"few_split": 8}, {"few_split": 1, "block_d": 32, "num_warps": 1}],
+           {"block_d": 256, "num_warps": 8}, {"chunk": 16}, {"chunk": 4},
+           {"split": 2, "block_d": 64}, {"split": 2, "block_d": 32, "num_warps": 2},
+           {"maxnreg": 168}, {"maxnreg": 128},
+           {"segments": 2}, {"segments": 2, "seg_block_d": 64, "seg_num_warps": 2}],
+    # b1: 32 one-pass programs. {} = automatic segment count (4 programs per SM);
+    # segments 1 = the old state-split one-pass kernel (3.94 ms measured)
+    16384: [{}, {"segments": 1}, {"seg_programs": 2}, {"seg_programs": 8},
+            {"segments": 4}, {"segments": 8}, {"segments": 16}, {"segments": 32},
+            {"segments": 64},
+            {"segments": 16, "seg_block_d": 64, "seg_num_warps": 2},
+            {"segments": 32, "seg_block_d": 64, "seg_num_warps": 2},
+            {"segments": 8, "seg_split": 2, "seg_block_d": 64},
+            {"segments": 16, "seg_split": 2, "seg_block_d": 64},
+            {"segments": 16, "maxnreg": 168}, {"segments": 16, "chunk": 16}],
 }
 STEP_SWEEP = [{"block_r": r, "num_warps": w} for r in (8, 16, 32, 64) for w in (4, 8)]
 
@@ -227,7 +240,9 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
                 kern = tb.build(plan, cfg)
                 t = ms(lambda: kern(p), rep=100)
                 row["sweep"].append((cfg, round(t, 4)))
-                print(f"  {label} {cfg}: {t:.4f} ms", flush=True)
+                print(f"  {label} {cfg}: {t:.4f} ms  (segments "
+                      f"{_segments_used(kern, p)}; err {rel_err(*_err_pair(kern, plan, p, seqlen)):.1e})",
+                      flush=True)
             best_cfg = min(row["sweep"], key=lambda r: r[1])[0]
         kern = tb.build(plan, best_cfg)
         y, _ = kern(p)
@@ -254,6 +269,26 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
     return out
+
+
+def _segments_used(kern, p) -> int:
+    """The segment count the generated launcher picks for this problem (1 = one pass)."""
+    mod = kern.module
+    mod._sm_count(p.u.device)
+    return mod._n_segments(p.u.shape[0], p.u.shape[1], p.u.shape[2])
+
+
+_REF_CACHE = {}
+
+
+def _err_pair(kern, plan, p, seqlen):
+    """(our y, float64 reference) on a channel slice, the reference computed once per shape."""
+    channels = slice(0, 256) if seqlen <= 4096 else slice(0, 128)
+    key = (id(p), seqlen)
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = scan_reference(plan, p, channels)
+    y, _ = kern(p)
+    return y[:, channels], _REF_CACHE[key]
 
 
 def step_rows(ceil, sweep=False):
@@ -361,6 +396,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-cuda-scan", action="store_true")
+    ap.add_argument("--scan-only", action="store_true", help="skip the decode-step rows")
     ap.add_argument("--anchor-only", action="store_true",
                     help="time only mamba_ssm's CUDA selective scan (after its JIT build)")
     args = ap.parse_args(argv)
@@ -372,11 +408,16 @@ def main(argv=None):
     if args.sweep:
         jobs = ([("scan", (b, l), c) for _, b, l in SCAN_SHAPES for c in SCAN_SWEEP[l]] +
                 [("step", (b,), c) for b in STEP_BATCHES for c in STEP_SWEEP])
+    if args.scan_only:
+        jobs = [j for j in jobs if j[0] == "scan"]
     warm(jobs)
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil['bandwidth'] / 1e12:.2f} TB/s, exp2 "
           f"{ceil['exp_rate'] / 1e12:.2f} T/s", flush=True)
-    rs = rows(ceil, args.sweep, not args.no_cuda_scan)
+    if args.scan_only:
+        rs = scan_rows(ceil, args.sweep, not args.no_cuda_scan)
+    else:
+        rs = rows(ceil, args.sweep, not args.no_cuda_scan)
     text = table(rs, ceil)
     out_dir = Path(os.environ.get("OUT", ROOT / "bench"))
     (out_dir / "gpu_scan.json").write_text(json.dumps({"ceilings": ceil, "rows": rs}, indent=1,

@@ -162,6 +162,65 @@ def test_scan_few_channels_variant(seed):
         kernel.module.SM_COUNT = saved
 
 
+SEGMENTED = {  # case -> (family kwargs, input dtype, extra config)
+    "mamba1-bf16": (dict(), "bfloat16", {}),
+    "euler-fp16": (dict(method=Method.EULER), "float16", {}),
+    "bilinear-complex": (dict(structure=CPLX, method=Method.BILINEAR), "float32", {}),
+    "trapezoidal": (dict(method=Method.TRAPEZOIDAL), "float32", {}),
+    "trapezoidal-complex-bf16": (dict(structure=CPLX, method=Method.TRAPEZOIDAL), "bfloat16", {}),
+    "trapezoidal-constant-B": (dict(method=Method.TRAPEZOIDAL, selective_B=False), "float32", {}),
+    "selective-A-zoh": (dict(selective_A=True, method=Method.ZOH), "float32", {}),
+    "constant-delta": (dict(selective_delta=False), "float32", {}),
+    "split2": (dict(), "float32", {"seg_split": 2, "seg_block_d": 2}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEGMENTED))
+def test_scan_segmented(case, seed):
+    """The segmented scan (local end states, combine, re-run) forced to 3 segments of 37 steps:
+    segment boundaries inside and at the end of chunks, initial and final states."""
+    kw, dtype, extra = SEGMENTED[case]
+    fam = scan_family(**kw)
+    config = {"segments": 3, "chunk": 4, "block_d": 4, **extra}
+    check(fam, bound(fam, seqlen=37, dtype=dtype, seed=seed, with_state=True), dtype, config)
+
+
+@pytest.mark.parametrize("cplx", [False, True])
+def test_scan_segmented_varlen(cplx, seed):
+    """Packed sequences: segments are per sequence (none crosses a boundary; empty ones)."""
+    fam = scan_family(structure=CPLX if cplx else AStructure.DIAGONAL, method=Method.TRAPEZOIDAL)
+    check(fam, bound(fam, seed=seed, with_state=True, varlen=[5, 0, 21, 11]),
+          config={"segments": 4, "chunk": 4, "block_d": 8})
+
+
+def test_scan_segmented_without_states(seed):
+    fam = scan_family(method=Method.ZOH)
+    problem = bound(fam, seqlen=37, seed=seed)
+    assert problem.initial_state is None and not problem.return_last_state
+    check(fam, problem, config={"segments": 5, "chunk": 8})
+
+
+def test_scan_segments_chosen_by_size(seed):
+    """With few programs per SM and long enough sequences the launcher segments on its own."""
+    fam = scan_family()
+    plan = make_plan(fam, Algorithm.SCAN)
+    config = {"seg_min_len": 8}
+    kernel = tb.build(plan, config)
+    mod = kernel.module
+    saved = mod.SM_COUNT
+    try:
+        mod.SM_COUNT = 0                       # CPU: no SMs, one pass
+        assert mod._n_segments(2, CH, 37) == 1
+        mod.SM_COUNT = 1000                    # 2 programs << 1000 SMs: as many as length allows
+        assert mod._n_segments(2, CH, 37) == 37 // 2 // 8
+        mod.SM_COUNT = 1
+        assert mod._n_segments(2, CH, 37) == 1  # 2 programs already fill one SM
+        mod.SM_COUNT = 1000
+        check(fam, bound(fam, seqlen=37, seed=seed, with_state=True), config=config)
+    finally:
+        mod.SM_COUNT = saved
+
+
 def test_scan_large_delta(seed):
     """Δ up to ~8 with |a| up to ~16: decays of e^-128 per step must flush to 0, not NaN."""
     fam = scan_family(method=Method.ZOH)

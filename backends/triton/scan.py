@@ -19,11 +19,20 @@ choices, all for the Mamba-1 shape (b8 d4096 l2048 n16, bf16), where the cost is
   once per chunk: more parallelism when b * d is small (long single sequences).
 
 Full chunks run without time masks; the last partial chunk runs a masked copy of the body.
+
+Few channel blocks x sequences (b1 d4096: 32 programs) leave SMs idle and the rest
+latency-bound, so the launcher then runs a segmented scan over time instead (all from the same
+generator, ``mode``): pass 1 (``local``) each (channel block, time segment) runs from h = 0 and
+stores its end state and total decay; pass 2 (``_ssmc_scan_combine``) walks the segments per
+state element to get each one's true initial state; pass 3 (``apply``) re-runs each segment
+from it and writes y. The segment count is chosen per call from the SM count (bench/NOTES_scan.md).
 """
 from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional, Tuple
+
+import sympy as sp
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
@@ -66,7 +75,12 @@ def default_config(plan: KernelPlan) -> dict:
     while n // split > per_lane and n % (2 * split) == 0:
         split *= 2
     return {"block_d": max(1, 128 // split), "split": split, "chunk": chunk, "num_warps": 4,
-            "prefetch": True, "few_split": min(n, max(4, 2 * split))}
+            "prefetch": True, "few_split": min(n, max(4, 2 * split)), **SEGMENT_DEFAULTS}
+
+
+# When and how the launcher splits sequences into segments (decided per call: see the
+# launcher's _n_segments). segments: 0 = decide by size, k = always k segments per sequence.
+SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 4, "seg_min_len": 256}
 
 
 def candidates(plan: KernelPlan) -> List[dict]:
@@ -94,10 +108,15 @@ def check_config(plan: KernelPlan, config: dict):
         raise ValueError(f"split {split} does not divide the state size {n}")
 
 
+MODES = ("full", "local", "apply")
+
+
 class _ScanGen:
-    def __init__(self, plan: KernelPlan, config: dict):
+    def __init__(self, plan: KernelPlan, config: dict, mode: str = "full"):
         check_config(plan, config)
-        self.plan, self.cfg = plan, config
+        assert mode in MODES, mode
+        self.plan, self.cfg, self.mode = plan, config, mode
+        self.local = mode == "local"
         f = self.f = plan.family
         self.N = f.dims.state
         self.split = config["split"]
@@ -126,6 +145,15 @@ class _ScanGen:
         self._printed: Dict[str, tuple] = {}
         self.l2 = (not self.sel["A"]) and any(
             codegen.has_exp_of(self.parts[k], self.asyms[0]) for k in self.levels)
+        # A segment's total decay: where Abar = exp(dt a) with a constant, it is Abar at
+        # dt = (the segment's sum of dt), one add per step instead of a product per state;
+        # otherwise (euler, bilinear, selective or complex A) the running product of Abar.
+        self.log_decay = False
+        if not (self.cplx or self.sel["A"]) and "abar" in self.parts:
+            e = self.parts["abar"]
+            syms = {s.name: s for s in e.free_symbols}
+            if set(syms) == {"dt", "a"}:
+                self.log_decay = sp.simplify(e - sp.exp(syms["dt"] * syms["a"])) == 0
 
     # ---- names ------------------------------------------------------------------------------
     def nidx(self, j: int) -> str:
@@ -209,6 +237,10 @@ class _ScanGen:
         if self.f.gate:
             p += ["stride_z_b", "stride_z_d"]
         p += ["stride_out_b", "stride_out_d"]
+        if self.mode != "full":
+            # (nseq, n_segments, d, n) fp32: local end states / decays (pass 1), then each
+            # segment's true initial state (after the combine)
+            p += ["seg_state_ptr", "seg_decay_ptr", "n_segments"]
         p += ["BLOCK_D: tl.constexpr", "SPLIT: tl.constexpr", "CHUNK: tl.constexpr",
               "HAS_H0: tl.constexpr", "WRITE_HT: tl.constexpr", "VARLEN: tl.constexpr"]
         if self.f.D:
@@ -227,17 +259,32 @@ class _ScanGen:
         o.indent().extend(f"{p}," for p in self.params()).dedent()
         o("):")
         o.indent()
-        o("pid_d = tl.program_id(0)",
-          "pid_s = tl.program_id(1)  # batch index, or sequence index when VARLEN",
-          "if VARLEN:",
-          "    start = tl.load(cu_ptr + pid_s).to(tl.int32)",
-          "    end = tl.load(cu_ptr + pid_s + 1).to(tl.int32)",
-          "    batch = pid_s * 0",
+        o("pid_d = tl.program_id(0)")
+        if self.mode == "full":
+            o("seq = tl.program_id(1)  # batch index, or sequence index when VARLEN")
+        else:
+            # pass 1 skips the last segment (its end state is nobody's initial state)
+            nprog = "(n_segments - 1)" if self.local else "n_segments"
+            o("pid_s = tl.program_id(1)",
+              f"seq = pid_s // {nprog}",
+              f"seg = pid_s % {nprog}")
+        o("if VARLEN:",
+          "    seq_start = tl.load(cu_ptr + seq).to(tl.int32)",
+          "    seq_end = tl.load(cu_ptr + seq + 1).to(tl.int32)",
+          "    batch = seq * 0",
           "else:",
-          "    start = 0",
-          "    end = seqlen",
-          "    batch = pid_s",
-          "bat = batch.to(tl.int64)",
+          "    seq_start = 0",
+          "    seq_end = seqlen",
+          "    batch = seq")
+        if self.mode == "full":
+            o("start = seq_start", "end = seq_end")
+        else:
+            # whole chunks per segment (16-byte aligned loads when the sequence start is);
+            # segments never cross a sequence boundary
+            o("seg_len = tl.cdiv(tl.cdiv(seq_end - seq_start, n_segments), CHUNK) * CHUNK",
+              "start = tl.minimum(seq_start + seg * seg_len, seq_end)",
+              "end = tl.minimum(start + seg_len, seq_end)")
+        o("bat = batch.to(tl.int64)",
           "lane = tl.arange(0, BLOCK_D * SPLIT)")
         if self.split > 1:
             o("ch = pid_d * BLOCK_D + lane // SPLIT", "part = lane % SPLIT")
@@ -297,20 +344,38 @@ class _ScanGen:
         for j in range(NS):
             self.emit_coefs(o, "J", j, None)
         # ---- state
-        o(f"state_rows = (pid_s.to(tl.int64) * n_channels + ch64) * {N}")
+        o(f"state_rows = (seq.to(tl.int64) * n_channels + ch64) * {N}")
+        if self.mode != "full":
+            o(f"seg_rows = ((seq * n_segments + seg).to(tl.int64) * n_channels + ch64) * {N}")
         comps = (("", 0), ("_im", 1)) if self.cplx else (("", None),)
+        zeros = "tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)"
         for j in range(NS):
             for sfx, part in comps:
-                addr = (f"(state_rows + {self.nidx(j)}) * 2 + {part}" if part is not None
-                        else f"state_rows + {self.nidx(j)}")
-                o("if HAS_H0:",
-                  f"    h{j}{sfx} = tl.load(h0_ptr + {addr})",
-                  "else:",
-                  f"    h{j}{sfx} = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
-                if self.trap:
-                    o(f"p{j}{sfx} = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
+                if self.mode == "local":
+                    o(f"h{j}{sfx} = {zeros}")
+                elif self.mode == "apply":
+                    o(f"h{j}{sfx} = tl.load(seg_state_ptr + {self.addr('seg_rows', j, part)})")
+                else:
+                    o("if HAS_H0:",
+                      f"    h{j}{sfx} = tl.load(h0_ptr + {self.addr('state_rows', j, part)})",
+                      "else:",
+                      f"    h{j}{sfx} = {zeros}")
+                if self.trap and self.mode == "full":
+                    o(f"p{j}{sfx} = {zeros}")
+        if self.trap and self.mode != "full":
+            self.previous_input(o)
+        if self.local:
+            if self.log_decay:
+                o("dtsum = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
+            else:
+                for j in range(NS):
+                    o(f"dec{j} = tl.full([BLOCK_D * SPLIT], 1.0, dtype=tl.float32)")
+                    if self.cplx:
+                        o(f"dec{j}_im = {zeros}")
         # ---- epilogue rows (whole channels)
-        if self.split > 1:
+        if self.local:
+            pass
+        elif self.split > 1:
             o("ep_ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)", "ep_ok = ep_ch < n_channels",
               "ep_ch64 = tl.minimum(ep_ch, n_channels - 1).to(tl.int64)",
               "ep_u_rows = u_ptr + bat * stride_u_b + ep_ch64 * stride_u_d")
@@ -320,9 +385,10 @@ class _ScanGen:
             o("ep_ok = ch_ok", "ep_ch64 = ch64")
             if f.D:
                 o("if HAS_D:", "    ep_d_skip = d_skip")
-        if f.gate:
+        if f.gate and not self.local:
             o("ep_z_rows = z_ptr + bat * stride_z_b + ep_ch64 * stride_z_d")
-        o("ep_out_rows = out_ptr + bat * stride_out_b + ep_ch64 * stride_out_d")
+        if not self.local:
+            o("ep_out_rows = out_ptr + bat * stride_out_b + ep_ch64 * stride_out_d")
         # ---- time loop
         o("n_full = (end - start) // CHUNK")
         streams = self.prefetched()
@@ -330,8 +396,9 @@ class _ScanGen:
             o("# The next chunk's tiles are loaded one iteration ahead (the last one reloads",
               "# itself), so DRAM latency overlaps the current chunk's arithmetic.",
               "# (masks constant along time keep the 16-byte loads)",
-              "pre_lanes = (lane * 0 + n_full)[:, None] > 0",
-              "pre_rows = (ep_ok.to(tl.int32) * 0 + n_full)[:, None] > 0")
+              "pre_lanes = (lane * 0 + n_full)[:, None] > 0")
+            if not self.local:
+                o("pre_rows = (ep_ok.to(tl.int32) * 0 + n_full)[:, None] > 0")
             for name, rows, cond in streams:
                 mask = "pre_rows" if rows.startswith("ep_") else "pre_lanes"
                 load = f"tl.load({rows}[:, None] + (start + cols)[None, :], mask={mask}, other=0.0)"
@@ -353,15 +420,55 @@ class _ScanGen:
         self.chunk_body(o, masked=True)
         o.dedent()
         # ---- final state
-        o("if WRITE_HT:")
+        if self.local:
+            if self.log_decay:
+                if not self.sel["dt"]:
+                    o("dtsum = dt * (end - start).to(tl.float32)")
+                for j in range(NS):
+                    a = self.a_names(j, None)["a"]
+                    o(f"dec{j} = " + codegen.print_one(
+                        self.parts["abar"], {"dt": "dtsum", "a": a},
+                        {"a": f"{a}_l2"} if self.l2 else None))
+            for j in range(NS):
+                for sfx, part in comps:
+                    addr = self.addr("seg_rows", j, part)
+                    o(f"tl.store(seg_state_ptr + {addr}, h{j}{sfx}, mask=ch_ok)",
+                      f"tl.store(seg_decay_ptr + {addr}, dec{j}{sfx}, mask=ch_ok)")
+            return o.text()
+        o("if WRITE_HT:" if self.mode == "full" else "if WRITE_HT and seg == n_segments - 1:")
         o.indent()
         for j in range(NS):
             for sfx, part in comps:
-                addr = (f"(state_rows + {self.nidx(j)}) * 2 + {part}" if part is not None
-                        else f"state_rows + {self.nidx(j)}")
-                o(f"tl.store(hT_ptr + {addr}, h{j}{sfx}, mask=ch_ok)")
+                o(f"tl.store(hT_ptr + {self.addr('state_rows', j, part)}, h{j}{sfx}, mask=ch_ok)")
         o.dedent()
         return o.text()
+
+    def addr(self, rows: str, j: int, part: Optional[int]) -> str:
+        """Offset of state element j (re/im ``part`` of complex pairs) of the lane's channel."""
+        if part is None:
+            return f"{rows} + {self.nidx(j)}"
+        return f"({rows} + {self.nidx(j)}) * 2 + {part}"
+
+    def previous_input(self, o: Lines):
+        """Trapezoidal's B_{t-1} x_{t-1} at a segment's first step, read from memory (zero at
+        the sequence's first step)."""
+        o("prev_ok = (lane * 0 + start) > seq_start",
+          "t_prev = tl.maximum(start - 1, 0)",
+          "x_prev = tl.load(u_rows + t_prev, mask=prev_ok, other=0.0).to(tl.float32)")
+        for j in range(self.NS):
+            if self.sel["B"]:
+                row = f"b_rows + {self.nidx(j)} * stride_B_n + t_prev"
+                o(f"bp{j} = tl.load({row}, mask=prev_ok, other=0.0)")
+                b = (f"bp{j}", None)
+                if self.cplx:
+                    o(f"bp{j}_im = tl.load({row} + stride_B_plane, mask=prev_ok, other=0.0)")
+                    b = (f"bp{j}", f"bp{j}_im")
+            else:
+                b = self.bc("B", j, 0)
+            px = cmul(b, ("x_prev", None))
+            o(f"p{j} = {as_text(px[0])}")
+            if self.cplx:
+                o(f"p{j}_im = {as_text(px[1])}")
 
     def prefetched(self) -> List[Tuple[str, str, str]]:
         """(name, row pointers, constexpr condition) of the tiles loaded one chunk ahead."""
@@ -370,7 +477,7 @@ class _ScanGen:
         out = [("u", "u_rows", "")]
         if self.sel["dt"]:
             out.append(("dt", "dt_rows", ""))
-        if self.f.gate:
+        if self.f.gate and not self.local:
             out.append(("z", "ep_z_rows", "HAS_Z"))
         return out
 
@@ -419,6 +526,9 @@ class _ScanGen:
         if masked:
             for k in range(CH):
                 o(f"v{k} = t0 + {k} < end")
+        if self.local and self.log_decay and self.sel["dt"]:
+            o.extend(f"dtsum += tl.where(v{k}, dt{k}, 0.0)" if masked else f"dtsum += dt{k}"
+                     for k in range(CH))
         for k in range(CH):
             self.emit_coefs(o, "K", None, k)
         # Bbar * x hoisted per step when Bbar does not vary with n.
@@ -434,7 +544,7 @@ class _ScanGen:
         for j in range(NS):
             o(f"# state n = {self.nidx(j)}")
             for w, letter in (("A", "a"), ("B", "b"), ("C", "c")):
-                if not self.sel[w]:
+                if not self.sel[w] or (w == "C" and self.local):
                     continue
                 fp32 = w != "A" or self.cplx
                 o(f"{letter}_rows_j = {letter}_rows + {self.nidx(j)} * stride_{w}_n")
@@ -447,6 +557,8 @@ class _ScanGen:
                                       f"{letter}{j}_", "_im", fp32)
             for k in range(CH):
                 self.step(o, j, k, xs[k], hoist_bx, masked)
+        if self.local:
+            return
         # ---- outputs of the chunk
         codegen.join_tree(o, [f"y{k}" for k in range(CH)], R, "y_tile")
         if self.cplx:
@@ -493,6 +605,11 @@ class _ScanGen:
             updates.append((f"p{j}", as_text(bx[0])))
             if self.cplx:
                 updates.append((f"p{j}_im", as_text(bx[1])))
+        if self.local and not self.log_decay:
+            dec = cmul(self.coef("abar", j, k), (f"dec{j}", f"dec{j}_im" if self.cplx else None))
+            updates.append((f"dec{j}", as_text(dec[0])))
+            if self.cplx:
+                updates.append((f"dec{j}_im", as_text(dec[1])))
         if len(updates) > 1 or masked:
             # the new values all read the old ones: compute them first, then assign
             for i, (dst, val) in enumerate(updates):
@@ -501,9 +618,45 @@ class _ScanGen:
                 o(f"{dst} = tl.where(v{k}, new{i}, {dst})" if masked else f"{dst} = new{i}")
         else:
             o(f"{updates[0][0]} = {updates[0][1]}")
+        if self.local:
+            return
         contrib = codegen._sum(("+", codegen._prod(c[0], h[0])), ("-", codegen._prod(c[1], h[1])))
         o(f"y{k} = {contrib}" if j == 0 else f"y{k} += {contrib}")
 
+
+COMBINE = '''
+
+@triton.jit
+def _ssmc_scan_combine(seg_state_ptr, seg_decay_ptr, h0_ptr, n_elems, n_segments,
+                       HAS_H0: tl.constexpr, CPLX: tl.constexpr, BLOCK: tl.constexpr):
+    # Pass 2 of the segmented scan, per (sequence, state element): walk the segments in order;
+    # segment s's true initial state is h, then h = decay_s h + local_s. The initial states
+    # overwrite the local end states in place.
+    seq = tl.program_id(1)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n_elems
+    W: tl.constexpr = 2 if CPLX else 1
+    h = tl.zeros([BLOCK], dtype=tl.float32)
+    h_im = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + (seq.to(tl.int64) * n_elems + idx) * W, mask=ok, other=0.0)
+        if CPLX:
+            h_im = tl.load(h0_ptr + (seq.to(tl.int64) * n_elems + idx) * W + 1, mask=ok,
+                           other=0.0)
+    for s in range(0, n_segments):
+        off = ((seq * n_segments + s).to(tl.int64) * n_elems + idx) * W
+        more = ok & (idx * 0 + s < n_segments - 1)  # pass 1 left the last segment's slots unwritten
+        loc = tl.load(seg_state_ptr + off, mask=more, other=0.0)
+        dec = tl.load(seg_decay_ptr + off, mask=more, other=0.0)
+        tl.store(seg_state_ptr + off, h, mask=ok)
+        if CPLX:
+            loc_im = tl.load(seg_state_ptr + off + 1, mask=more, other=0.0)
+            dec_im = tl.load(seg_decay_ptr + off + 1, mask=more, other=0.0)
+            tl.store(seg_state_ptr + off + 1, h_im, mask=ok)
+            h, h_im = dec * h - dec_im * h_im + loc, dec * h_im + dec_im * h + loc_im
+        else:
+            h = dec * h + loc
+'''
 
 LAUNCHER = '''
 N = {N}
@@ -513,6 +666,28 @@ CONFIG = {config!r}
 # Few channels x sequences (one long sequence): split each channel's state over lanes so that
 # there are programs for every SM (None: this module has only the kernel above).
 FEW_CONFIG = {few_config!r}
+# Few channels x sequences and long sequences: the segmented scan (pass 1 local end states,
+# pass 2 combine, pass 3 the recurrence again from each segment's true initial state).
+SEG_CONFIG = {seg_config!r}
+
+
+def _n_segments(nseq, d, L):
+    """Segments per sequence: CONFIG["segments"] when set, else enough for
+    ``seg_programs`` programs per SM when the one-pass kernel has fewer than
+    ``seg_below`` x SMs programs, each segment at least ``seg_min_len`` steps."""
+    if CONFIG["segments"]:
+        return CONFIG["segments"]
+    sms = SM_COUNT
+    if not sms or nseq * triton.cdiv(d, CONFIG["block_d"]) >= CONFIG["seg_below"] * sms:
+        return 1
+    per_seq = max(1, int(CONFIG["seg_programs"] * sms) // (nseq * triton.cdiv(d, SEG_CONFIG["block_d"])))
+    return max(1, min(per_seq, (L // nseq) // CONFIG["seg_min_len"]))
+
+
+def _launch(kernel, cfg, grid, args, extra, **flags):
+    kernel[grid](*args, BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
+                 num_warps=cfg["num_warps"], **({{"maxnreg": cfg["maxnreg"]}} if cfg.get("maxnreg") else {{}}),
+                 **flags, **extra)
 
 
 def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
@@ -564,17 +739,31 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
     opt_args = []
 {opt_args}
     cu = cu_seqlens if varlen else out
+    args = (u, delta, A, bc[0], bc[1], *opt_args, h0, out, last, cu, d, L, cpg[0], cpg[1],
+            u.stride(0), u.stride(1), *strides, *z_strides, out.stride(0), out.stride(1))
+    flags = dict(WRITE_HT=bool(return_last_state), VARLEN=varlen)
     if L > 0 and d > 0 and nseq > 0:
-        kernel, cfg = {kernel}, CONFIG
-        if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < _sm_count(dev):
-            kernel, cfg = {few_kernel}, FEW_CONFIG
-        grid = (triton.cdiv(d, cfg["block_d"]), nseq)
-        kernel[grid](
-            u, delta, A, bc[0], bc[1], *opt_args, h0, out, last, cu, d, L, cpg[0], cpg[1],
-            u.stride(0), u.stride(1), *strides, *z_strides, out.stride(0), out.stride(1),
-            BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
-            HAS_H0=initial_state is not None, WRITE_HT=bool(return_last_state), VARLEN=varlen,
-            num_warps=cfg["num_warps"], **extra)
+        _sm_count(dev)
+        n_seg = _n_segments(nseq, d, L)
+        if n_seg > 1:
+            cfg = SEG_CONFIG
+            blocks = triton.cdiv(d, cfg["block_d"])
+            seg = torch.empty((2, nseq, n_seg, d, N, 2 if COMPLEX else 1), device=dev,
+                              dtype=torch.float32)
+            seg_args = (*args, seg[0], seg[1], n_seg)
+            _launch({local_kernel}, cfg, (blocks, nseq * (n_seg - 1)), seg_args, extra,
+                    HAS_H0=False, **flags)
+            _ssmc_scan_combine[(triton.cdiv(d * N, 512), nseq)](
+                seg[0], seg[1], h0, d * N, n_seg, HAS_H0=initial_state is not None, CPLX=COMPLEX,
+                BLOCK=512, num_warps=4)
+            _launch({apply_kernel}, cfg, (blocks, nseq * n_seg), seg_args, extra, HAS_H0=True,
+                    **flags)
+        else:
+            kernel, cfg = {kernel}, CONFIG
+            if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < _sm_count(dev):
+                kernel, cfg = {few_kernel}, FEW_CONFIG
+            _launch(kernel, cfg, (triton.cdiv(d, cfg["block_d"]), nseq), args, extra,
+                    HAS_H0=initial_state is not None, **flags)
     elif return_last_state:
         last.copy_(h0 if initial_state is not None else torch.zeros_like(last))
     if not return_last_state:
@@ -594,7 +783,17 @@ def few_channels_config(plan: KernelPlan, config: dict) -> Optional[dict]:
     return {**config, "split": split, "block_d": max(1, lanes // split)}
 
 
+def segmented_config(plan: KernelPlan, config: dict) -> dict:
+    """The tile config of the segmented scan's passes 1 and 3 (``seg_*`` keys of ``config``)."""
+    split = config.get("seg_split", config["split"])
+    lanes = config["block_d"] * config["split"]
+    return {**config, "split": split,
+            "block_d": config.get("seg_block_d", max(1, lanes // split)),
+            "num_warps": config.get("seg_num_warps", config["num_warps"])}
+
+
 def generate(plan: KernelPlan, config: dict) -> str:
+    config = {**SEGMENT_DEFAULTS, **config}
     gen = _ScanGen(plan, config)
     f = plan.family
     kname = f"ssmc_scan_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
@@ -604,6 +803,10 @@ def generate(plan: KernelPlan, config: dict) -> str:
     if few is not None:
         few_name = f"{kname}_split{few['split']}"
         body += "\n\n" + _ScanGen(plan, few).kernel(few_name)
+    seg_cfg = segmented_config(plan, config)
+    for mode in ("local", "apply"):
+        body += "\n\n" + _ScanGen(plan, seg_cfg, mode).kernel(f"{kname}_seg_{mode}")
+    body += COMBINE
     opt = []
     if f.D:
         opt += ["    opt_args.append(D.to(torch.float32).contiguous() if D is not None else out)",
@@ -623,5 +826,7 @@ def generate(plan: KernelPlan, config: dict) -> str:
     # Keep the kernel's parameter order: D, z, dt_bias come right after C.
     launcher = LAUNCHER.format(N=gen.N, cplx=gen.cplx, sel=gen.sel, config=dict(config),
                                few_config=few, few_kernel=few_name, name=f.name, kernel=kname,
+                               seg_config=seg_cfg, local_kernel=f"{kname}_seg_local",
+                               apply_kernel=f"{kname}_seg_apply",
                                opt_args="\n".join(opt))
     return codegen.module_source(plan, config, WHAT, body + launcher)
