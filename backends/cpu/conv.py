@@ -1,0 +1,220 @@
+"""The convolution algorithm (LTI families): y = K * x by FFT, K generated in TIR.
+
+Three steps per call:
+
+1. ``ssmc_conv_kernel`` (TIR) writes the impulse response K[unit, k] for k < the longest
+   sequence: the scan run on a unit impulse, h_0 = Bbar B, h_1 = Abar h_0 + Bbar_prev B,
+   h_k = Abar h_{k-1}, K_k = Re(C h_k) (x2 for conjugate pairs). Units are channels, or heads
+   for scalar A (K is then shared by head_dim).
+2. torch's real FFT computes the causal convolution per sequence (zero-padded to 2L, so no
+   wrap-around), in float64: the FFT's error grows with log L and fp32 would spend most of the
+   fp32 tolerance on it.
+3. ``ssmc_conv_boundary`` (TIR, from the scan generator in "conv" mode) adds the initial
+   state's free response, applies D and the gate, and runs the recurrence for the final state
+   only when it is asked for.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ssmc.ir import AStructure, KernelPlan, Sharing
+
+from . import coeffs as co
+from . import launch, scan
+from .fastmath import MathOptions
+from .tir import Writer, delta_expr, lanes_for, match_buffer
+
+
+def default_config(plan: KernelPlan) -> dict:
+    cfg = scan.default_config(plan)
+    fam = plan.family
+    units = fam.dims.heads if fam.A.structure is AStructure.SCALAR else fam.dims.d_inner
+    cfg["kernel_lanes"] = lanes_for(units, 16)
+    return cfg
+
+
+def _kernel_generator(plan: KernelPlan, config: dict) -> str:
+    fam = plan.family
+    ssd = fam.A.structure is AStructure.SCALAR
+    cplx = fam.A.structure is AStructure.COMPLEX_DIAGONAL
+    n, G = fam.dims.state, fam.dims.groups
+    U = fam.dims.heads if ssd else fam.dims.d_inner
+    W = int(config.get("kernel_lanes") or lanes_for(U, 16))
+    cp = co.plan_coefficients(plan.disc)
+    outs = [o for o in co.OUTPUTS if not cp.is_zero(o)]
+    parts = ("_re", "_im") if cplx else ("",)
+    cx = (2,) if cplx else ()
+    w = Writer()
+    w.math = MathOptions.for_config(config)
+    args = ["dt_h", "A_h", "B_h", "C_h"] + (["bias_h"] if fam.delta.bias else []) + ["K_h"]
+    w("# ssmc CPU convolution kernel generator (generated; see backends/cpu/conv.py)")
+    w("@T.prim_func")
+    w(f"def ssmc_conv_kernel({', '.join(a + ': T.handle' for a in args)}):")
+    w.depth += 1
+    w('T.func_attr({"global_symbol": "ssmc_conv_kernel", "tir.noalias": True})')
+    w("Lk = T.int64()")
+    match_buffer(w, "dt", "dt_h", (U,))
+    match_buffer(w, "A", "A_h", ((U,) if ssd else (U, n)) + cx)
+    for name, spec in (("B", fam.B), ("C", fam.C)):
+        match_buffer(w, name, f"{name}_h", ((G, n) if spec.sharing is Sharing.GROUP else (U, n)) + cx)
+    if fam.delta.bias:
+        match_buffer(w, "bias", "bias_h", (U,))
+    match_buffer(w, "K", "K_h", (U, "Lk"))
+
+    def local(name, shape):
+        dims = ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "")
+        w(f'{name} = T.alloc_buffer(({dims}), "float32", scope="global")')
+
+    def bc(name, spec, part):
+        unit = "(u0 + v)" if spec.sharing is not Sharing.GROUP else f"((u0 + v) // {U // G})"
+        return f"{name}[{unit}, s{'' if part is None else f', {part}'}]"
+
+    with w.block(f"for task in T.parallel({U // W}):"):
+        w(f"u0: T.let = task * {W}")
+        tables = {}
+        for o in outs:
+            for suf in parts:
+                local(f"tab_{o}{suf}", (n, W))
+        for nm in ("Bu", "Cu"):
+            for suf in parts:
+                local(f"{nm}{suf}", (n, W))
+        for suf in parts:
+            local(f"g{suf}", (n, W))
+        local("acc", (W,))
+        with w.block(f"for s in T.serial({n}):"):
+            with w.block(f"for v in T.vectorized({W}):"):
+                env = {"dt": delta_expr(w, fam, "dt[u0 + v]", "bias[u0 + v]")}
+                if ssd:
+                    env["a"] = "A[u0 + v]"
+                elif cplx:
+                    env.update(a_re="A[u0 + v, s, 0]", a_im="A[u0 + v, s, 1]")
+                else:
+                    env["a"] = "A[u0 + v, s]"
+                lines: List[str] = []
+                vals = co.emit(cp, outs, lines, w.ind, w.names, env, opts=w.math)
+                w.extend(lines)
+                for o in outs:
+                    for suf, text in zip(parts, vals[o] if cplx else (vals[o],)):
+                        w(f"tab_{o}{suf}[s, v] = {text}")
+                for j, suf in enumerate(parts):
+                    part = j if cplx else None
+                    w(f"Bu{suf}[s, v] = {bc('B', fam.B, part)}")
+                    w(f"Cu{suf}[s, v] = {bc('C', fam.C, part)}")
+                    w(f"g{suf}[s, v] = T.float32(0.0)")
+        for o in outs:
+            tables[o] = tuple(f"tab_{o}{suf}[s, v]" for suf in parts)
+        with w.block("for k in T.serial(Lk):"):
+            with w.block(f"for v in T.vectorized({W}):"):
+                w("acc[v] = T.float32(0.0)")
+            with w.block(f"for s in T.serial({n}):"):
+                with w.block(f"for v in T.vectorized({W}):"):
+                    if cplx:
+                        (ar, ai), (br, bi) = tables["abar"], tables["bbar"]
+                        gr, gi = "g_re[s, v]", "g_im[s, v]"
+                        w(f"dr: T.let = {ar} * {gr} - {ai} * {gi}")
+                        w(f"di: T.let = {ar} * {gi} + {ai} * {gr}")
+                        w(f"ir_: T.let = {br} * Bu_re[s, v] - {bi} * Bu_im[s, v]")
+                        w(f"ii_: T.let = {br} * Bu_im[s, v] + {bi} * Bu_re[s, v]")
+                        if "bbar_prev" in tables:
+                            pr, pi = tables["bbar_prev"]
+                            w(f"pr_: T.let = T.Select(k == 1, {pr} * Bu_re[s, v] - {pi} * Bu_im[s, v], T.float32(0.0))")
+                            w(f"pi_: T.let = T.Select(k == 1, {pr} * Bu_im[s, v] + {pi} * Bu_re[s, v], T.float32(0.0))")
+                            dr, di = "dr + pr_", "di + pi_"
+                        else:
+                            dr, di = "dr", "di"
+                        w(f"{gr} = T.Select(k == 0, ir_, {dr})")
+                        w(f"{gi} = T.Select(k == 0, ii_, {di})")
+                        w(f"acc[v] = acc[v] + Cu_re[s, v] * {gr} - Cu_im[s, v] * {gi}")
+                    else:
+                        nxt = f"{tables['abar'][0]} * g[s, v]"
+                        if "bbar_prev" in tables:
+                            nxt += f" + T.Select(k == 1, {tables['bbar_prev'][0]} * Bu[s, v], T.float32(0.0))"
+                        w(f"g[s, v] = T.Select(k == 0, {tables['bbar'][0]} * Bu[s, v], {nxt})")
+                        w("acc[v] = acc[v] + Cu[s, v] * g[s, v]")
+            with w.block(f"for v in T.vectorized({W}):"):
+                w(f"K[u0 + v, k] = {'T.float32(2.0) * ' if cplx else ''}acc[v]")
+    return w.text()
+
+
+def generate(plan: KernelPlan, config: dict) -> str:
+    """TVMScript of an IRModule with ``ssmc_conv_kernel`` and ``ssmc_conv_boundary``."""
+    kernel = _kernel_generator(plan, config)
+    boundary = scan.generate(plan, config, mode="conv")
+
+    def indent(text):
+        return "\n".join(("    " + ln) if ln else ln for ln in text.splitlines())
+
+    return ("# ssmc CPU convolution: K generator + boundary pass (generated; backends/cpu/conv.py)\n"
+            "@I.ir_module\nclass Module:\n" + indent(kernel) + "\n\n" + indent(boundary) + "\n")
+
+
+def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_k K[..., k] x[..., t - k] along the last axis (float64 FFT)."""
+    L = x.shape[-1]
+    nfft = 1
+    while nfft < 2 * L:
+        nfft *= 2
+    xf = torch.fft.rfft(x.to(torch.float64), n=nfft)
+    kf = torch.fft.rfft(K[..., :L].to(torch.float64), n=nfft)
+    return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
+
+
+class Runner:
+    def __init__(self, plan: KernelPlan, module):
+        self.fam = plan.family
+        self.ssd = self.fam.A.structure is AStructure.SCALAR
+        self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
+        self.kernel_fn = module["ssmc_conv_kernel"]
+        self.boundary_fn = module["ssmc_conv_boundary"]
+        self.placeholders = launch.Placeholders()
+
+    def __call__(self, p):
+        fam = self.fam
+        if self.ssd:
+            x, dt, bias, init, want = p.x, p.dt, p.dt_bias, p.initial_states, p.return_final_states
+            batch, seqlen = x.shape[0], x.shape[1]
+            state_shape = (fam.dims.heads, fam.dims.head_dim, fam.dims.state)
+        else:
+            x, dt, bias, init, want = p.u, p.delta, p.delta_bias, p.initial_state, p.return_last_state
+            batch, seqlen = x.shape[0], x.shape[-1]
+            state_shape = (fam.dims.d_inner, fam.dims.state) + ((2,) if self.cplx else ())
+        launch.check_cpu(x)
+        seg = launch.segments(p, batch, seqlen)
+        lengths = (seg[:, 2] - seg[:, 1])
+        longest = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        units = fam.dims.heads if self.ssd else fam.dims.d_inner
+        x32, dt32, A, B, C = (launch.f32(t) for t in (x, dt, p.A, p.B, p.C))
+        K = launch.empty((units, longest))
+        kargs = [dt32, A, B, C] + ([launch.f32(bias)] if fam.delta.bias else []) + [K]
+        self.kernel_fn(*kargs)
+        # the convolution runs along time: (b, d, L) as is; SSD's (b, L, h, p) as (b, h, p, L)
+        xt = x32.permute(0, 2, 3, 1) if self.ssd else x32
+        Kt = K[:, None, :] if self.ssd else K
+        if p.cu_seqlens is None:
+            ylin_t = causal_conv(xt, Kt)
+        else:
+            ylin_t = launch.empty(xt.shape)
+            for start, end in seg[:, 1:].tolist():
+                if end > start:
+                    ylin_t[..., start:end] = causal_conv(xt[..., start:end], Kt)
+        ylin = ylin_t.permute(0, 3, 1, 2).contiguous() if self.ssd else ylin_t
+        if not self.ssd:   # the boundary pass (scan generator) reads B/C token-major
+            B = launch.f32(launch.token_major(p.B, fam.B.selective))
+            C = launch.f32(launch.token_major(p.C, fam.C.selective))
+        args = [x32, dt32, A, B, C]
+        if fam.D is not None:
+            args.append(launch.f32(p.D))
+        if fam.gate is not None:
+            args.append(launch.f32(p.z))
+        if fam.delta.bias:
+            args.append(launch.f32(bias))
+        h0 = launch.f32(init) if init is not None else self.placeholders(state_shape)
+        y = launch.empty(x32.shape)
+        hT = launch.empty((seg.shape[0],) + state_shape) if want else \
+            self.placeholders(state_shape)
+        args += [h0, seg, y, hT, ylin, int(init is not None), int(bool(want))]
+        self.boundary_fn(*args)
+        final = launch.state_out(hT, self.cplx) if want else None
+        return launch.output(y, x), final

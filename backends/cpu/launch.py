@@ -1,0 +1,142 @@
+"""From a bound ``Problem`` to the compiled function's arguments and back.
+
+Tensors reach TVM zero-copy (the FFI takes torch CPU tensors through DLPack) when they are
+already fp32 and contiguous; bf16/fp16 inputs are converted to fp32 here, once, because the
+kernels compute and keep state in fp32 (the convert is O(tokens), the scan O(tokens * n)).
+Complex tensors travel as their real view (..., 2).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ssmc.errors import CallError
+from ssmc.ir import AStructure
+
+_SEG_CACHE: dict = {}
+# Tests set this: outputs are then allocated full of NaN, so an element the kernel never
+# writes cannot pass the comparison by holding a stale value.
+POISON = False
+
+
+def empty(shape) -> torch.Tensor:
+    if POISON:
+        return torch.full(tuple(shape), float("nan"), dtype=torch.float32)
+    return torch.empty(tuple(shape), dtype=torch.float32)
+
+
+def f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """fp32 (complex64 as a real (..., 2) view), contiguous. Free when it already is."""
+    if t is None:
+        return None
+    if t.dtype is torch.float32:
+        return t if t.is_contiguous() else t.contiguous()
+    if t.is_complex():
+        return torch.view_as_real(t.to(torch.complex64).resolve_conj()).contiguous()
+    return t.to(torch.float32).contiguous()
+
+
+def token_major(t: torch.Tensor, selective: bool) -> torch.Tensor:
+    """Selective-scan B/C (b, g, n, l) as (b, g, l, n): the scan reads one token's n values per
+    step, and n contiguous floats make those loads constant offsets from one base (in the
+    (b, g, n, l) layout each of the n loads needs its own address arithmetic). O(n l) copy."""
+    if not selective:
+        return t
+    return t.transpose(2, 3).contiguous()
+
+
+def segments(problem, batch: int, seqlen: int) -> torch.Tensor:
+    """(nseq, 3) int64 rows (batch row, first token, end token): batch rows, or varlen pieces."""
+    cu = getattr(problem, "cu_seqlens", None)
+    if cu is None:
+        key = (batch, seqlen)
+        seg = _SEG_CACHE.get(key)
+        if seg is None:
+            seg = torch.empty((batch, 3), dtype=torch.int64)
+            seg[:, 0] = torch.arange(batch)
+            seg[:, 1] = 0
+            seg[:, 2] = seqlen
+            if len(_SEG_CACHE) < 256:
+                _SEG_CACHE[key] = seg
+        return seg
+    cu = cu.to(device="cpu", dtype=torch.int64)
+    seg = torch.zeros((cu.numel() - 1, 3), dtype=torch.int64)
+    seg[:, 1] = cu[:-1]
+    seg[:, 2] = cu[1:]
+    return seg
+
+
+class Placeholders:
+    """1-row stand-ins for absent initial/final states (the kernel's flags say not to touch)."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        shape = (1,) + tuple(shape)
+        t = self._cache.get(shape)
+        if t is None:
+            t = self._cache[shape] = torch.zeros(shape, dtype=torch.float32)
+        return t
+
+
+def output(y32: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return y32 if like.dtype == torch.float32 else y32.to(like.dtype)
+
+
+def state_out(hT: torch.Tensor, complex_state: bool) -> torch.Tensor:
+    return torch.view_as_complex(hT) if complex_state else hT
+
+
+def check_cpu(*tensors) -> None:
+    for t in tensors:
+        if t is not None and not t.is_cpu:
+            raise CallError(f"the cpu target runs on the CPU, got a tensor on {t.device}",
+                            hint="move the inputs with .cpu()")
+
+
+# --------------------------------------------------------------------------------------------
+# The scan (and CHUNKED) kernel's call
+
+class ScanRunner:
+    """Binds a Problem (SSD or selective-scan convention) to ``ssmc_scan``'s arguments."""
+
+    def __init__(self, plan, function):
+        self.fam = plan.family
+        self.fn = function
+        self.ssd = self.fam.A.structure is AStructure.SCALAR
+        self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
+        self.placeholders = Placeholders()
+
+    def __call__(self, p):
+        fam = self.fam
+        if self.ssd:
+            x, dt, bias, init, want = p.x, p.dt, p.dt_bias, p.initial_states, p.return_final_states
+            batch, seqlen = x.shape[0], x.shape[1]
+            state_shape = (fam.dims.heads, fam.dims.head_dim, fam.dims.state)
+        else:
+            x, dt, bias, init, want = p.u, p.delta, p.delta_bias, p.initial_state, p.return_last_state
+            batch, seqlen = x.shape[0], x.shape[-1]
+            state_shape = (fam.dims.d_inner, fam.dims.state) + ((2,) if self.cplx else ())
+        check_cpu(x)
+        seg = segments(p, batch, seqlen)
+        nseq = seg.shape[0]
+        B, C = p.B, p.C
+        if not self.ssd:
+            B, C = token_major(B, fam.B.selective), token_major(C, fam.C.selective)
+        args = [f32(x), f32(dt), f32(p.A), f32(B), f32(C)]
+        if fam.D is not None:
+            args.append(f32(p.D))
+        if fam.gate is not None:
+            args.append(f32(p.z))
+        if fam.delta.bias:
+            args.append(f32(bias))
+        h0 = f32(init) if init is not None else self.placeholders(state_shape)
+        y = empty(args[0].shape)
+        hT = empty((nseq,) + state_shape) if want else \
+            self.placeholders(state_shape)
+        args += [h0, seg, y, hT, int(init is not None), int(bool(want))]
+        self.fn(*args)
+        final = state_out(hT, self.cplx) if want else None
+        return output(y, x), final

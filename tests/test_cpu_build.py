@@ -1,0 +1,140 @@
+"""The CPU backend's machinery: readable TIR, vectorized math in the compiled code, the disk
+cache, artifacts (host and cross), LLVM target strings, and what it refuses."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from families import dense, mamba1, mamba2, s4_dplr
+from ssmc.backends import cpu
+from ssmc.backends.cpu import tvmbuild
+from ssmc.errors import TargetError
+from ssmc.ir import Algorithm
+from ssmc.plan import make_plan
+from test_cpu_helpers import CONFIG, check, problem
+
+from conftest import TOL, rel_err
+
+
+def test_lower_is_readable_tvmscript_that_parses():
+    import tvm
+    plan = make_plan(mamba1())
+    src = cpu.lower(plan, CONFIG)
+    assert src.startswith("# ssmc cpu kernel: Mamba1, algorithm scan")
+    for piece in ("T.parallel", "T.vectorized", "def ssmc_scan", "T.round("):
+        assert piece in src, piece
+    assert "T.exp(" not in src, "the hot loop must use the vectorizable polynomial exp"
+    assert tvm.script.from_source(src) is not None
+
+
+@pytest.mark.parametrize("scalef", [True, False], ids=["ldexp", "exponent_bits"])
+def test_compiled_scan_has_no_scalar_libm_calls(scalef):
+    """T.exp would lower to scalar expf calls; the generated kernel must not call libm, with
+    either way of applying 2^k."""
+    plan = make_plan(mamba1(channels=32, state=16))
+    cfg = dict(CONFIG, scalef=scalef)
+    exe, _ = tvmbuild.compile_source(cpu.lower(plan, cfg), tvmbuild.target_dict("cpu"))
+    ir = exe.mod.inspect_source("ll")
+    for fn in ("@expf", "@logf", "@ldexpf", "@llvm.exp.f32", "@llvm.log.f32"):
+        assert fn not in ir, f"scalar {fn} in the scan kernel"
+    assert "x float>" in ir, "no vector arithmetic in the scan kernel"
+
+
+def test_exponent_bits_variant_is_correct(seed):
+    """The 2^k-from-bits exp (targets without AVX-512's vscalefps), against the oracle."""
+    from test_cpu_helpers import kernel
+    fam = mamba1(method=__import__("ssmc.ir", fromlist=["Method"]).Method.ZOH)
+    k = kernel(fam, scalef=False)
+    for L in (7, 33):
+        check(k, problem(fam, seqlen=L, seed=seed + L, with_state=True), what=f"bits L={L}")
+
+
+def test_disk_cache_reload(tmp_path, seed):
+    plan = make_plan(mamba2(heads=2, head_dim=8, state=8))
+    config = {"cache_dir": str(tmp_path)}
+    first = cpu.build(plan, config)
+    assert not first.cached and first.path.exists() and first.path.parent == tmp_path / "cpu"
+    tvmbuild._MEMO.clear()   # a new process: only the disk cache is left
+    second = cpu.build(plan, config)
+    assert second.cached and second.path == first.path
+    # the plan's TIR text was reused from the cache too (no generation on a warm build)
+    assert list((tmp_path / "cpu").glob("*.plan"))
+    assert (tmp_path / "cpu" / f"{first.path.stem}.tir.py").read_text() == first.source
+    third = cpu.build(plan, config)   # in-process memo
+    assert third.cached
+    p = problem(plan.family, seqlen=9, seed=seed, with_state=True)
+    check(second, p, what="kernel loaded from the disk cache")
+
+
+def test_write_artifact_host(tmp_path):
+    import tvm
+    plan = make_plan(mamba1(channels=16, state=8), Algorithm.STEP)
+    paths = cpu.write_artifact(plan, CONFIG, tmp_path)
+    text, lib = paths
+    assert text.endswith(".tir.py") and "def ssmc_step" in open(text).read()
+    assert lib.endswith(".so")
+    module = tvm.runtime.load_module(lib)
+    assert module["ssmc_step"] is not None
+
+
+def test_write_artifact_cross_aarch64(tmp_path):
+    plan = make_plan(mamba1(channels=16, state=8))
+    cfg = dict(CONFIG, llvm_target="llvm -mtriple=aarch64-linux-gnu")
+    text, lib = cpu.write_artifact(plan, cfg, tmp_path)
+    with open(lib, "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF"
+    assert struct.unpack("<H", head[18:20])[0] == 183, "not an AArch64 object"
+    with pytest.raises(TargetError, match="does not run on this machine"):
+        cpu.build(plan, cfg)
+
+
+def test_target_strings():
+    host = tvmbuild.target_dict("cpu")
+    assert host["kind"] == "llvm" and host["mcpu"] not in ("", "native")
+    assert tvmbuild.target_dict("llvm -mcpu=native") == host
+    t = tvmbuild.target_dict("llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+    assert t == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    with pytest.raises(TargetError):
+        tvmbuild.target_dict("cuda -arch=sm_90")
+    with pytest.raises(TargetError):
+        tvmbuild.target_dict("llvm mcpu")
+
+
+def test_refuses_matrix_a_with_reasons():
+    assert "dplr" in cpu.supports(make_plan(s4_dplr(), Algorithm.SCAN))
+    assert "dense" in cpu.supports(make_plan(dense(), Algorithm.SCAN))
+    with pytest.raises(TargetError):
+        cpu.build(make_plan(dense(), Algorithm.SCAN), CONFIG)
+
+
+def test_candidates_are_valid_configs(seed):
+    plan = make_plan(mamba1(channels=16, state=8))
+    cands = cpu.candidates(plan)
+    assert len(cands) >= 2 and all("lanes" in c for c in cands)
+    k = cpu.build(plan, dict(cands[-1], **CONFIG))
+    check(k, problem(plan.family, seqlen=7, seed=seed), what=str(cands[-1]))
+
+
+def test_through_ssmc_compile(seed):
+    import ssmc
+    spec = """
+ssm Tiny {
+  dims       heads = 2, head_dim = 8, state = 8, groups = 1
+  A          scalar per head = -exp(A_log)
+  delta      selective = softplus(dt + dt_bias)
+  B, C       selective per group
+  D          per head
+  gate       silu(z)
+  discretize exp_euler
+  compute    chunked(8)
+}
+"""
+    fn = ssmc.compile(spec, target="cpu", config=CONFIG)
+    kw = fn.example_inputs(batch=2, seqlen=11, seed=seed)
+    kw_np = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    y = fn(**kw_np)   # numpy inputs are converted by signature.bind
+    ref = ssmc.compile(spec, target="reference")(**kw)
+    assert rel_err(y, ref.double()) <= TOL["float32"]
