@@ -22,8 +22,8 @@ from ssmc.errors import TargetError  # noqa: E402
 from ssmc.ir import Method, Sharing  # noqa: E402
 from ssmc.plan import make_plan  # noqa: E402
 from ssmc.signature import bind, example_inputs  # noqa: E402
-from tests.conftest import assert_rel_close, rel_err  # noqa: E402
-from tests.families import mamba2  # noqa: E402
+from conftest import assert_rel_close, rel_err  # noqa: E402
+from families import mamba2  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 CHUNK = 16
@@ -136,7 +136,7 @@ def test_non_positive_decay_is_refused(method):
 
 
 def test_non_scalar_a_is_refused():
-    from tests.families import mamba1
+    from families import mamba1
     from ssmc.ir import Algorithm
     plan = make_plan(mamba1(), Algorithm.SCAN)
     assert "chunked" in chunked.supports_chunked(plan)
