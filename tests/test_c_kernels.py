@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import assert_rel_close
-from families import mamba1, mamba2, s4d, s5
+from pathlib import Path
+
+from families import dense, mamba1, mamba2, s4_dplr, s4d, s5
 from ssmc.backends import reference
 from ssmc.ir import Algorithm, AStructure, BCSpec, Method, Sharing
 from ssmc.plan import convention_of, make_plan
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (
 
 STRICT = {"cflags": ["-pedantic", "-Wextra"]}
 LENGTHS = (1, 7, 17, 33)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 _KERNELS = {}
 
 
@@ -120,6 +123,38 @@ def test_convolution_matches_oracle(name, method, seed):
     for i, seqlen in enumerate(LENGTHS):
         check_against_oracle(plan, inputs(plan, seed + i, seqlen=seqlen, with_state=True))
     check_against_oracle(plan, inputs(plan, seed, seqlen=9))
+
+
+MATRIX_CONV_FAMILIES = {
+    "s4-dplr-r1-bilinear": lambda: s4_dplr(rank=1, method=Method.BILINEAR),
+    "s4-dplr-r1-zoh": lambda: s4_dplr(rank=1, method=Method.ZOH),
+    "s4-dplr-r2-bilinear": lambda: s4_dplr(rank=2, method=Method.BILINEAR),
+    "s4-dplr-r2-zoh": lambda: s4_dplr(rank=2, method=Method.ZOH),
+    "s4-dplr-trapezoidal": lambda: s4_dplr(rank=1, method=Method.TRAPEZOIDAL),
+    "dense-zoh": lambda: dense(method=Method.ZOH, algorithm=Algorithm.CONV, selective=False),
+}
+
+
+@pytest.mark.parametrize("name", list(MATRIX_CONV_FAMILIES))
+def test_matrix_a_convolution_matches_oracle(name, seed):
+    """DPLR/dense A: Abar, Bbar B from the host's float64 discretization, K in C."""
+    plan = plan_of(MATRIX_CONV_FAMILIES[name]())
+    assert plan.algorithm is Algorithm.CONV
+    for i, seqlen in enumerate((1, 7, 33)):
+        check_against_oracle(plan, inputs(plan, seed + i, seqlen=seqlen, with_state=True))
+    check_against_oracle(plan, inputs(plan, seed, seqlen=9))
+    check_against_oracle(plan, inputs(plan, seed, batch=1, seqlen=27, with_state=True,
+                                      varlen=[6, 0, 1, 20]))
+
+
+def test_s4_example_compiles_for_c_and_matches_oracle(seed):
+    import ssmc
+    k = ssmc.compile(EXAMPLES / "s4.ssm", target="c", config=STRICT)
+    kw = k.example_inputs(batch=2, seqlen=33, seed=seed, with_state=True)
+    y64, h64 = reference.run_float64(bind(k.family, k.convention, (), kw))
+    y, last = k(**kw)
+    assert_rel_close("y", y, y64, "float32")
+    assert_rel_close("last_state", last, h64, "float32")
 
 
 STEP_FAMILIES = {
@@ -224,6 +259,7 @@ def test_c_entry_checks_its_sizes_and_offsets():
     (mamba1(structure=AStructure.DPLR, rank=1, selective_B=False, selective_C=False,
             selective_delta=False), Algorithm.SCAN, "dplr"),
     (mamba1(structure=AStructure.DENSE), Algorithm.SCAN, "dense"),
+    (s4_dplr(algorithm=Algorithm.STEP), Algorithm.STEP, "dplr"),
     (mamba1(), Algorithm.CHUNKED, "chunked"),
     (mamba1(method=Method.TRAPEZOIDAL), Algorithm.STEP, "trapezoidal"),
     (mamba1(), Algorithm.CONV, "LTI"),

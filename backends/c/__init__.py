@@ -27,9 +27,10 @@ def supports(plan: KernelPlan) -> Optional[str]:
     """None when the C target can compile ``plan``, else the reason in words."""
     fam = plan.family
     structure = fam.A.structure
-    if structure in (AStructure.DPLR, AStructure.DENSE):
+    if structure in (AStructure.DPLR, AStructure.DENSE) and plan.algorithm is not Algorithm.CONV:
         return (f"{structure.value} A needs matrix exponentials/solves per step; the C target "
-                "generates scalar, diagonal and complex-diagonal A")
+                "generates scan/step for scalar, diagonal and complex-diagonal A (use conv: "
+                "it discretizes a matrix A once, on the host)")
     if plan.algorithm is Algorithm.CHUNKED and structure is not AStructure.SCALAR:
         return "the chunked algorithm is SSD's, for scalar A; use scan"
     if plan.algorithm is Algorithm.CONV and not fam.is_lti:

@@ -17,6 +17,7 @@ from ssmc.errors import CallError
 from ssmc.ir import Algorithm, Convention
 
 from .layout import Layout, Param, tensor_names
+from .matrix_conv import host_coefficients, is_matrix_conv
 
 
 @dataclass
@@ -128,13 +129,16 @@ def marshal(L: Layout, problem) -> Call:
         if cu is not None and (int(cu[0]) < 0 or int(cu[-1]) > seqlen
                                or bool((cu[1:] < cu[:-1]).any())):
             raise CallError(f"cu_seqlens must be nondecreasing offsets within [0, {seqlen}]")
+    # matrix A's conv takes the host's float64 discretization (matrix_conv.py), not dt/A/B/P/Q
+    host = host_coefficients(L.plan, problem) if is_matrix_conv(L.plan) else {}
     for p in L.params:
         if p.kind == "size":
             call.values[p.name] = {"batch": batch, "seqlen": seqlen, "nseq": nseq}[p.name]
         elif p.kind == "offsets":
             call.values[p.name] = cu
         elif p.role == "in":
-            call.values[p.name] = _input(L, p, _get(problem, p.name), batch, seqlen, nseq)
+            value = host[p.name] if p.name in host else _get(problem, p.name)
+            call.values[p.name] = _input(L, p, value, batch, seqlen, nseq)
         elif p.role == "inout":
             user = _get(problem, p.name)
             if user is None:

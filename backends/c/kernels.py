@@ -11,6 +11,7 @@ the 3 * STATE multiply-adds of the row's update.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import List, Tuple
 
@@ -18,6 +19,7 @@ from ssmc.ir import Algorithm
 
 from .cexpr import coefficient_statements, coefficient_terms, delta_statements
 from .layout import INDEX_VAR, Layout, Param, tensor_names
+from .matrix_conv import c_generator as matrix_c_generator, is_matrix_conv
 from .source import Code, prototype
 
 
@@ -274,8 +276,11 @@ def conv(L: Layout):
     """LTI: K_k = C Ā^k B̄ B (2 Re for complex A), then y = K * x, a direct causal convolution.
 
     The initial state's free response (C Ā^{t+1} h0) is added to y, and the final state is the
-    recurrence run over the sequence: O(l n) each, beside the O(l^2) convolution.
+    recurrence run over the sequence: O(l n) each, beside the O(l^2) convolution. Matrix A
+    (DPLR, dense): matrix_conv.py, the same structure with n x n products.
     """
+    if is_matrix_conv(L.plan):
+        return matrix_c_generator(L, sys.modules[__name__])
     names = _tensor_names(L)
     kname = f"{L.prefix}_conv_kernel"
     kparams = _conv_kernel_params(L)

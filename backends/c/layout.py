@@ -19,16 +19,19 @@ from ssmc.ir import Algorithm, AStructure, KernelPlan, Sharing
 from ssmc.plan import convention_of
 from ssmc.ir import Convention
 
+from .matrix_conv import c_params, is_matrix_conv
+
 # The loop variable the generated C uses for each logical dim letter.
 INDEX_VAR = {"b": "bi", "s": "s", "l": "t", "h": "hh", "p": "pp", "d": "ch", "g": "gg",
-             "n": "nn", "k": "k"}
+             "n": "nn", "k": "k", "m": "mm"}
 
 DIM_WORDS = {"b": "batch", "s": "sequence (batch row, or cu_seqlens entry when varlen)",
              "l": "time", "h": "head", "p": "head_dim", "d": "channel", "g": "group",
-             "n": "state", "k": "lag"}
+             "n": "state", "k": "lag", "m": "state (column of a matrix A's Abar)"}
 
 
-SIZE_MACROS = {"h": "HEADS", "p": "HEAD_DIM", "d": "CHANNELS", "n": "STATE", "g": "GROUPS"}
+SIZE_MACROS = {"h": "HEADS", "p": "HEAD_DIM", "d": "CHANNELS", "n": "STATE", "g": "GROUPS",
+               "m": "STATE_COLS"}
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,9 @@ def make_layout(plan: KernelPlan) -> Layout:
         params.append(Param("conv_kernel", "tensor", "workspace: the convolution kernel K, "
                             "(heads or channels, seqlen) floats", (coef, "k"), role="out"))
     sizes = {"n": fam.dims.state, "g": fam.dims.groups}
+    if is_matrix_conv(plan):   # the host discretizes matrix A: see matrix_conv.py
+        params = c_params(plan, params, Param)
+        sizes["m"] = fam.dims.state
     if ssd:
         sizes.update(h=fam.dims.heads, p=fam.dims.head_dim)
     else:

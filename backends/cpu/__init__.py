@@ -33,9 +33,9 @@ _CONFIG_KEYS = {"llvm_target", "target", "cache_dir", "num_threads", "lanes", "u
 def supports(plan: KernelPlan) -> Optional[str]:
     fam = plan.family
     st = fam.A.structure
-    if st in (AStructure.DPLR, AStructure.DENSE):
-        return (f"{st.value} A (a matrix per channel) is not implemented by the CPU backend; "
-                "use the reference or c target")
+    if st in (AStructure.DPLR, AStructure.DENSE) and plan.algorithm is not Algorithm.CONV:
+        return (f"{st.value} A (a matrix per channel) is implemented by the CPU backend's conv "
+                f"algorithm only (Abar formed once on the host), not {plan.algorithm.value}")
     if plan.algorithm not in _GENERATORS:
         return f"unknown algorithm {plan.algorithm}"
     if plan.algorithm is Algorithm.CONV and not fam.is_lti:

@@ -12,6 +12,11 @@ Three steps per call:
 3. ``ssmc_conv_boundary`` (TIR, from the scan generator in "conv" mode) adds the initial
    state's free response, applies D and the gate, and runs the recurrence for the final state
    only when it is asked for.
+
+Matrix A (DPLR, dense): Ā and B̄ B are formed per call on the host in float64 from the plan's
+expressions (``ssmc.backends.c.matrix_conv.host_coefficients``, shared with the C target), and
+both TIR functions take them in place of Δ, A, B: K by power iteration (h_k = Ā h_{k-1},
+K_k = C h_k, one task per channel), the boundary pass with n x n products.
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from typing import List
 
 import torch
 
+from ssmc.backends.c.matrix_conv import has_prev_term, host_coefficients, is_matrix_conv
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
 from . import coeffs as co
 from . import launch, scan
 from .fastmath import MathOptions
-from .tir import Writer, delta_expr, lanes_for, match_buffer
+from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer
 
 
 def default_config(plan: KernelPlan) -> dict:
@@ -138,10 +144,148 @@ def _kernel_generator(plan: KernelPlan, config: dict) -> str:
     return w.text()
 
 
+def _matrix_signature(w: Writer, name: str, args: List[str], scalars: str = "") -> None:
+    w("@T.prim_func")
+    w(f"def {name}({', '.join(a + ': T.handle' for a in args)}{scalars}):")
+    w.depth += 1
+    w(f'T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})')
+
+
+def _matrix_inputs(w: Writer, plan: KernelPlan) -> List[str]:
+    """abar (d, n, n), bbar_B (d, n) [, bbar_prev_B], C (d, n): the host's discretization."""
+    d, n = plan.family.dims.d_inner, plan.family.dims.state
+    match_buffer(w, "abar", "abar_h", (d, n, n))
+    names = ["abar", "bbar_B"] + (["bbar_prev_B"] if has_prev_term(plan) else []) + ["C"]
+    for name in names[1:]:
+        match_buffer(w, name, f"{name}_h", (d, n))
+    return [f"{a}_h" for a in names]
+
+
+def _local(w: Writer, name: str, size: int) -> None:
+    w(f'{name} = T.alloc_buffer(({size},), "float32", scope="global")')
+
+
+def _matvec(w: Writer, n: int, src: str, dst: str, extra: str = "") -> None:
+    """dst = Abar[u] src (+ extra(i)); acc[0] holds each row's sum."""
+    with w.block(f"for i in T.serial({n}):"):
+        w("acc[0] = T.float32(0.0)")
+        with w.block(f"for j in T.serial({n}):"):
+            w(f"acc[0] = acc[0] + abar[u, i, j] * {src}[j]")
+        w(f"{dst}[i] = acc[0]{extra}")
+
+
+def _matrix_kernel_generator(plan: KernelPlan, config: dict) -> str:
+    """K[u, k] = C_u v_k: v_0 = Bbar B, v_1 = Abar v_0 (+ Bbar_prev B), v_k = Abar v_{k-1}."""
+    d, n = plan.family.dims.d_inner, plan.family.dims.state
+    w = Writer()
+    w("# ssmc CPU convolution kernel generator, matrix A (generated; see backends/cpu/conv.py)")
+    args = ["abar_h", "bbar_B_h"] + (["bbar_prev_B_h"] if has_prev_term(plan) else []) + ["C_h", "K_h"]
+    _matrix_signature(w, "ssmc_conv_kernel", args)
+    w("Lk = T.int64()")
+    _matrix_inputs(w, plan)
+    match_buffer(w, "K", "K_h", (d, "Lk"))
+    with w.block(f"for u in T.parallel({d}):"):
+        for name in ("v", "v_next"):
+            _local(w, name, n)
+        _local(w, "acc", 1)
+        with w.block(f"for i in T.serial({n}):"):
+            w("v[i] = bbar_B[u, i]")
+        with w.block("for k in T.serial(Lk):"):
+            w("acc[0] = T.float32(0.0)")
+            with w.block(f"for i in T.serial({n}):"):
+                w("acc[0] = acc[0] + C[u, i] * v[i]")
+            w("K[u, k] = acc[0]")
+            lag1 = (" + T.Select(k == 0, bbar_prev_B[u, i], T.float32(0.0))"
+                    if has_prev_term(plan) else "")
+            _matvec(w, n, "v", "v_next", lag1)
+            with w.block(f"for i in T.serial({n}):"):
+                w("v[i] = v_next[i]")
+    return w.text()
+
+
+def _matrix_boundary_generator(plan: KernelPlan, config: dict) -> str:
+    """Per (sequence, channel): y = ylin + C Abar^(t+1) h0, D, gate; the final state's
+    recurrence h = Abar h + Bbar B x_t (+ Bbar_prev B x_{t-1}) only when asked for."""
+    fam = plan.family
+    d, n = fam.dims.d_inner, fam.dims.state
+    prev = has_prev_term(plan)
+    w = Writer()
+    w.math = MathOptions.for_config(config)
+    w("# ssmc CPU convolution boundary pass, matrix A (generated; see backends/cpu/conv.py)")
+    coef = ["abar_h", "bbar_B_h"] + (["bbar_prev_B_h"] if prev else []) + ["C_h"]
+    args = ["x_h"] + coef + (["D_h"] if fam.D is not None else []) + \
+        (["z_h"] if fam.gate is not None else []) + ["h0_h", "seg_h", "y_h", "hT_h", "ylin_h"]
+    _matrix_signature(w, "ssmc_conv_boundary", args, ", has_init: T.int32, has_final: T.int32")
+    for v in ("nb", "L", "nseg", "ninit", "nfin"):
+        w(f"{v} = T.int64()")
+    act = ("nb", d, "L")
+    match_buffer(w, "x", "x_h", act)
+    _matrix_inputs(w, plan)
+    if fam.D is not None:
+        match_buffer(w, "D", "D_h", (d,))
+    if fam.gate is not None:
+        match_buffer(w, "z", "z_h", act)
+    match_buffer(w, "h0", "h0_h", ("ninit", d, n))
+    match_buffer(w, "seg", "seg_h", ("nseg", 3), "int64")
+    match_buffer(w, "y", "y_h", act)
+    match_buffer(w, "hT", "hT_h", ("nfin", d, n))
+    match_buffer(w, "ylin", "ylin_h", act)
+    with w.block(f"for task in T.parallel(nseg * {d}):"):
+        w(f"sq: T.let = task // {d}")
+        w(f"u: T.let = task % {d}")
+        w("bi: T.let = seg[sq, 0]")
+        w("t0: T.let = seg[sq, 1]")
+        w("tl: T.let = seg[sq, 2] - seg[sq, 1]")
+        for name in ("h", "h_next"):
+            _local(w, name, n)
+        for name in ("acc", "yt", "xprev"):
+            _local(w, name, 1)
+
+        def load_h0():
+            # a statement-level branch: without an initial state h0 is a 1-row placeholder
+            with w.block("if has_init != 0:"):
+                with w.block(f"for i in T.serial({n}):"):
+                    w("h[i] = h0[sq, u, i]")
+            with w.block("else:"):
+                with w.block(f"for i in T.serial({n}):"):
+                    w("h[i] = T.float32(0.0)")
+        load_h0()
+        with w.block("for t in T.serial(tl):"):
+            w("yt[0] = ylin[bi, u, t0 + t]")
+            with w.block("if has_init != 0:"):
+                _matvec(w, n, "h", "h_next")
+                with w.block(f"for i in T.serial({n}):"):
+                    w("h[i] = h_next[i]")
+                    w("yt[0] = yt[0] + C[u, i] * h[i]")
+            out = epilogue(w, fam, "yt[0]", "x[bi, u, t0 + t]",
+                           "D[u]" if fam.D is not None else None,
+                           "z[bi, u, t0 + t]" if fam.gate is not None else None)
+            w(f"y[bi, u, t0 + t] = {out}")
+        with w.block("if has_final != 0:"):
+            load_h0()
+            w("xprev[0] = T.float32(0.0)")
+            with w.block("for t in T.serial(tl):"):
+                drive = " + bbar_B[u, i] * x[bi, u, t0 + t]"
+                if prev:
+                    drive += " + bbar_prev_B[u, i] * xprev[0]"
+                _matvec(w, n, "h", "h_next", drive)
+                with w.block(f"for i in T.serial({n}):"):
+                    w("h[i] = h_next[i]")
+                if prev:
+                    w("xprev[0] = x[bi, u, t0 + t]")
+            with w.block(f"for i in T.serial({n}):"):
+                w("hT[sq, u, i] = h[i]")
+    return w.text()
+
+
 def generate(plan: KernelPlan, config: dict) -> str:
     """TVMScript of an IRModule with ``ssmc_conv_kernel`` and ``ssmc_conv_boundary``."""
-    kernel = _kernel_generator(plan, config)
-    boundary = scan.generate(plan, config, mode="conv")
+    if is_matrix_conv(plan):
+        kernel = _matrix_kernel_generator(plan, config)
+        boundary = _matrix_boundary_generator(plan, config)
+    else:
+        kernel = _kernel_generator(plan, config)
+        boundary = scan.generate(plan, config, mode="conv")
 
     def indent(text):
         return "\n".join(("    " + ln) if ln else ln for ln in text.splitlines())
@@ -163,6 +307,8 @@ def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 class Runner:
     def __init__(self, plan: KernelPlan, module):
+        self.plan = plan
+        self.matrix = is_matrix_conv(plan)
         self.fam = plan.family
         self.ssd = self.fam.A.structure is AStructure.SCALAR
         self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
@@ -187,8 +333,13 @@ class Runner:
         units = fam.dims.heads if self.ssd else fam.dims.d_inner
         x32, dt32, A, B, C = (launch.f32(t) for t in (x, dt, p.A, p.B, p.C))
         K = launch.empty((units, longest))
-        kargs = [dt32, A, B, C] + ([launch.f32(bias)] if fam.delta.bias else []) + [K]
-        self.kernel_fn(*kargs)
+        if self.matrix:   # the host's float64 Abar, Bbar B (Bbar_prev B) replace dt, A, B
+            host = host_coefficients(self.plan, p)
+            coefs = [host[k] for k in ("abar", "bbar_B", "bbar_prev_B", "C") if k in host]
+            self.kernel_fn(*coefs, K)
+        else:
+            kargs = [dt32, A, B, C] + ([launch.f32(bias)] if fam.delta.bias else []) + [K]
+            self.kernel_fn(*kargs)
         # the convolution runs along time: (b, d, L) as is; SSD's (b, L, h, p) as (b, h, p, L)
         xt = x32.permute(0, 2, 3, 1) if self.ssd else x32
         Kt = K[:, None, :] if self.ssd else K
@@ -200,15 +351,18 @@ class Runner:
                 if end > start:
                     ylin_t[..., start:end] = causal_conv(xt[..., start:end], Kt)
         ylin = ylin_t.permute(0, 3, 1, 2).contiguous() if self.ssd else ylin_t
-        if not self.ssd:   # the boundary pass (scan generator) reads B/C token-major
-            B = launch.f32(launch.token_major(p.B, fam.B.selective))
-            C = launch.f32(launch.token_major(p.C, fam.C.selective))
-        args = [x32, dt32, A, B, C]
+        if self.matrix:
+            args = [x32] + coefs
+        else:
+            if not self.ssd:   # the boundary pass (scan generator) reads B/C token-major
+                B = launch.f32(launch.token_major(p.B, fam.B.selective))
+                C = launch.f32(launch.token_major(p.C, fam.C.selective))
+            args = [x32, dt32, A, B, C]
         if fam.D is not None:
             args.append(launch.f32(p.D))
         if fam.gate is not None:
             args.append(launch.f32(p.z))
-        if fam.delta.bias:
+        if fam.delta.bias and not self.matrix:
             args.append(launch.f32(bias))
         h0 = launch.f32(init) if init is not None else self.placeholders(state_shape)
         y = launch.empty(x32.shape)
