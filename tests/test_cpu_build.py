@@ -55,13 +55,18 @@ def test_disk_cache_reload(tmp_path, seed):
     plan = make_plan(mamba2(heads=2, head_dim=8, state=8))
     config = {"cache_dir": str(tmp_path)}
     first = cpu.build(plan, config)
-    assert not first.cached and first.path.exists() and first.path.parent == tmp_path / "cpu"
+    # The library lives in the ssmc artifact cache (atomic, locked, verified; `ssmc cache ls`).
+    from ssmc.runtime.cache import ArtifactCache
+    assert not first.cached and first.path.exists()
+    assert first.path.parent.parent.parent == tmp_path / "kernels"
+    entries = ArtifactCache(tmp_path).ls()
+    assert [e.path for e in entries] == [first.path.parent]
     tvmbuild._MEMO.clear()   # a new process: only the disk cache is left
     second = cpu.build(plan, config)
     assert second.cached and second.path == first.path
     # the plan's TIR text was reused from the cache too (no generation on a warm build)
     assert list((tmp_path / "cpu").glob("*.plan"))
-    assert (tmp_path / "cpu" / f"{first.path.stem}.tir.py").read_text() == first.source
+    assert (first.path.parent / "kernel.tir.py").read_text() == first.source
     third = cpu.build(plan, config)   # in-process memo
     assert third.cached
     p = problem(plan.family, seqlen=9, seed=seed, with_state=True)

@@ -1,9 +1,9 @@
 """Compiling the generated C with the system compiler, caching the library, calling it.
 
-The shared library is cached under ``$SSMC_CACHE_DIR/c`` (default ``~/.cache/ssmc/c``), keyed
-by the sha256 of the sources, the compiler's version line and the flags; the sources are kept
-beside it so that a cached kernel can be read. The cache directory is read once per build call
-(the edge of this backend), never inside the kernel.
+The shared library is kept in the ssmc artifact cache (``ssmc.runtime.cache``: under
+``$SSMC_CACHE_DIR``, default ``~/.cache/ssmc``; listed by ``ssmc cache ls``), keyed by the
+sha256 of the sources, the compiler's version line and the flags; the sources are kept beside it
+so that a cached kernel can be read.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -30,11 +29,6 @@ HOST_CC = "gcc"
 WARNINGS = ["-Wall", "-Werror"]
 ERRORS = {1: "a negative size", 2: "cu_seqlens given with batch != 1",
           3: "cu_seqlens offsets not nondecreasing within [0, seqlen]"}
-
-
-def cache_root() -> Path:
-    base = os.environ.get("SSMC_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "ssmc") / "c"
 
 
 @lru_cache(maxsize=None)
@@ -70,35 +64,30 @@ def host_flags(config: dict) -> List[str]:
 
 def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cc: str = HOST_CC,
                    libs: Sequence[str] = ("-lm",), root: Optional[Path] = None) -> Path:
-    """Compile the ``.c`` files of ``files`` into ``output`` (cached); returns its path."""
-    key = hashlib.sha256()
+    """Compile the ``.c`` files of ``files`` into ``output`` in the ssmc artifact cache (atomic,
+    locked, verified: ssmc.runtime.cache); returns its path."""
+    from ssmc.runtime.cache import ArtifactCache, default_cache
+    cache = ArtifactCache(root) if root is not None else default_cache()
+    sources_sha = hashlib.sha256()
     for name in sorted(files):
-        key.update(name.encode() + b"\0" + files[name].encode() + b"\0")
-    key.update(compiler_id(cc).encode() + b"\0" + " ".join(flags).encode() + b"\0"
-               + " ".join(libs).encode())
+        sources_sha.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    parts = {"backend": "c", "sources_sha256": sources_sha.hexdigest(), "output": output,
+             "compiler": compiler_id(cc), "flags": list(flags), "libs": list(libs)}
     if "-march=native" in flags:      # the same flags mean different code on another CPU
-        key.update(_cpu_id().encode())
-    folder = (root or cache_root()) / key.hexdigest()[:32]
-    target = folder / output
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    sources = [name for name in sorted(files) if name.endswith(".c")]
-    # Build under a temporary name and rename: concurrent builds of one kernel cannot see a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{output}.")
-    os.close(fd)
-    cmd = [cc, *flags, *sources, "-o", tmp, *libs]
-    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise TargetError(f"{cc} failed on the generated C ({folder}):\n  {' '.join(cmd)}\n"
-                          f"{proc.stderr.strip()}")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
-    return target
+        parts["cpu"] = _cpu_id()
+
+    def build(folder: Path) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        sources = [name for name in sorted(files) if name.endswith(".c")]
+        cmd = [cc, *flags, *sources, "-o", output, *libs]
+        proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise TargetError(f"{cc} failed on the generated C:\n  {' '.join(cmd)}\n"
+                              f"{proc.stderr.strip()}")
+        os.chmod(folder / output, 0o755)
+
+    return cache.get_or_build(cache.key(**parts), build) / output
 
 
 def _argtypes(params) -> List[object]:

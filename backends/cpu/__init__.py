@@ -147,7 +147,7 @@ def build(plan: KernelPlan, config: Optional[dict] = None) -> CpuKernel:
     pkey = _build.plan_key(ir_hash(plan), shown, tdict)
     source = _build.cached_source(pkey, config) or lower(plan, config)
     built = _build.load(source, tdict, config)
-    _build.remember_source(pkey, built.key, config)
+    _build.remember_source(pkey, built.path.parent, config)
     gen = _GENERATORS[plan.algorithm]
     if plan.algorithm is Algorithm.CONV:
         runner = gen.Runner(plan, built.module)

@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -155,19 +154,21 @@ def cached_source(pkey: str, config: Optional[dict] = None) -> Optional[str]:
     a warm build then skips the (sympy) generation and costs a file read and a dlopen."""
     directory = cache_dir(config)
     try:
-        key = (directory / f"{pkey}.plan").read_text().strip()
-        if (directory / f"{key}.so").exists():
-            return (directory / f"{key}.tir.py").read_text()
+        entry = Path((directory / f"{pkey}.plan").read_text().strip())
+        if (entry / "kernel.so").exists():
+            return (entry / "kernel.tir.py").read_text()
     except OSError:
         pass
     return None
 
 
-def remember_source(pkey: str, key: str, config: Optional[dict] = None) -> None:
+def remember_source(pkey: str, entry: Path, config: Optional[dict] = None) -> None:
+    """Point the plan's key at its artifact-cache entry (the directory holding kernel.so)."""
     directory = cache_dir(config)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{pkey}.plan.{os.getpid()}"
-        tmp.write_text(key)
+        tmp.write_text(str(entry))
         os.replace(tmp, directory / f"{pkey}.plan")
     except OSError:
         pass
@@ -210,40 +211,37 @@ def compile_source(source: str, tdict: dict, config: Optional[dict] = None) -> T
     return exe, time.perf_counter() - t0
 
 
+def _artifact_cache(config: Optional[dict]):
+    from ssmc.runtime.cache import ArtifactCache, default_cache
+    root = (config or {}).get("cache_dir")
+    return ArtifactCache(root) if root else default_cache()
+
+
 def load(source: str, tdict: dict, config: Optional[dict] = None) -> Built:
-    """The compiled module for ``source``: in-process memo, else disk cache, else compile."""
+    """The compiled module for ``source``: in-process memo, else the ssmc artifact cache (atomic,
+    locked, verified: ssmc.runtime.cache), else compile into it."""
     tvm = _tvm()
     key = cache_key(source, tdict)
     with _LOCK:
         if key in _MEMO:
-            return Built(_MEMO[key], key, None, 0.0, True)
+            module, path = _MEMO[key]
+            return Built(module, key, path, 0.0, True)
     t0 = time.perf_counter()
-    directory = cache_dir(config)
-    path = directory / f"{key}.so"
-    if path.exists():
-        try:
-            module = tvm.runtime.load_module(str(path))
-            with _LOCK:
-                _MEMO[key] = module
-            return Built(module, key, path, time.perf_counter() - t0, True)
-        except Exception:  # a truncated or foreign file: rebuild it
-            pass
-    exe, _ = compile_source(source, tdict, config)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Export to a temporary name and rename: concurrent test workers never see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        exe.export_library(tmp)
-        os.replace(tmp, path)
-        (directory / f"{key}.tir.py").write_text(source)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    cache = _artifact_cache(config)
+    entry_key = cache.key(backend="cpu", tir_sha256=key, target=tdict)
+    built_now = []
+
+    def build(folder: Path) -> None:
+        exe, _ = compile_source(source, tdict, config)
+        exe.export_library(str(folder / "kernel.so"))
+        (folder / "kernel.tir.py").write_text(source)
+        built_now.append(True)
+
+    path = cache.get_or_build(entry_key, build) / "kernel.so"
     module = tvm.runtime.load_module(str(path))
     with _LOCK:
-        _MEMO[key] = module
-    return Built(module, key, path, time.perf_counter() - t0, False)
+        _MEMO[key] = (module, path)
+    return Built(module, key, path, time.perf_counter() - t0, not built_now)
 
 
 def export(source: str, tdict: dict, out_path: Path) -> Path:
@@ -254,8 +252,8 @@ def export(source: str, tdict: dict, out_path: Path) -> Path:
     out_path = Path(out_path)
     if runs_here(tdict):
         # A host library is the cached one: copying it keeps a repeated `ssmc compile` fast.
-        cached = cache_dir() / f"{load(source, tdict).key}.so"
-        if cached.exists():
+        cached = load(source, tdict).path
+        if cached is not None and cached.exists():
             shutil.copyfile(cached, out_path)
             return out_path
     exe, _ = compile_source(source, tdict)
