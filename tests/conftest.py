@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Triton decides at its first import whether it interprets: on a machine without a GPU every
+# Triton kernel runs on the CPU interpreter. SSMC_TEST_CUDA=1 runs them compiled on a GPU.
+if os.environ.get("SSMC_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

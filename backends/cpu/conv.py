@@ -318,14 +318,8 @@ class Runner:
 
     def __call__(self, p):
         fam = self.fam
-        if self.ssd:
-            x, dt, bias, init, want = p.x, p.dt, p.dt_bias, p.initial_states, p.return_final_states
-            batch, seqlen = x.shape[0], x.shape[1]
-            state_shape = (fam.dims.heads, fam.dims.head_dim, fam.dims.state)
-        else:
-            x, dt, bias, init, want = p.u, p.delta, p.delta_bias, p.initial_state, p.return_last_state
-            batch, seqlen = x.shape[0], x.shape[-1]
-            state_shape = (fam.dims.d_inner, fam.dims.state) + ((2,) if self.cplx else ())
+        x, dt, bias, init, want, batch, seqlen, state_shape = launch.unpack(p, fam, self.ssd,
+                                                                            self.cplx)
         launch.check_cpu(x)
         seg = launch.segments(p, batch, seqlen)
         lengths = (seg[:, 2] - seg[:, 1])

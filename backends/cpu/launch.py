@@ -99,6 +99,18 @@ def check_cpu(*tensors) -> None:
 # --------------------------------------------------------------------------------------------
 # The scan (and CHUNKED) kernel's call
 
+def unpack(p, fam, ssd: bool, cplx: bool):
+    """The per-token input, Delta, its bias, the initial state and whether the final one is
+    wanted, with batch, seqlen and the state's shape, for either convention's problem."""
+    if ssd:
+        x = p.x
+        return (x, p.dt, p.dt_bias, p.initial_states, p.return_final_states, x.shape[0],
+                x.shape[1], (fam.dims.heads, fam.dims.head_dim, fam.dims.state))
+    x = p.u
+    return (x, p.delta, p.delta_bias, p.initial_state, p.return_last_state, x.shape[0],
+            x.shape[-1], (fam.dims.d_inner, fam.dims.state) + ((2,) if cplx else ()))
+
+
 class ScanRunner:
     """Binds a Problem (SSD or selective-scan convention) to ``ssmc_scan``'s arguments."""
 
@@ -111,14 +123,7 @@ class ScanRunner:
 
     def __call__(self, p):
         fam = self.fam
-        if self.ssd:
-            x, dt, bias, init, want = p.x, p.dt, p.dt_bias, p.initial_states, p.return_final_states
-            batch, seqlen = x.shape[0], x.shape[1]
-            state_shape = (fam.dims.heads, fam.dims.head_dim, fam.dims.state)
-        else:
-            x, dt, bias, init, want = p.u, p.delta, p.delta_bias, p.initial_state, p.return_last_state
-            batch, seqlen = x.shape[0], x.shape[-1]
-            state_shape = (fam.dims.d_inner, fam.dims.state) + ((2,) if self.cplx else ())
+        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, fam, self.ssd, self.cplx)
         check_cpu(x)
         seg = segments(p, batch, seqlen)
         nseq = seg.shape[0]
