@@ -28,6 +28,7 @@ _state = {"selective_scan_cuda": None, "reason": None}
 # The backward pass is not benchmarked here; these instantiations satisfy the bindings' linker
 # needs without compiling the (slow to build) backward kernels.
 _BWD_STUB = r"""
+#include <cstdint>  // selective_scan.h uses uint64_t without including it
 #include "selective_scan.h"
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
