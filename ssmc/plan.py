@@ -13,7 +13,7 @@ from typing import Optional
 
 from .discretize import discretize
 from .errors import SpecError
-from .ir import Algorithm, Convention, KernelPlan, Loc, SSMFamily
+from .ir import Algorithm, Convention, KernelPlan, Loc, Method, SSMFamily
 
 
 def make_plan(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> KernelPlan:
@@ -26,6 +26,20 @@ def make_plan(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> Kerne
     if algorithm is Algorithm.CHUNKED and chunk is None:
         chunk = 64
     return KernelPlan(family=family, algorithm=algorithm, disc=discretize(family), chunk_size=chunk)
+
+
+TRAPEZOIDAL_STEP = ("the trapezoidal method's decode step needs the previous token's B x, which "
+                    "the state_update convention does not carry")
+
+
+def plan_limits(plan: KernelPlan) -> Optional[str]:
+    """Why no target can run ``plan`` (None if the plan itself is fine): facts of the math and
+    the calling convention, so every backend's ``supports`` starts here instead of restating them."""
+    if plan.algorithm is Algorithm.STEP and plan.family.method is Method.TRAPEZOIDAL:
+        return TRAPEZOIDAL_STEP
+    if plan.algorithm is Algorithm.CONV and not plan.family.is_lti:
+        return "the conv algorithm needs a time-invariant (LTI) family (no selective Delta, A, B or C)"
+    return None
 
 
 def convention_of(plan: KernelPlan) -> Convention:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ssmc.errors import TargetError
-from ssmc.ir import Algorithm, AStructure, DType, KernelPlan, Method
+from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.plan import plan_limits
 
 from .kernels import GENERATORS
 from .layout import make_layout
@@ -33,11 +34,9 @@ def supports(plan: KernelPlan) -> Optional[str]:
                 "it discretizes a matrix A once, on the host)")
     if plan.algorithm is Algorithm.CHUNKED and structure is not AStructure.SCALAR:
         return "the chunked algorithm is SSD's, for scalar A; use scan"
-    if plan.algorithm is Algorithm.CONV and not fam.is_lti:
-        return "the convolution needs an LTI family (no selective Delta, A, B or C)"
-    if plan.algorithm is Algorithm.STEP and fam.method is Method.TRAPEZOIDAL:
-        return ("the trapezoidal decode step needs the previous token's B x, which the "
-                "state-update convention does not carry")
+    limit = plan_limits(plan)
+    if limit:
+        return limit
     if fam.dtypes.state is not DType.FLOAT32 or fam.dtypes.accum is not DType.FLOAT32:
         return "the C target keeps state and accumulation in fp32"
     return None

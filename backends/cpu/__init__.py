@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from ssmc.errors import TargetError
-from ssmc.ir import Algorithm, AStructure, DType, KernelPlan, Method
+from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.plan import plan_limits
 
 from . import tvmbuild as _build
 from . import chunked, conv, scan, step
@@ -38,11 +39,9 @@ def supports(plan: KernelPlan) -> Optional[str]:
                 f"algorithm only (Abar formed once on the host), not {plan.algorithm.value}")
     if plan.algorithm not in _GENERATORS:
         return f"unknown algorithm {plan.algorithm}"
-    if plan.algorithm is Algorithm.CONV and not fam.is_lti:
-        return "the conv algorithm needs a time-invariant (LTI) family"
-    if plan.algorithm is Algorithm.STEP and fam.method is Method.TRAPEZOIDAL:
-        return ("the trapezoidal method's decode step needs the previous token's B x, which the "
-                "state_update convention does not carry")
+    limit = plan_limits(plan)
+    if limit:
+        return limit
     if fam.dtypes.state is not DType.FLOAT32 or fam.dtypes.accum is not DType.FLOAT32:
         return "the CPU kernels keep state and accumulation in fp32"
     return None

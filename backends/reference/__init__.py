@@ -21,7 +21,8 @@ import torch
 
 from ssmc.discretize import discretize
 from ssmc.errors import CallError
-from ssmc.ir import Algorithm, KernelPlan, Method, SSMFamily
+from ssmc.ir import Algorithm, KernelPlan, SSMFamily
+from ssmc.plan import plan_limits
 from ssmc.signature import COMPLEX_OF, TORCH_DTYPE, StateUpdateProblem
 
 from . import layout
@@ -31,10 +32,7 @@ NAME = "reference"
 
 
 def supports(plan: KernelPlan) -> Optional[str]:
-    if plan.algorithm is Algorithm.STEP and plan.family.method is Method.TRAPEZOIDAL:
-        return ("the trapezoidal method's decode step needs the previous token's B x, which the "
-                "state_update convention does not carry")
-    return None
+    return plan_limits(plan)
 
 
 def default_config(plan: KernelPlan) -> dict:

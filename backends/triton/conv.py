@@ -23,6 +23,7 @@ from typing import List, Optional
 import sympy as sp
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
+from ssmc.plan import plan_limits
 
 from . import codegen
 
@@ -33,8 +34,9 @@ _MATRIX = (AStructure.DPLR, AStructure.DENSE)
 
 def supports(plan: KernelPlan) -> Optional[str]:
     f = plan.family
-    if not f.is_lti:
-        return "the convolution mode needs an LTI family (Δ, A, B and C all constant)"
+    limit = plan_limits(plan)
+    if limit:
+        return limit
     if f.A.structure is AStructure.SCALAR:
         return "conv for scalar A (SSD convention) is not generated; use the chunked algorithm"
     return None

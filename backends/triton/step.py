@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from ssmc.ir import AStructure, KernelPlan, Method, Sharing
+from ssmc.ir import AStructure, KernelPlan, Sharing
+from ssmc.plan import plan_limits
 
 from . import codegen
 from .codegen import Lines, as_text, cadd, cmul
@@ -28,10 +29,7 @@ def supports(plan: KernelPlan) -> Optional[str]:
     st = plan.family.A.structure
     if st not in (AStructure.SCALAR, AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
         return f"the Triton decode step handles scalar, diagonal and complex-diagonal A, not {st.value}"
-    if plan.family.method is Method.TRAPEZOIDAL:
-        return ("the trapezoidal method's decode step needs the previous token's B x, which the "
-                "state_update convention does not carry")
-    return None
+    return plan_limits(plan)
 
 
 def _is_scalar(plan: KernelPlan) -> bool:
