@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union

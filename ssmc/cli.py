@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import SSMCError
-from .ir import Algorithm, Loc, SpecFile
+from .ir import Algorithm, SpecFile
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +109,16 @@ def cmd_show(args) -> int:
 
 
 def _versions() -> dict:
+    """Tool versions for the manifest, read from package metadata: importing tvm or triton just
+    to ask costs seconds, and a C or reference compile needs neither."""
+    from importlib import metadata
     out = {"ssmc": __version__, "python": platform.python_version()}
-    for mod in ("torch", "triton", "tvm", "sympy", "lark", "numpy"):
+    for name, dist in (("torch", "torch"), ("triton", "triton"), ("tvm", "apache-tvm"),
+                       ("sympy", "sympy"), ("lark", "lark"), ("numpy", "numpy")):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # an optional tool missing is recorded, not fatal
-            out[mod] = None
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # an optional tool missing is recorded, not fatal
+            out[name] = None
     return out
 
 
