@@ -241,8 +241,8 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
                 t = ms(lambda: kern(p), rep=100)
                 row["sweep"].append((cfg, round(t, 4)))
                 print(f"  {label} {cfg}: {t:.4f} ms  (segments "
-                      f"{_segments_used(kern, p)}; err {rel_err(*_err_pair(kern, plan, p, seqlen)):.1e})",
-                      flush=True)
+                      f"{_segments_used(kern, p)}; err {rel_err(*_err_pair(kern, plan, p, seqlen)):.1e}; "
+                      f"{_breakdown_text(lambda: kern(p))})", flush=True)
             best_cfg = min(row["sweep"], key=lambda r: r[1])[0]
         kern = tb.build(plan, best_cfg)
         y, _ = kern(p)
@@ -269,6 +269,13 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
     return out
+
+
+def _breakdown_text(fn) -> str:
+    """Per-kernel device times of one call, shortest names first (which pass costs what)."""
+    from gpu import kernel_breakdown
+    parts = sorted(kernel_breakdown(fn).items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k.split('_seg_')[-1][:24]} {v:.3f}" for k, v in parts[:4])
 
 
 def _segments_used(kern, p) -> int:
@@ -397,11 +404,17 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-cuda-scan", action="store_true")
     ap.add_argument("--scan-only", action="store_true", help="skip the decode-step rows")
+    ap.add_argument("--configs", type=json.loads, default=None,
+                    help='replace the scan sweep: JSON {"2048": [cfg, ...], "16384": [...]}')
     ap.add_argument("--anchor-only", action="store_true",
                     help="time only mamba_ssm's CUDA selective scan (after its JIT build)")
     args = ap.parse_args(argv)
     if args.anchor_only:
         return anchor_only()
+    if args.configs is not None:
+        SCAN_SWEEP.clear()
+        SCAN_SWEEP.update({int(k): v for k, v in args.configs.items()})
+        SCAN_SHAPES[:] = [s for s in SCAN_SHAPES if s[2] in SCAN_SWEEP]
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"triton {triton.__version__}", flush=True)
     jobs = [("scan", (b, l), {}) for _, b, l in SCAN_SHAPES] + [("step", (b,), {}) for b in STEP_BATCHES]

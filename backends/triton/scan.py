@@ -282,8 +282,15 @@ class _ScanGen:
             # whole chunks per segment (16-byte aligned loads when the sequence start is);
             # segments never cross a sequence boundary
             o("seg_len = tl.cdiv(tl.cdiv(seq_end - seq_start, n_segments), CHUNK) * CHUNK",
-              "start = tl.minimum(seq_start + seg * seg_len, seq_end)",
-              "end = tl.minimum(start + seg_len, seq_end)")
+              "if VARLEN:",
+              "    start = tl.minimum(seq_start + seg * seg_len, seq_end)",
+              "else:",
+              "    # Stated, because the compiler cannot infer it through seg_len: without it the",
+              "    # time tiles load element by element instead of 16 bytes at a time (measured",
+              "    # 1.36x slower on the H100).",
+              "    start = tl.multiple_of(seg * seg_len, CHUNK)",
+              "# a segment past the sequence's end (short sequences) is empty, never negative",
+              "end = tl.maximum(tl.minimum(start + seg_len, seq_end), start)")
         o("bat = batch.to(tl.int64)",
           "lane = tl.arange(0, BLOCK_D * SPLIT)")
         if self.split > 1:
