@@ -23,6 +23,7 @@ from conftest import TOL, assert_rel_close, poison  # noqa: E402
 from ssmc import signature  # noqa: E402
 from ssmc.backends import reference  # noqa: E402
 from ssmc.backends import triton as tb  # noqa: E402
+from ssmc.backends.triton import codegen, step as step_gen  # noqa: E402
 from ssmc.ir import Algorithm, AStructure, Convention, Method, Sharing  # noqa: E402
 from ssmc.plan import ir_hash, make_plan  # noqa: E402
 
@@ -106,6 +107,111 @@ def test_step_configs(config, seed):
     check_step(mamba2(head_dim=HEAD_DIM - 2 if not FULL else 60, state=12 if not FULL else 128),
                "float32", seed, config)
     check_step(mamba1(channels=CH - 3, state=STATE + 2), "float32", seed, config)
+
+
+# Tiles with fewer elements than the program's threads: Triton gives each element several
+# owner threads. Every owner loads it, one owner's store is kept and every owner computes its
+# own y, so without the generator's barrier an owner that loads after another one stored reads
+# the new state, and its y (sent through the reduction) is wrong. On a GPU these cases race;
+# the interpreter has no threads, so there it checks only the barrier's code path.
+REPLICATED_CONFIGS = [{"block_r": 1, "num_warps": 8}, {"block_r": 4, "num_warps": 8}]
+
+
+@pytest.mark.parametrize("config", REPLICATED_CONFIGS)
+@pytest.mark.parametrize("case", ["mamba2", "mamba1", "complex"])
+def test_step_tiles_smaller_than_the_threads(case, config, seed):
+    fam = CASES[case]()
+    plan = make_plan(fam, Algorithm.STEP)
+    replicated = step_gen.tile_replicated(plan, config)
+    assert ("tl.debug_barrier()" in tb.lower(plan, config)) == replicated
+    assert replicated or (case == "mamba2" and FULL)   # at full size 4 x 128 fills 8 warps
+    check_step(fam, "float32", seed, config)
+
+
+def test_step_default_and_candidate_configs_give_every_thread_an_element():
+    fams = [mamba2(), mamba2(head_dim=4, state=32), mamba1(), mamba1(state=1),
+            mamba1(state=3000), mamba1(structure=CPLX, state=2)]
+    for fam in fams:
+        plan = make_plan(fam, Algorithm.STEP)
+        default = tb.default_config(plan)
+        cands = tb.candidates(plan)
+        assert default in cands, fam.dims
+        for cfg in cands:
+            assert not step_gen.tile_replicated(plan, cfg), (fam.dims, cfg)
+            assert "tl.debug_barrier()" not in tb.lower(plan, cfg)
+    # head_dim 4 x n 4 cannot fill one warp: its only config keeps the barrier
+    tiny = make_plan(mamba2(head_dim=4, state=4), Algorithm.STEP)
+    assert tb.candidates(tiny) == [tb.default_config(tiny)] == [{"block_r": 4, "num_warps": 1}]
+    assert "tl.debug_barrier()" in tb.lower(tiny, {})
+    plan = make_plan(mamba2(), Algorithm.STEP)
+    for bad in ({"block_r": 3}, {"block_r": 0}, {"num_warps": 3}, {"num_warps": 64},
+                {"block_r": 2.0}):
+        with pytest.raises(ValueError, match="decode step config"):
+            tb.lower(plan, bad)
+
+
+# Compiles generated kernels for sm_90 (no GPU needed: Triton ships ptxas) in a process without
+# TRITON_INTERPRET and prints, for each, the state tile's shape and the extent its layout covers.
+_LAYOUT_PROBE = r"""
+import importlib.util, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+out = []
+for i, (path, block_r, warps) in enumerate(json.loads(sys.argv[1])):
+    spec = importlib.util.spec_from_file_location(f"probe{i}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fn = next(v for k, v in vars(mod).items() if k.startswith("ssmc_step_"))
+    flags = {"BLOCK_R": block_r, "HAS_D": True, "HAS_Z": True, "HAS_DT_BIAS": True}
+    sig = {a: "constexpr" if a in flags else "*fp32" if a.endswith("_ptr") else "i32"
+           for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ir = k.asm["ttgir"]
+    rows, cols, enc = re.search(r"tt\.store .*: tensor<(\d+)x(\d+)x!tt\.ptr<f32>, (#\w+)>",
+                                ir).groups()
+    layout = re.search("^" + enc + r" = #ttg\.blocked<(.*)>$", ir, re.M).group(1)
+    num = {k: [int(x) for x in v.split(",")] for k, v in re.findall(r"(\w+) = \[([\d, ]+)\]",
+                                                                    layout)}
+    cover = [a * b * c for a, b, c in zip(num["sizePerThread"], num["threadsPerWarp"],
+                                          num["warpsPerCTA"])]
+    out.append([int(rows), int(cols), *cover])
+print(json.dumps(out))
+"""
+
+
+def test_step_tile_replicated_matches_tritons_layout(tmp_path):
+    """``tile_replicated`` (which decides the barrier) against the layout Triton really picks."""
+    import json
+    import subprocess
+    import sys
+    import triton
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    cases = [(mamba2(head_dim=8, state=16), 2, 4), (mamba2(head_dim=8, state=16), 8, 1),
+             (mamba1(state=16), 4, 8), (mamba1(state=16), 16, 8),
+             (mamba1(structure=CPLX, state=4), 4, 2), (mamba1(structure=CPLX, state=4), 8, 1)]
+    jobs, expected = [], []
+    for i, (fam, rows, warps) in enumerate(cases):
+        plan = make_plan(fam, Algorithm.STEP)
+        cfg = {"block_r": rows, "num_warps": warps}
+        path = tmp_path / f"step{i}.py"
+        path.write_text(tb.lower(plan, cfg))
+        jobs.append([str(path), rows, warps])
+        expected.append(step_gen.tile_replicated(plan, cfg))
+    assert sorted(set(expected)) == [False, True]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    run = subprocess.run([sys.executable, "-c", _LAYOUT_PROBE, json.dumps(jobs)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"triton {triton.__version__}: {run.stderr[-3000:]}"
+    for (fam, rows, warps), want, (tr, tc, cr, cc) in zip(cases, expected,
+                                                          json.loads(run.stdout)):
+        assert (tr, tc) == (rows, codegen.pow2_at_least(fam.dims.state))
+        assert (cr > tr or cc > tc) == want, (fam.dims, rows, warps, (cr, cc))
 
 
 def _token(t, name, value, fam, scalar):

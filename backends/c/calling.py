@@ -15,9 +15,9 @@ import torch
 
 from ssmc.errors import CallError
 from ssmc.ir import Algorithm, Convention
+from ssmc.lti import host_coefficients, is_matrix_conv
 
 from .layout import Layout, Param, tensor_names
-from .matrix_conv import host_coefficients, is_matrix_conv
 
 
 @dataclass
@@ -129,7 +129,7 @@ def marshal(L: Layout, problem) -> Call:
         if cu is not None and (int(cu[0]) < 0 or int(cu[-1]) > seqlen
                                or bool((cu[1:] < cu[:-1]).any())):
             raise CallError(f"cu_seqlens must be nondecreasing offsets within [0, {seqlen}]")
-    # matrix A's conv takes the host's float64 discretization (matrix_conv.py), not dt/A/B/P/Q
+    # matrix A's conv takes the host's float64 discretization (ssmc/lti.py), not dt/A/B/P/Q
     host = host_coefficients(L.plan, problem) if is_matrix_conv(L.plan) else {}
     for p in L.params:
         if p.kind == "size":

@@ -16,10 +16,11 @@ from contextlib import ExitStack, contextmanager
 from typing import List, Tuple
 
 from ssmc.ir import Algorithm
+from ssmc.lti import is_matrix_conv
 
 from .cexpr import coefficient_statements, coefficient_terms, delta_statements
 from .layout import INDEX_VAR, Layout, Param, tensor_names
-from .matrix_conv import c_generator as matrix_c_generator, is_matrix_conv
+from .matrix_conv import c_generator as matrix_c_generator
 from .source import Code, prototype
 
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 from ssmc.ir import Algorithm, AStructure, KernelPlan, Sharing
+from ssmc.lti import is_matrix_conv
 from ssmc.plan import convention_of
 from ssmc.ir import Convention
 
-from .matrix_conv import c_params, is_matrix_conv
+from .matrix_conv import c_params
 
 # The loop variable the generated C uses for each logical dim letter.
 INDEX_VAR = {"b": "bi", "s": "s", "l": "t", "h": "hh", "p": "pp", "d": "ch", "g": "gg",

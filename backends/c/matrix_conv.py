@@ -1,84 +1,18 @@
-"""The convolution for matrix A (DPLR, dense): Ā, B̄ B formed on the host, K by power iteration.
+"""The convolution for matrix A (DPLR, dense) in C: K by power iteration over the host's Ā, B̄ B.
 
-A matrix family's Ā = abar(Δ, A) is an n x n matrix function per channel (an exponential or a
-solve), which neither a microcontroller C kernel nor the TIR kernel should carry. So, per call,
-``host_coefficients`` forms A (diag(Λ) − Pᵀ Q for DPLR, A for dense) and evaluates the plan's
-discretized expressions in float64 with ``ssmc.discretize.evaluate`` (the oracle's own matrix
-path); the generated kernels then only multiply: K_k = C Ā^k B̄ B (the trapezoid's B̄' B joins at
-lag 1), the initial state's free response C Ā^(t+1) h0, and the final state's recurrence.
-
-This module has no TVM dependency: the CPU backend imports ``host_coefficients`` from here too.
-The C entry of a matrix conv plan takes the host's results (``abar``, ``bbar_B``, ...) in place of
-dt, A, B, P, Q: ``calling.marshal`` fills them in from the bound problem.
+Ā (an n x n matrix function per channel) is not formed in C: ``ssmc.lti.host_coefficients``
+evaluates the plan's discretized expressions in float64 on the host, per call, and the generated
+functions only multiply: K_k = C Ā^k B̄ B (the trapezoid's B̄' B joins at lag 1), the initial
+state's free response C Ā^(t+1) h0, and the final state's recurrence. The C entry of a matrix
+conv plan takes the host's results (``abar``, ``bbar_B``, ...) in place of dt, A, B, P, Q:
+``calling.marshal`` fills them in from the bound problem.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
-import numpy as np
-import torch
-
-from ssmc.discretize import evaluate
-from ssmc.ir import Algorithm, AStructure, KernelPlan, Sharing
-
-MATRIX = (AStructure.DPLR, AStructure.DENSE)
-
-
-def is_matrix_conv(plan: KernelPlan) -> bool:
-    return plan.algorithm is Algorithm.CONV and plan.family.A.structure in MATRIX
-
-
-def _delta(family, delta: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Δ per channel in float64: + bias, softplus, clamp (the spec's order)."""
-    dt = delta.detach().to("cpu", torch.float64)
-    if family.delta.bias and bias is not None:
-        dt = dt + bias.detach().to("cpu", torch.float64)
-    if family.delta.softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if family.delta.clamp is not None:
-        lo, hi = (float(v) for v in family.delta.clamp)
-        dt = dt.clamp(min=lo, max=hi if np.isfinite(hi) else None)
-    return dt
-
-
-def _per_channel(t: torch.Tensor, spec, d: int) -> torch.Tensor:
-    """A constant B/C as (d, n): a group's row repeated over its channels."""
-    t = t.detach().to("cpu", torch.float64)
-    if spec.sharing is Sharing.GROUP and t.shape[0] != d:
-        t = t.repeat_interleave(d // t.shape[0], dim=0)
-    return t
-
-
-def continuous_a(family, problem) -> torch.Tensor:
-    """A (d, n, n) float64: diag(Λ) − Pᵀ Q for DPLR, the given matrices for dense."""
-    A = problem.A.detach().to("cpu", torch.float64)
-    if family.A.structure is AStructure.DENSE:
-        return A
-    P = problem.P.detach().to("cpu", torch.float64)
-    Q = problem.Q.detach().to("cpu", torch.float64)
-    return torch.diag_embed(A) - torch.einsum("drn,drm->dnm", P, Q)
-
-
-def host_coefficients(plan: KernelPlan, problem) -> Dict[str, torch.Tensor]:
-    """float32 contiguous ``abar`` (d, n, n), ``bbar_B`` (d, n), ``bbar_prev_B`` (d, n; only when
-    the method has that term) and ``C`` (d, n), computed in float64."""
-    fam = plan.family
-    d = fam.dims.d_inner
-    dt = _delta(fam, problem.delta, problem.delta_bias)
-    abar, bbar, bbar_prev = evaluate(plan.disc, dt.numpy(), continuous_a(fam, problem).numpy())
-    B = _per_channel(problem.B, fam.B, d)
-    out = {"abar": torch.from_numpy(abar),
-           "bbar_B": torch.einsum("dij,dj->di", torch.from_numpy(bbar), B),
-           "C": _per_channel(problem.C, fam.C, d)}
-    if has_prev_term(plan):
-        out["bbar_prev_B"] = torch.einsum("dij,dj->di", torch.from_numpy(bbar_prev), B)
-    return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
-
-
-def has_prev_term(plan: KernelPlan) -> bool:
-    """The trapezoidal method's B̄' (B_{t-1} x_{t-1}) term: zero (a ZeroMatrix) otherwise."""
-    expr = plan.disc.bbar_prev
-    return not (getattr(expr, "is_ZeroMatrix", False) or expr == 0)
+from ssmc.ir import KernelPlan
+from ssmc.lti import has_prev_term
 
 
 # --------------------------------------------------------------------------------------------

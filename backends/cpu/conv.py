@@ -14,7 +14,7 @@ Three steps per call:
    only when it is asked for.
 
 Matrix A (DPLR, dense): Ā and B̄ B are formed per call on the host in float64 from the plan's
-expressions (``ssmc.backends.c.matrix_conv.host_coefficients``, shared with the C target), and
+expressions (``ssmc.lti.host_coefficients``, shared with the C target), and
 both TIR functions take them in place of Δ, A, B: K by power iteration (h_k = Ā h_{k-1},
 K_k = C h_k, one task per channel), the boundary pass with n x n products.
 """
@@ -24,8 +24,8 @@ from typing import List
 
 import torch
 
-from ssmc.backends.c.matrix_conv import has_prev_term, host_coefficients, is_matrix_conv
 from ssmc.ir import AStructure, KernelPlan, Sharing
+from ssmc.lti import has_prev_term, host_coefficients, is_matrix_conv
 
 from . import coeffs as co
 from . import launch, scan

@@ -11,6 +11,8 @@ warp), and computes y = C·h for its rows with one reduction over n.
   tensors travel as real views (the state through ``torch.view_as_real``, so the in-place
   update reaches the caller's tensor) and y = 2 Re(C h).
 The trapezoidal method has no decode step in this convention (it needs the previous B x).
+A tile with fewer elements than the program's threads is replicated across threads by Triton;
+the kernel then waits at a barrier between the state's load and its store (tile_replicated).
 """
 from __future__ import annotations
 
@@ -36,16 +38,53 @@ def _is_scalar(plan: KernelPlan) -> bool:
     return plan.family.A.structure is AStructure.SCALAR
 
 
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v >= 1 and v & (v - 1) == 0
+
+
+def tile_replicated(plan: KernelPlan, config: dict) -> bool:
+    """Whether the [block_r, n] state tile has fewer elements than the program has threads.
+
+    Triton then lays the tile out with several threads holding the same element: every copy
+    loads it, only one copy's store is kept, and each copy computes its own y. Without a
+    barrier a copy can load after another copy stored, update the state twice and send its
+    wrong y through the reduction (read in Triton 3.6's sm_90 code for Mamba-1 n16, block_r 4,
+    8 warps). With at least one element per thread no element has two owners.
+    """
+    elements = config["block_r"] * codegen.pow2_at_least(plan.family.dims.state)
+    return elements < 32 * config["num_warps"]
+
+
+def _warps_for(plan: KernelPlan, rows: int, warps: int) -> int:
+    """``warps``, halved until the tile has an element for every thread."""
+    while warps > 1 and tile_replicated(plan, {"block_r": rows, "num_warps": warps}):
+        warps //= 2
+    return warps
+
+
+def check_config(plan: KernelPlan, config: dict):
+    """ValueError for a config the generator cannot lay out (tl.arange needs powers of two)."""
+    for key in ("block_r", "num_warps"):
+        if not _pow2(config.get(key)):
+            raise ValueError(f"decode step config: {key} must be a power of two >= 1, "
+                             f"got {config.get(key)!r} in {config}")
+    if config["num_warps"] > 32:
+        raise ValueError(f"decode step config: num_warps {config['num_warps']} > 32")
+
+
 def default_config(plan: KernelPlan) -> dict:
     f = plan.family
     n = codegen.pow2_at_least(f.dims.state)
     if _is_scalar(plan):
         rows = min(codegen.pow2_at_least(f.dims.head_dim), max(1, 4096 // n))
-        return {"block_r": rows, "num_warps": 4}
-    return {"block_r": max(1, min(64, 2048 // n)), "num_warps": 4}
+    else:
+        rows = max(1, min(64, 2048 // n))
+    return {"block_r": rows, "num_warps": _warps_for(plan, rows, 4)}
 
 
 def candidates(plan: KernelPlan) -> List[dict]:
+    """Row blocks x warps; tiles with fewer elements than threads are left out (the extra
+    threads would only repeat the loads of others and need a barrier)."""
     f = plan.family
     out = []
     limit = codegen.pow2_at_least(f.dims.head_dim) if _is_scalar(plan) else 256
@@ -53,8 +92,11 @@ def candidates(plan: KernelPlan) -> List[dict]:
         if rows > limit:
             continue
         for warps in (1, 2, 4, 8):
-            out.append({"block_r": rows, "num_warps": warps})
-    return out
+            cfg = {"block_r": rows, "num_warps": warps}
+            if not tile_replicated(plan, cfg):
+                out.append(cfg)
+    default = default_config(plan)
+    return out if default in out else [default] + out
 
 
 def _delta(o: Lines, f, raw: str, bias_load: str):
@@ -79,7 +121,15 @@ def _coefs(o: Lines, plan: KernelPlan, names):
     return (get("abar"), None), (get("bbar"), None)
 
 
-def _scalar_kernel(plan: KernelPlan, name: str) -> str:
+def _barrier_if_replicated(o: Lines, replicated: bool):
+    """Between the state's load and its in-place store when the tile is replicated."""
+    if replicated:
+        o("# fewer tile elements than threads: copies of an element must all have loaded it",
+          "# before one copy stores the update (ssmc.backends.triton.step.tile_replicated)",
+          "tl.debug_barrier()")
+
+
+def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     f = plan.family
     N = f.dims.state
     o = Lines()
@@ -125,6 +175,7 @@ def _scalar_kernel(plan: KernelPlan, name: str) -> str:
       "+ nn[None, :]",
       "s_mask = r_ok[:, None] & n_ok[None, :]",
       "h = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)")
+    _barrier_if_replicated(o, replicated)
     bx = cmul(bbar, ("x", None))[0]
     o(f"h = {as_text(cmul(abar, ('h', None))[0])} + ({bx})[:, None] * b_vec[None, :]")
     o("tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=s_mask)",
@@ -145,7 +196,7 @@ def _scalar_kernel(plan: KernelPlan, name: str) -> str:
     return o.text()
 
 
-def _diagonal_kernel(plan: KernelPlan, name: str) -> str:
+def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     f = plan.family
     N = f.dims.state
     NP = codegen.pow2_at_least(N)
@@ -207,6 +258,7 @@ def _diagonal_kernel(plan: KernelPlan, name: str) -> str:
     else:
         o("h = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)")
         h = ("h", None)
+    _barrier_if_replicated(o, replicated)
     new = cadd(cmul(abar, h), cmul(bbar, cmul(vals["B"], ("x[:, None]", None))))
     o(f"new_re = {as_text(new[0])}")
     if cplx:
@@ -315,6 +367,8 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
 
 
 def generate(plan: KernelPlan, config: dict) -> str:
+    check_config(plan, config)
+    replicated = tile_replicated(plan, config)
     f = plan.family
     kname = f"ssmc_step_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
     opt = []
@@ -327,12 +381,12 @@ def generate(plan: KernelPlan, config: dict) -> str:
         opt.append("    opt.append(dt_bias.to(torch.float32).contiguous() "
                    "if dt_bias is not None else y)")
     if _is_scalar(plan):
-        body = _scalar_kernel(plan, kname)
+        body = _scalar_kernel(plan, kname, replicated)
         launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
                                           sel_B=f.B.selective, sel_C=f.C.selective,
                                           opt="\n".join(opt))
     else:
-        body = _diagonal_kernel(plan, kname)
+        body = _diagonal_kernel(plan, kname, replicated)
         launcher = DIAGONAL_LAUNCHER.format(
             config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
             sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt),
