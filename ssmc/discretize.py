@@ -18,7 +18,6 @@ from functools import lru_cache
 from typing import Callable, Dict, Tuple
 
 import numpy as np
-import scipy.linalg
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
@@ -368,6 +367,7 @@ def _matrix_fn(expr) -> Callable:
         return lambda env: np.zeros_like(env["a"])
     if isinstance(expr, MatrixExp):
         arg = _matrix_fn(expr.arg)
+        import scipy.linalg  # only evaluate() needs it; compiling should not pay its import
         return lambda env: scipy.linalg.expm(arg(env))
     if isinstance(expr, sp.MatAdd):
         terms = [_matrix_fn(t) for t in expr.args]
