@@ -91,3 +91,18 @@ def test_compile_is_deterministic(tmp_path):
         assert ka["ir_hash"] == kb["ir_hash"]
         for f in ka["files"]:
             assert (a / f).read_bytes() == (b / f).read_bytes()
+
+
+def test_compile_c_does_not_import_torch(tmp_path):
+    # The C target is for machines without Python ML stacks; generating it should not pay
+    # torch's import (it once made `ssmc compile --target c` take 4 s).
+    code = ("import sys; from ssmc.cli import main\n"
+            "try:\n"
+            f"    main(['compile', {str(EXAMPLES / 's4d.ssm')!r}, '--target', 'c', "
+            f"'-o', {str(tmp_path)!r}])\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'scipy.linalg', 'tvm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert (tmp_path / "manifest.json").exists()
