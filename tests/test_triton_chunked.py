@@ -231,12 +231,85 @@ def test_tilings_with_varlen(seed):
           config={"state_block_t": 16, "out_block_m": 16, "out_block_k": 16})
 
 
+# ---------------------------------------------------------------------------------------------
+# Output-kernel variants: several heads per program (sharing C rows and C B^T tiles), early x/z
+# loads, the factored decay left of the diagonal block, the state term after the column loops
+
+FACTORED = {"out_factor_decay": 1, "out_block_m": 16, "out_block_k": 16}
+
+
+@pytest.mark.parametrize("fam_kw,config,seqlen", [
+    (dict(heads=3), {"out_heads": 2}, 2 * CHUNK + 3),
+    (dict(heads=6, chunk=32), dict(FACTORED, out_heads=4, out_early_xz=1), 75),
+    (dict(heads=4, groups=2), {"out_heads": 2, "out_state_last": 1, "out_early_xz": 1}, 37),
+    (dict(heads=4, groups=2), {"out_heads": 2, "out_cb": 0, "out_maxnreg": 128}, CHUNK + 5),
+    (dict(heads=3, chunk=32, D=Sharing.HEAD_DIM), dict(FACTORED, out_state_last=1, out_heads=3),
+     70),
+], ids=["h3_hb2_remainder", "h6_hb4_factored_early", "g2_hb2_state_last", "g2_hb2_cb_inline",
+        "factored_state_last_D_head_dim"])
+def test_output_kernel_variants(seed, fam_kw, config, seqlen):
+    check(small(**fam_kw), seed, seqlen=seqlen, config=config)
+
+
+@pytest.mark.parametrize("gate,d_sharing", [(False, None), (True, None), (False, Sharing.HEAD)],
+                         ids=["no_z_no_D", "z_only", "D_only"])
+def test_output_kernel_variants_without_z_or_d(seed, gate, d_sharing):
+    config = dict(FACTORED, out_heads=2, out_early_xz=1)
+    check(small(heads=3, chunk=32, gate=gate, D=d_sharing), seed, seqlen=50, config=config)
+
+
+@pytest.mark.parametrize("config", [
+    dict(FACTORED, out_heads=2, out_state_last=1),
+    {"out_heads": 2, "out_early_xz": 1, "out_block_m": 16, "out_block_k": 16},
+], ids=["hb2_factored_state_last", "hb2_early"])
+def test_output_kernel_variants_varlen(seed, config):
+    # Boundaries inside row blocks and chunks, initial states, the trapezoidal previous input.
+    check(small(heads=3, chunk=32, method=Method.TRAPEZOIDAL), seed, varlen=[5, 21, 3, 40, 1, 14],
+          config=config)
+
+
+def test_factored_decay_half_precision_and_large_steps(seed):
+    def huge_dt(kw):  # a*Delta down to ~-1000 per step: the factors underflow, never overflow
+        kw["dt"] = 30.0 + 30.0 * torch.rand(kw["dt"].shape, device=kw["dt"].device)
+    config = dict(FACTORED, out_heads=2)
+    check(small(heads=2, chunk=32), seed, seqlen=70, edit=huge_dt, config=config)
+    check(small(heads=2, chunk=32), seed, seqlen=70, dtype="bfloat16", config=config)
+
+
+@pytest.mark.parametrize("fam_kw,config,match", [
+    (dict(heads=6, groups=2), {"out_heads": 2}, "does not divide the 3 heads"),
+    (dict(heads=4, selective_B=False), {"out_heads": 2}, "its own B or C"),
+    (dict(), {"out_heads": 0}, "1..8"),
+    (dict(chunk=64), {"out_factor_decay": 1, "out_block_m": 16, "out_block_k": 32},
+     "out_block_k <="),
+    (dict(), {"out_early_xz": 2}, "0 or 1"),
+])
+def test_output_kernel_config_is_checked(fam_kw, config, match):
+    with pytest.raises(ValueError, match=match):
+        chunked.build_chunked(make_plan(small(**fam_kw)), config)
+
+
+def test_several_heads_per_program_in_the_source():
+    src = chunked.lower_chunked(make_plan(small(heads=3)), dict(FACTORED, out_heads=2))
+    assert "h_1 = tl.minimum(h_0 + 1, nheads - 1)" in src
+    assert "mask=tl.where(h_0 + 1 < nheads, mask_mp, False)" in src
+    assert "triton.cdiv(nheads, 2)" in src and "acc_1 +=" in src and "cum_c0_1" in src
+    one = chunked.lower_chunked(make_plan(small(heads=3)))
+    assert "h = pid_h" in one and "h_0 = " not in one
+    assert "cum_c0 = " not in one and "maxnreg=" not in one
+    compile(src, "<generated>", "exec")
+
+
 def test_candidates_are_valid_configs():
     plan = make_plan(mamba2(heads=80, head_dim=64, state=128, chunk=256))
     cands = chunked.candidates_chunked(plan)
     assert cands[0] == chunked.default_config_chunked(plan)
     assert len(cands) > 4 and all(set(c) == set(chunked.CONFIG_KEYS) for c in cands)
     assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
+    assert all(chunked.config_error(plan, c) is None for c in cands)
+    assert any(c["out_heads"] > 1 for c in cands[1:9])  # the untimed options come first
+    per_head_bc = make_plan(mamba2(heads=4, selective_B=False, selective_C=False))
+    assert all(c["out_heads"] == 1 for c in chunked.candidates_chunked(per_head_bc))
 
 
 # ---------------------------------------------------------------------------------------------

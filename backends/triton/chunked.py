@@ -6,7 +6,12 @@ imported from a real file by ``codegen.load_module`` (``@triton.jit`` reads its 
 
 Tunables (``config``): the state kernel's block of head_dim x state and its warps/stages, and the
 output kernel's row block (``out_block_m``), column block (``out_block_k``), head_dim block, warps
-and stages. Every candidate computes the same function; only speed differs.
+and stages; heads per output program (``out_heads``: they share the C rows and C B^T tiles),
+whether its x/z loads for the epilogue are issued before the column loop (``out_early_xz``),
+whether the blocks left of the diagonal use the rank-1 factored decay (``out_factor_decay``),
+whether the incoming state's term comes after the column loops (``out_state_last``) and a
+register cap for it (``out_maxnreg``, 0: none).
+Every candidate computes the same function; only speed differs.
 """
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ from typing import Dict, List, Optional
 from ssmc.ir import Algorithm, AStructure, KernelPlan
 
 from . import chunked_source, codegen
+from .chunked_source import heads_per_bc_group
 
 MAX_STATE = 256          # the output kernel keeps a whole row of the state (n) in one tile
 CONFIG_KEYS = ("state_block_t", "state_block_p", "state_block_n", "state_warps", "state_stages",
                "out_block_m", "out_block_k", "out_block_p", "out_warps", "out_stages",
-               "out_cb", "out_cb_fp32")
+               "out_cb", "out_cb_fp32", "out_heads", "out_early_xz", "out_factor_decay",
+               "out_state_last", "out_maxnreg")
+MAX_OUT_HEADS = 8        # the output kernel's heads per program are unrolled in the source
 
 
 def _pow2(n: int) -> int:
@@ -70,7 +78,34 @@ def default_config_chunked(plan: KernelPlan) -> Dict[str, int]:
         "state_block_n": min(64, cap_n), "state_warps": 4, "state_stages": 3,
         "out_block_m": min(64, cap_q), "out_block_k": min(32, cap_q), "out_block_p": min(64, cap_p),
         "out_warps": 4, "out_stages": 3, "out_cb": 1, "out_cb_fp32": 1,
+        "out_heads": 1, "out_early_xz": 0, "out_factor_decay": 0, "out_state_last": 0,
+        "out_maxnreg": 0,
     }
+
+
+def config_error(plan: KernelPlan, cfg: Dict[str, int]) -> Optional[str]:
+    """None when ``cfg`` (complete) is valid for ``plan``, else why not."""
+    count = cfg["out_heads"]
+    if not 1 <= count <= MAX_OUT_HEADS:
+        return f"out_heads={count}: heads per output program must be 1..{MAX_OUT_HEADS}"
+    per_group = heads_per_bc_group(plan)
+    if count > 1 and plan.family.dims.groups != 1 and per_group % count != 0:
+        # The heads of a program share one C row tile and one C B^T tile.
+        return (f"out_heads={count} does not divide the {per_group} heads that share B and C "
+                f"(heads {plan.family.dims.heads}, groups {plan.family.dims.groups}, B/C "
+                f"{plan.family.B.sharing.value}/{plan.family.C.sharing.value}); use a divisor")
+    if count > 1 and per_group == 1:
+        return f"out_heads={count}: every head has its own B or C, so there is nothing to share"
+    if cfg["out_factor_decay"] and cfg["out_block_k"] > cfg["out_block_m"]:
+        # The column blocks must tile the row block: left of it the decay factors, on it not.
+        return (f"out_factor_decay needs out_block_k <= out_block_m "
+                f"(got {cfg['out_block_k']} > {cfg['out_block_m']})")
+    if cfg["out_maxnreg"] and not 24 <= cfg["out_maxnreg"] <= 255:
+        return f"out_maxnreg={cfg['out_maxnreg']}: a register cap is 24..255 (0: none)"
+    for key in ("out_early_xz", "out_factor_decay", "out_state_last", "out_cb", "out_cb_fp32"):
+        if cfg[key] not in (0, 1):
+            return f"{key}={cfg[key]}: must be 0 or 1"
+    return None
 
 
 # Settings timed on the H100 (bench/gpu.py --sweep), tried first by the autotuner.
@@ -84,9 +119,27 @@ MEASURED = [
 ]
 
 
+# Output-kernel settings not timed yet, tried right after the default (bench/gpu.py --sweep 9
+# times them). Compiled offline for sm_90 at Mamba-2 sizes (p64 n128, chunk 256): the default
+# holds 128 registers and 64 KiB of shared memory (3 programs per SM: the incoming state's
+# operands stay live through the column loop); the state term last halves the shared memory,
+# and the register caps bring 4 programs per SM at one head, 3 at two, without spills in loops.
+UNMEASURED = [
+    {"out_heads": 2, "out_state_last": 1, "out_maxnreg": 168},
+    {"out_heads": 2, "out_state_last": 1, "out_factor_decay": 1, "out_maxnreg": 160},
+    {"out_state_last": 1, "out_maxnreg": 128},
+    {"out_heads": 2, "out_state_last": 1, "out_warps": 8},
+    {"out_heads": 4, "out_state_last": 1, "out_warps": 8, "out_maxnreg": 128},
+    {"out_heads": 2, "out_state_last": 1, "out_early_xz": 1, "out_maxnreg": 168},
+    {"out_heads": 2},
+    {"out_factor_decay": 1, "out_state_last": 1, "out_maxnreg": 128},
+]
+
+
 def candidates_chunked(plan: KernelPlan) -> List[Dict[str, int]]:
-    """Configurations for the autotuner: the default, the variants measured on the H100, then a
-    grid of block/warp/stage variations of each kernel (the two main kernels tune independently)."""
+    """Configurations for the autotuner: the default, the output-kernel options not timed yet,
+    the variants measured on the H100, then a grid of block/warp/stage variations of each kernel
+    (the two main kernels tune independently)."""
     fam = plan.family
     p, n, q = fam.dims.head_dim, fam.dims.state, plan.chunk_size
     base = default_config_chunked(plan)
@@ -95,10 +148,11 @@ def candidates_chunked(plan: KernelPlan) -> List[Dict[str, int]]:
     def fits(cfg):
         return (cfg["state_block_p"] <= cap_p and cfg["state_block_n"] <= cap_n
                 and cfg["state_block_t"] <= cap_q and cfg["out_block_m"] <= cap_q
-                and cfg["out_block_k"] <= cfg["out_block_m"] and cfg["out_block_p"] <= cap_p)
+                and cfg["out_block_k"] <= cfg["out_block_m"] and cfg["out_block_p"] <= cap_p
+                and config_error(plan, cfg) is None)
 
     out = [base]
-    variants = list(MEASURED)
+    variants = list(UNMEASURED) + list(MEASURED)
     variants += [{"state_block_t": t, "state_block_p": bp, "state_block_n": bn, "state_warps": w,
                   "state_stages": s}
                  for t in (64, 128, 256) for bp in (32, 64) for bn in (32, 64, 128)
@@ -120,6 +174,9 @@ def _full_config(plan: KernelPlan, config: Optional[dict]) -> Dict[str, int]:
         if k not in CONFIG_KEYS:
             raise ValueError(f"unknown chunked SSD config key {k!r}; known: {', '.join(CONFIG_KEYS)}")
         cfg[k] = int(v)
+    reason = config_error(plan, cfg)
+    if reason is not None:
+        raise ValueError(f"chunked SSD config for {plan.family.name}: {reason}")
     return cfg
 
 
@@ -149,7 +206,7 @@ def lower_chunked(plan: KernelPlan, config: Optional[dict] = None) -> str:
     """The generated Triton source (two kernels and ``launch``) for ``plan``."""
     _check_supported(plan)
     cfg = _full_config(plan, config)
-    source = chunked_source.render(plan, kernel_name(plan), _header(plan, cfg))
+    source = chunked_source.render(plan, kernel_name(plan), _header(plan, cfg), cfg)
     return source + f"\n\nCONFIG = {json.dumps(cfg, sort_keys=True)}\n"
 
 

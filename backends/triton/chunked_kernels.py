@@ -9,8 +9,9 @@
    Everything it loads is independent of the state, so the chain from one chunk to the next is
    one multiply-add: S <- decay_c S + B_c^T (w_c x_c). Stores the state entering each chunk (in
    the input dtype: it is the output kernel's matmul operand) and the final states.
-4. ``output`` (row block x p block, head, b*chunk), fully parallel:
-   y = exp(cum) C S_in + ((C B^T) o L) X + D x, times silu(z).
+4. ``output`` (row block x p block, group of ``out_heads`` heads, b*chunk), fully parallel:
+   y = exp(cum) C S_in + ((C B^T) o L) X + D x, times silu(z). Assembled from pieces (below) by
+   ``chunked_source.render_output``, with the per-head pieces repeated for each head.
 
 Placeholders ``{name}`` etc. are filled by ``str.format``; the kernels contain no other braces.
 """
@@ -217,7 +218,10 @@ def {name}_chunk_states(
             tl.store(final_ptr + b * stride_fin_b + h * stride_fin_h + fin_tile, state, mask=mask_pn)
 '''
 
-OUTPUT = '''
+# The output kernel is assembled by ``chunked_source.render_output`` from the pieces below:
+# shared pieces once per program, per-head pieces once per head of the program with ``{j}`` the
+# head's name suffix ("" for one head, "_0", "_1", ... otherwise) and ``{h}`` its head index.
+OUTPUT_SIGNATURE = '''
 @triton.jit
 def {name}_chunk_output(
     x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, seq_idx_ptr, cu_seqlens_ptr, init_ptr,
@@ -234,96 +238,182 @@ def {name}_chunk_output(
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, CB_PRECOMPUTED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_PREV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
-    pid_mp = tl.program_id(0)
-    h = tl.program_id(1)
-    pid_bc = tl.program_id(2)
-    n_pblocks = tl.cdiv(headdim, BLOCK_P)
-    n_mblocks = tl.cdiv(CHUNK, BLOCK_M)
-    # Row blocks near the end of a chunk have the most work: launch them first.
-    rb = n_mblocks - 1 - pid_mp // n_pblocks
-    pid_p = pid_mp % n_pblocks
-    b = pid_bc // nchunks
-    c = pid_bc % nchunks
-    chunk_start = c * CHUNK
-    if chunk_start + rb * BLOCK_M >= seqlen:
-        return
-    g_B = h // heads_per_group_B
-    g_C = h // heads_per_group_C
-    in_dtype = x_ptr.dtype.element_ty
-    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_m = chunk_start + offs_m
-    mask_m = (offs_m < CHUNK) & (t_m < seqlen)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_mp = mask_m[:, None] & (offs_p[None, :] < headdim)
-    scal_base = (b * nheads + h) * seqlen
-    cum_m = tl.load(cum_ptr + scal_base + t_m, mask=mask_m, other=0.0)
-    C_m = tl.load(C_ptr + b * stride_C_b + t_m[:, None] * stride_C_l + g_C * stride_C_g
-                  + offs_n[None, :] * stride_C_n,
-                  mask=mask_m[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+'''
 
-    # The state entering the chunk, decayed to each row: exp(cum_t) C_t S_in.
-    S_in = tl.load(chunk_states_ptr + b * stride_st_b + c * stride_st_c + h * stride_st_h
-                   + offs_n[:, None] * stride_st_n + offs_p[None, :] * stride_st_p,
-                   mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < headdim), other=0.0).to(in_dtype)
-    acc = _mma(C_m, S_in, DOT_PRECISION, DOT_UPCAST)
-    carry_scale = tl.exp2(cum_m)
-    if VARLEN:
-        seq_m = tl.load(seq_idx_ptr + t_m, mask=mask_m, other=-1)
-        seq_first = tl.load(seq_idx_ptr + chunk_start)
-        carry_scale = tl.where(seq_m == seq_first, carry_scale, 0.0)
-    acc = acc * carry_scale[:, None]
-    if VARLEN:
-        if HAS_INIT:
-            # Sequences that begin inside this chunk start from their own initial state.
-            seq_hi = tl.max(tl.where(mask_m, seq_m, seq_first), axis=0)
-            for s in range(seq_first + 1, seq_hi + 1):
-                t0 = tl.load(cu_seqlens_ptr + s).to(tl.int32)
-                base = tl.load(cum_ptr + scal_base + t0 - 1)
-                init_s = tl.load(init_ptr + s * stride_init_b + h * stride_init_h
-                                 + offs_n[:, None] * stride_init_n + offs_p[None, :] * stride_init_p,
-                                 mask=(offs_n[:, None] < dstate) & (offs_p[None, :] < headdim),
-                                 other=0.0).to(in_dtype)
-                part = _mma(C_m, init_s, DOT_PRECISION, DOT_UPCAST)
-                acc += part * tl.where(seq_m == s, tl.exp2(cum_m - base), 0.0)[:, None]
+OUT_SETUP = '''
+pid_mp = tl.program_id(0)
+pid_h = tl.program_id(1)
+pid_bc = tl.program_id(2)
+n_pblocks = tl.cdiv(headdim, BLOCK_P)
+n_mblocks = tl.cdiv(CHUNK, BLOCK_M)
+# Row blocks near the end of a chunk have the most work: launch them first.
+rb = n_mblocks - 1 - pid_mp // n_pblocks
+pid_p = pid_mp % n_pblocks
+b = pid_bc // nchunks
+c = pid_bc % nchunks
+chunk_start = c * CHUNK
+if chunk_start + rb * BLOCK_M >= seqlen:
+    return
+{heads}
+g_B = {h_first} // heads_per_group_B
+g_C = {h_first} // heads_per_group_C
+in_dtype = x_ptr.dtype.element_ty
+offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+t_m = chunk_start + offs_m
+mask_m = (offs_m < CHUNK) & (t_m < seqlen)
+offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+offs_n = tl.arange(0, BLOCK_N)
+mask_mp = mask_m[:, None] & (offs_p[None, :] < headdim)
+mask_np = (offs_n[:, None] < dstate) & (offs_p[None, :] < headdim)
+cb_base = cb_ptr + b * stride_cb_b + c * stride_cb_c + ({h_first} // heads_per_cb) * stride_cb_g
+if VARLEN:
+    seq_m = tl.load(seq_idx_ptr + t_m, mask=mask_m, other=-1)
+    seq_first = tl.load(seq_idx_ptr + chunk_start)
+'''
 
-    # Inside the chunk: ((C B^T) o L) X over the column blocks up to the diagonal.
-    cb_base = cb_ptr + b * stride_cb_b + c * stride_cb_c + (h // heads_per_cb) * stride_cb_g
-    for k0 in range(0, (rb + 1) * BLOCK_M, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        t_k = chunk_start + offs_k
-        mask_k = (offs_k < CHUNK) & (t_k < seqlen)
-        if CB_PRECOMPUTED:
-            cb = tl.load(cb_base + offs_m[:, None] * stride_cb_i + offs_k[None, :],
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        else:
-            B_k = tl.load(B_ptr + b * stride_B_b + t_k[:, None] * stride_B_l + g_B * stride_B_g
-                          + offs_n[None, :] * stride_B_n,
-                          mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
-            cb = _mma(C_m, tl.trans(B_k), DOT_PRECISION, DOT_UPCAST)
-        x_k = tl.load(x_ptr + b * stride_x_b + t_k[:, None] * stride_x_l + h * stride_x_h
-                      + offs_p[None, :] * stride_x_p,
-                      mask=mask_k[:, None] & (offs_p[None, :] < headdim), other=0.0)
-        cum_k = tl.load(cum_ptr + scal_base + t_k, mask=mask_k, other=0.0)
-        coef_k = tl.load(coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)
-        keep = (offs_k[None, :] <= offs_m[:, None]) & mask_k[None, :] & mask_m[:, None]
-        if VARLEN:
-            seq_k = tl.load(seq_idx_ptr + t_k, mask=mask_k, other=-2)
-            keep = keep & (seq_k[None, :] == seq_m[:, None])
-        # Masked in the exponent, so exp2 never sees the (positive) upper triangle.
-        decay = tl.exp2(tl.where(keep, cum_m[:, None] - cum_k[None, :], float("-inf")))
-        if HAS_PREV:
-            # Previous-input term: B_u x_u enters again at step u + 1 <= t.
-            prev_k = tl.load(prev_coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)
-            decay = decay * (coef_k[None, :] + tl.where(offs_k[None, :] < offs_m[:, None], prev_k[None, :], 0.0))
-        else:
-            decay = decay * coef_k[None, :]
-        acc += _mma((cb * decay).to(in_dtype), x_k.to(in_dtype), DOT_PRECISION, DOT_UPCAST)
+OUT_C_ROWS = '''
+C_m = tl.load(C_ptr + b * stride_C_b + t_m[:, None] * stride_C_l + g_C * stride_C_g
+              + offs_n[None, :] * stride_C_n,
+              mask=mask_m[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+'''
 
-{epilogue}
-    tl.store(y_ptr + b * stride_y_b + t_m[:, None] * stride_y_l + h * stride_y_h
-             + offs_p[None, :] * stride_y_p, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
+OUT_HEAD_ZERO = '''
+acc{j} = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+'''
+
+OUT_HEAD_ROWS = '''
+scal_base{j} = (b * nheads + {h}) * seqlen
+cum_m{j} = tl.load(cum_ptr + scal_base{j} + t_m, mask=mask_m, other=0.0)
+'''
+
+# The state entering the chunk, decayed to each row: exp(cum_t) C_t S_in. ``{assign}`` is "="
+# when this starts the accumulator, "+=" when the columns before the row block came first.
+OUT_HEAD_STATE_IN = '''
+S_in{j} = tl.load(
+    chunk_states_ptr + b * stride_st_b + c * stride_st_c + {h} * stride_st_h
+    + offs_n[:, None] * stride_st_n + offs_p[None, :] * stride_st_p,
+    mask=mask_np, other=0.0).to(in_dtype)
+carry_scale{j} = tl.exp2(cum_m{j})
+if VARLEN:
+    carry_scale{j} = tl.where(seq_m == seq_first, carry_scale{j}, 0.0)
+acc{j} {assign} _mma(C_m, S_in{j}, DOT_PRECISION, DOT_UPCAST) * carry_scale{j}[:, None]
+'''
+
+OUT_INIT_LOOP = '''
+if VARLEN:
+    if HAS_INIT:
+        # Sequences that begin inside this chunk start from their own initial state.
+        seq_hi = tl.max(tl.where(mask_m, seq_m, seq_first), axis=0)
+        for s in range(seq_first + 1, seq_hi + 1):
+            t0 = tl.load(cu_seqlens_ptr + s).to(tl.int32)
+{per_head}
+'''
+
+OUT_HEAD_INIT = '''
+base{j} = tl.load(cum_ptr + scal_base{j} + t0 - 1)
+init{j} = tl.load(
+    init_ptr + s * stride_init_b + {h} * stride_init_h
+    + offs_n[:, None] * stride_init_n + offs_p[None, :] * stride_init_p,
+    mask=mask_np, other=0.0).to(in_dtype)
+decay_s{j} = tl.where(seq_m == s, tl.exp2(cum_m{j} - base{j}), 0.0)
+acc{j} += _mma(C_m, init{j}, DOT_PRECISION, DOT_UPCAST) * decay_s{j}[:, None]
+'''
+
+# One column block: the C B^T tile (stored once per group, or computed here from B) and the
+# columns' positions; shared by the heads of the program.
+OUT_COLUMNS = '''
+offs_k = k0 + tl.arange(0, BLOCK_K)
+t_k = chunk_start + offs_k
+mask_k = (offs_k < CHUNK) & (t_k < seqlen)
+if CB_PRECOMPUTED:
+    cb = tl.load(cb_base + offs_m[:, None] * stride_cb_i + offs_k[None, :],
+                 mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+else:
+    B_k = tl.load(B_ptr + b * stride_B_b + t_k[:, None] * stride_B_l + g_B * stride_B_g
+                  + offs_n[None, :] * stride_B_n,
+                  mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+    cb = _mma(C_m, tl.trans(B_k), DOT_PRECISION, DOT_UPCAST)
+'''
+
+OUT_HEAD_COLUMN_INPUTS = '''
+x_k{j} = tl.load(
+    x_ptr + b * stride_x_b + t_k[:, None] * stride_x_l + {h} * stride_x_h
+    + offs_p[None, :] * stride_x_p,
+    mask=mask_k[:, None] & (offs_p[None, :] < headdim), other=0.0)
+cum_k{j} = tl.load(cum_ptr + scal_base{j} + t_k, mask=mask_k, other=0.0)
+coef_k{j} = tl.load(coef_ptr + scal_base{j} + t_k, mask=mask_k, other=0.0)
+'''
+
+OUT_HEAD_PREV = '''
+prev_k{j} = tl.load(prev_coef_ptr + scal_base{j} + t_k, mask=mask_k, other=0.0)
+'''
+
+# Trapezoidal: B_u x_u enters again, with prev_k, at step u + 1 <= t.
+OUT_HEAD_PREV_TILE = '''
+prev_tile{j} = tl.where(offs_k[None, :] < offs_m[:, None], prev_k{j}[None, :], 0.0)
+'''
+
+OUT_DIAGONAL_MASK = '''
+# The decay tile exp2(cum_t - cum_u), masked in the exponent so that exp2 never sees the
+# (positive) upper triangle.
+keep = (offs_k[None, :] <= offs_m[:, None]) & mask_k[None, :] & mask_m[:, None]
+if VARLEN:
+    seq_k = tl.load(seq_idx_ptr + t_k, mask=mask_k, other=-2)
+    keep = keep & (seq_k[None, :] == seq_m[:, None])
+'''
+
+# ``{coef}``: the input coefficient of column u seen from row t (a row of the tile).
+OUT_HEAD_DIAGONAL = '''
+decay{j} = tl.exp2(tl.where(keep, cum_m{j}[:, None] - cum_k{j}[None, :], float("-inf")))
+decay{j} = decay{j} * {coef}
+acc{j} += _mma((cb * decay{j}).to(in_dtype), x_k{j}.to(in_dtype), DOT_PRECISION, DOT_UPCAST)
+'''
+
+# Columns left of the row block's diagonal block (``out_factor_decay``): every such column u
+# precedes every row t of the block, so the decay factors through c0, the step just before it.
+# Both factors lie between the whole decay and 1 while log(Abar) keeps one sign, so neither
+# overflows where the product does not.
+OUT_OFFDIAG_SETUP = '''
+# Columns before this row block, c0 the step just before it: the decay factors as
+# exp2(cum_t - cum_u) = exp2(cum_t - cum_c0) * exp2(cum_c0 - cum_u), so the columns are weighted
+# here (BLOCK_K exps per head, not BLOCK_M x BLOCK_K) and the rows scaled once after the loop.
+# Varlen: only the rows of c0's sequence have such columns, and only its columns count.
+c0_t = chunk_start + rb * BLOCK_M - 1
+if VARLEN:
+    seq_c0 = tl.load(seq_idx_ptr + c0_t, mask=rb > 0, other=-1)
+'''
+
+OUT_HEAD_OFFDIAG_SETUP = '''
+cum_c0{j} = tl.load(cum_ptr + scal_base{j} + c0_t, mask=rb > 0, other=0.0)
+acc{j} = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+'''
+
+OUT_OFFDIAG_MASK = '''
+col_ok = mask_k
+if VARLEN:
+    seq_k = tl.load(seq_idx_ptr + t_k, mask=mask_k, other=-2)
+    col_ok = col_ok & (seq_k == seq_c0)
+'''
+
+# ``{coef}``: the input coefficient of column u (every row is later than u here).
+OUT_HEAD_OFFDIAG = '''
+w{j} = tl.where(col_ok, tl.exp2(cum_c0{j} - cum_k{j}) * {coef}, 0.0)
+cb_w{j} = (cb * w{j}[None, :]).to(in_dtype)
+acc{j} += _mma(cb_w{j}, x_k{j}.to(in_dtype), DOT_PRECISION, DOT_UPCAST)
+'''
+
+OUT_HEAD_OFFDIAG_ROWS = '''
+row_scale{j} = tl.where(mask_m & (rb > 0), tl.exp2(cum_m{j} - cum_c0{j}), 0.0)
+if VARLEN:
+    row_scale{j} = tl.where(seq_m == seq_c0, row_scale{j}, 0.0)
+acc{j} = acc{j} * row_scale{j}[:, None]
+'''
+
+OUT_HEAD_STORE = '''
+tl.store(y_ptr + b * stride_y_b + t_m[:, None] * stride_y_l + {h} * stride_y_h
+         + offs_p[None, :] * stride_y_p, acc{j}.to(y_ptr.dtype.element_ty),
+         mask={mask})
 '''

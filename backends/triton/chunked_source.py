@@ -93,7 +93,7 @@ def _delta_code(plan: KernelPlan, out: str, a_out: str, mask: str, t: str, n: in
     return _indent("\n".join(lines), n)
 
 
-def render(plan: KernelPlan, name: str, header: str) -> str:
+def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> str:
     """The generated module's source text."""
     fam = plan.family
     trap = prev_input_expr(plan) is not None
@@ -127,29 +127,147 @@ def render(plan: KernelPlan, name: str, header: str) -> str:
         log_decay=math["log_decay"], coef=math["coef"], prev_coef_code=prev_coef_code,
         store_prev=store_prev)
 
-    epilogue = []
-    if fam.D is not None:
-        d_off = ("h * stride_D_h + offs_p * stride_D_p" if fam.D.sharing is Sharing.HEAD_DIM
-                 else "h * stride_D_h + offs_p * 0")
-        epilogue.append(f"""
-            if HAS_D:
-                x_m = tl.load(x_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
-                              + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0)
-                D_v = tl.load(D_ptr + {d_off}, mask=offs_p < headdim, other=0.0).to(tl.float32)
-                acc += x_m.to(tl.float32) * D_v[None, :]
-        """)
-    if fam.gate is not None:
-        epilogue.append("""
-            if HAS_Z:
-                z_m = tl.load(z_ptr + b * stride_z_b + t_m[:, None] * stride_z_l + h * stride_z_h
-                              + offs_p[None, :] * stride_z_p, mask=mask_mp, other=0.0).to(tl.float32)
-                acc = acc * z_m * tl.sigmoid(z_m)
-        """)
-    output = chunked_kernels.OUTPUT.format(
-        name=name, epilogue="\n".join(_indent(e, 4) for e in epilogue))
+    output = render_output(plan, name, config, trap)
     body = (prep + chunked_kernels.CB.format(name=name) + chunked_kernels.STATES.format(name=name)
             + output)
-    return header + _PRELUDE + body + _render_launcher(plan, name, trap)
+    return header + _PRELUDE + body + _render_launcher(plan, name, trap, config)
+
+
+def _program_heads(count: int):
+    """(name suffix, head variable) of each head an output program computes."""
+    if count == 1:
+        return [("", "h")]
+    return [(f"_{i}", f"h_{i}") for i in range(count)]
+
+
+def _each(template: str, heads, n: int, **per_head: str) -> str:
+    """``template`` once per head, indented by ``n``; ``per_head`` values may name {j} and {h}."""
+    out = []
+    for j, h in heads:
+        extra = {k: v.format(j=j, h=h) for k, v in per_head.items()}
+        out.append(_indent(template.format(j=j, h=h, **extra), n))
+    return "\n".join(out)
+
+
+def heads_per_bc_group(plan: KernelPlan) -> int:
+    """Heads that share one B and one C (1 when either is per head)."""
+    fam = plan.family
+    if fam.B.sharing is not Sharing.GROUP or fam.C.sharing is not Sharing.GROUP:
+        return 1
+    return fam.dims.heads // max(1, fam.dims.groups)
+
+
+def render_output(plan: KernelPlan, name: str, config: Dict[str, int], trap: bool) -> str:
+    """The output kernel: ``out_heads`` heads per program, unrolled in the generated text.
+
+    The heads of one program share the C rows and each C B^T tile (loaded, or computed from B,
+    once); each has its own decays, x, incoming state and accumulator. ``out_early_xz`` issues
+    the epilogue's x (for D) and z loads before the column loop; ``out_factor_decay`` splits off
+    the column blocks left of the diagonal block, whose decay is a rank-1 product;
+    ``out_state_last`` adds the incoming state's term after the column loops, so that its
+    shared-memory operands (C rows, S_in) and the loop's buffers are not live at once.
+    """
+    fam = plan.family
+    k = chunked_kernels
+    count = int(config.get("out_heads", 1))
+    early = bool(config.get("out_early_xz", 0))
+    factor = bool(config.get("out_factor_decay", 0))
+    state_last = bool(config.get("out_state_last", 0))
+    # With C B^T stored, the C rows only serve the incoming state's term: load them there.
+    c_rows_late = bool(config.get("out_cb", 1)) and heads_per_bc_group(plan) > 1
+    heads = _program_heads(count)
+    if count == 1:
+        head_code = "h = pid_h"
+    else:
+        head_code = "\n".join(
+            [f"# {count} heads per program share C's rows and the C B^T tiles (the config",
+             "# check keeps them inside one group of B and C); a head past the last repeats",
+             "# the last one and is not stored.", f"h_0 = pid_h * {count}"]
+            + [f"h_{i} = tl.minimum(h_0 + {i}, nheads - 1)" for i in range(1, count)])
+    parts = [_indent(k.OUT_SETUP.format(heads=head_code, h_first=heads[0][1]), 4)]
+    if not c_rows_late:
+        parts.append(_indent(k.OUT_C_ROWS, 4))
+    parts.append(_each(k.OUT_HEAD_ROWS, heads, 4))
+
+    x_load = ("x_m{j} = tl.load(\n"
+              "    x_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + {h} * stride_x_h\n"
+              "    + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0)\n")
+    d_off = ("{h} * stride_D_h + offs_p * stride_D_p" if fam.D is not None
+             and fam.D.sharing is Sharing.HEAD_DIM else "{h} * stride_D_h + offs_p * 0")
+    d_load = x_load + ("D_v{j} = tl.load(\n    D_ptr + " + d_off
+                       + ", mask=offs_p < headdim, other=0.0).to(tl.float32)\n")
+    d_apply = "acc{j} += x_m{j}.to(tl.float32) * D_v{j}[None, :]\n"
+    z_load = ("z_m{j} = tl.load(\n"
+              "    z_ptr + b * stride_z_b + t_m[:, None] * stride_z_l + {h} * stride_z_h\n"
+              "    + offs_p[None, :] * stride_z_p, mask=mask_mp, other=0.0)\n")
+    z_apply = ("gate{j} = z_m{j}.to(tl.float32)\n"
+               "acc{j} = acc{j} * gate{j} * tl.sigmoid(gate{j})\n")
+
+    def flagged(flag: str, template: str) -> str:
+        return _indent(f"if {flag}:", 4) + "\n" + _each(template, heads, 8)
+
+    if early:
+        parts.append(_indent("# The epilogue's loads, issued before the column loop.", 4))
+        if fam.D is not None:
+            parts.append(flagged("HAS_D", d_load))
+        if fam.gate is not None:
+            parts.append(flagged("HAS_Z", z_load))
+
+    coef_diag = "coef_k{j}[None, :]"
+    coef_off = "coef_k{j}"
+    head_inputs = k.OUT_HEAD_COLUMN_INPUTS.strip("\n")
+    diagonal = k.OUT_HEAD_DIAGONAL.strip("\n")
+    if trap:
+        head_inputs += "\n" + k.OUT_HEAD_PREV.strip("\n")
+        diagonal = k.OUT_HEAD_PREV_TILE.strip("\n") + "\n" + diagonal
+        coef_diag = "(coef_k{j}[None, :] + prev_tile{j})"
+        coef_off = "(coef_k{j} + prev_k{j})"
+
+    def column_loop(bounds: str, mask: str, head_body: str, coef: str) -> str:
+        body = [_indent(k.OUT_COLUMNS, 8), _indent(mask, 8),
+                _each(head_inputs + "\n" + head_body.strip("\n"), heads, 8, coef=coef)]
+        return _indent(f"for k0 in range({bounds}):", 4) + "\n" + "\n".join(body)
+
+    starts_acc = not factor and not state_last
+    state_in = [_indent("# The state entering the chunk, decayed to each row: "
+                        "exp(cum_t) C_t S_in.", 4)]
+    if c_rows_late:
+        state_in.append(_indent(k.OUT_C_ROWS, 4))
+    state_in += [_each(k.OUT_HEAD_STATE_IN, heads, 4, assign="=" if starts_acc else "+="),
+                 _indent(k.OUT_INIT_LOOP.format(per_head=_each(k.OUT_HEAD_INIT, heads, 12)), 4)]
+    if factor:
+        parts += [_indent(k.OUT_OFFDIAG_SETUP, 4), _each(k.OUT_HEAD_OFFDIAG_SETUP, heads, 4),
+                  column_loop("0, rb * BLOCK_M, BLOCK_K", k.OUT_OFFDIAG_MASK, k.OUT_HEAD_OFFDIAG,
+                              coef_off),
+                  _each(k.OUT_HEAD_OFFDIAG_ROWS, heads, 4)]
+    elif state_last:
+        parts.append(_each(k.OUT_HEAD_ZERO, heads, 4))
+    if not state_last:
+        parts += state_in
+    if early and fam.D is not None:
+        parts.append(flagged("HAS_D", d_apply))
+    if factor:
+        parts.append(_indent("# The diagonal block: ((C B^T) o L) X, the decay elementwise.", 4))
+        parts.append(column_loop("rb * BLOCK_M, (rb + 1) * BLOCK_M, BLOCK_K", k.OUT_DIAGONAL_MASK,
+                                 diagonal, coef_diag))
+    else:
+        parts.append(_indent("# Inside the chunk: ((C B^T) o L) X over the column blocks up to the "
+                             "diagonal.", 4))
+        parts.append(column_loop("0, (rb + 1) * BLOCK_M, BLOCK_K", k.OUT_DIAGONAL_MASK,
+                                 diagonal, coef_diag))
+    if state_last:
+        parts += state_in
+
+    parts.append("")
+    if fam.D is not None and not early:
+        parts.append(flagged("HAS_D", d_load + d_apply))
+    if fam.gate is not None:
+        parts.append(flagged("HAS_Z", z_apply if early else z_load + z_apply))
+    store_masks = ["mask_mp"] + [f"tl.where(h_0 + {i} < nheads, mask_mp, False)"
+                                 for i in range(1, count)]
+    parts += [_indent(k.OUT_HEAD_STORE.format(j=j, h=h, mask=m), 4)
+              for (j, h), m in zip(heads, store_masks)]
+    return k.OUTPUT_SIGNATURE.format(name=name) + "\n".join(parts) + "\n"
 
 
 _PRELUDE = '''
@@ -195,7 +313,7 @@ def _softplus(x):
 '''
 
 
-def _render_launcher(plan: KernelPlan, name: str, trap: bool) -> str:
+def _render_launcher(plan: KernelPlan, name: str, trap: bool, config: Dict[str, int]) -> str:
     fam = plan.family
     opt_d = "problem.D" if fam.D is not None else "None"
     opt_z = "problem.z" if fam.gate is not None else "None"
@@ -204,7 +322,10 @@ def _render_launcher(plan: KernelPlan, name: str, trap: bool) -> str:
     clamp_default = repr(tuple(float(v) for v in fam.delta.clamp)) if fam.delta.clamp else "None"
     clamp_default = clamp_default.replace("inf", 'float("inf")')
     return LAUNCHER.format(name=name, chunk=plan.chunk_size, opt_d=opt_d, opt_z=opt_z,
-                           opt_bias=opt_bias, clamp=clamp, clamp_default=clamp_default, trap=trap)
+                           opt_bias=opt_bias, clamp=clamp, clamp_default=clamp_default, trap=trap,
+                           out_heads=int(config.get("out_heads", 1)),
+                           out_maxnreg=(f' maxnreg={int(config["out_maxnreg"])},'
+                                        if config.get("out_maxnreg") else ""))
 
 
 LAUNCHER = '''
@@ -314,11 +435,12 @@ def launch(problem, config, y=None, final_states=None):
         num_warps=cfg["state_warps"], num_stages=cfg["state_stages"],
     )
 
-    # 4. Outputs, fully parallel over chunks, row blocks, heads and head_dim blocks.
+    # 4. Outputs, fully parallel over chunks, row blocks, heads ({out_heads} per program), head_dim.
     zp = z if z is not None else x
     Dp = D if D is not None else dummy
     D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
-    grid = (triton.cdiv(chunk, bm) * triton.cdiv(headdim, bp2), nheads, batch * nchunks)
+    grid = (triton.cdiv(chunk, bm) * triton.cdiv(headdim, bp2), triton.cdiv(nheads, {out_heads}),
+            batch * nchunks)
     {name}_chunk_output[grid](
         x, zp, B, C, Dp, cb, seqp, cup, initp, chunk_states, cum, coef, prev_coef, y,
         seqlen, nheads, headdim, dstate, nchunks, hp_B, hp_C, heads_per_cb,
@@ -326,8 +448,8 @@ def launch(problem, config, y=None, final_states=None):
         *init_strides, *chunk_states.stride(), *y.stride(),
         CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=bp2, BLOCK_N=block_n, CB_PRECOMPUTED=cb_pre,
         HAS_D=D is not None, HAS_Z=z is not None, VARLEN=varlen, HAS_INIT=init is not None,
-        HAS_PREV={trap}, DOT_PRECISION=precision, DOT_UPCAST=upcast,
-        num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],
+        DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],{out_maxnreg}
     )
     if store_final and varlen:
         # Empty sequences have no token to write their state: it is their initial state.
