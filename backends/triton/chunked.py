@@ -68,18 +68,23 @@ def default_config_chunked(plan: KernelPlan) -> Dict[str, int]:
     Measured on an H100 for Mamba-2 sizes (p64 n128, chunk 256; bench/NOTES_ssd.md, call 2): the
     state kernel is fastest with 128-row blocks of a 32 x 64 (p x n) state tile, 3 stages; the
     output kernel with 64-row x 32-column blocks over the whole head_dim, 3 stages, C B^T stored
-    once per group in fp32.
+    once per group in fp32. The output kernel adds the incoming state's term after its column
+    loop (half the shared memory) and, at those tile sizes, is capped at 128 registers so that
+    4 programs fit per SM (call 3: output 0.478 -> 0.453 ms at b4 l4096 h80; better on all three
+    standard shapes).
     """
     fam = plan.family
     p, n, q = fam.dims.head_dim, fam.dims.state, plan.chunk_size
     cap_p, cap_n, cap_q = max(16, _pow2(p)), max(16, _pow2(n)), max(16, _pow2(q))
+    out_block_m, out_block_p = min(64, cap_q), min(64, cap_p)
+    measured_tiles = out_block_m * out_block_p <= 64 * 64 and cap_n <= 128
     return {
         "state_block_t": min(128, cap_q), "state_block_p": min(32, cap_p),
         "state_block_n": min(64, cap_n), "state_warps": 4, "state_stages": 3,
-        "out_block_m": min(64, cap_q), "out_block_k": min(32, cap_q), "out_block_p": min(64, cap_p),
+        "out_block_m": out_block_m, "out_block_k": min(32, cap_q), "out_block_p": out_block_p,
         "out_warps": 4, "out_stages": 3, "out_cb": 1, "out_cb_fp32": 1,
-        "out_heads": 1, "out_early_xz": 0, "out_factor_decay": 0, "out_state_last": 0,
-        "out_maxnreg": 0,
+        "out_heads": 1, "out_early_xz": 0, "out_factor_decay": 0, "out_state_last": 1,
+        "out_maxnreg": 128 if measured_tiles else 0,
     }
 
 
@@ -108,8 +113,16 @@ def config_error(plan: KernelPlan, cfg: Dict[str, int]) -> Optional[str]:
     return None
 
 
-# Settings timed on the H100 (bench/gpu.py --sweep), tried first by the autotuner.
+# Settings timed on the H100 (bench/gpu.py --sweep), tried first by the autotuner. The output-
+# kernel options (bench/NOTES_ssd.md, call 3; ms of the output kernel at b4 l4096 h80, default
+# then 0.478): out_heads 2 0.487, with state last and 168 registers 0.491; factored decay 0.47-0.58;
+# 8 warps 0.75-0.81. Several heads per program did not pay: the kernel is not limited by
+# reloading the shared C rows and C B^T tiles.
 MEASURED = [
+    {"out_state_last": 0, "out_maxnreg": 0},
+    {"out_factor_decay": 1},
+    {"out_heads": 2, "out_maxnreg": 168},
+    {"out_heads": 2, "out_early_xz": 1, "out_maxnreg": 168},
     {"state_block_t": 128, "state_warps": 8, "state_stages": 2, "state_block_p": 64},
     {"state_block_t": 128, "state_block_n": 128, "state_warps": 8, "state_block_p": 64},
     {"state_block_t": 64, "state_block_p": 64, "state_stages": 2},
@@ -119,26 +132,8 @@ MEASURED = [
 ]
 
 
-# Output-kernel settings not timed yet, tried right after the default (bench/gpu.py --sweep 9
-# times them). Compiled offline for sm_90 at Mamba-2 sizes (p64 n128, chunk 256): the default
-# holds 128 registers and 64 KiB of shared memory (3 programs per SM: the incoming state's
-# operands stay live through the column loop); the state term last halves the shared memory,
-# and the register caps bring 4 programs per SM at one head, 3 at two, without spills in loops.
-UNMEASURED = [
-    {"out_heads": 2, "out_state_last": 1, "out_maxnreg": 168},
-    {"out_heads": 2, "out_state_last": 1, "out_factor_decay": 1, "out_maxnreg": 160},
-    {"out_state_last": 1, "out_maxnreg": 128},
-    {"out_heads": 2, "out_state_last": 1, "out_warps": 8},
-    {"out_heads": 4, "out_state_last": 1, "out_warps": 8, "out_maxnreg": 128},
-    {"out_heads": 2, "out_state_last": 1, "out_early_xz": 1, "out_maxnreg": 168},
-    {"out_heads": 2},
-    {"out_factor_decay": 1, "out_state_last": 1, "out_maxnreg": 128},
-]
-
-
 def candidates_chunked(plan: KernelPlan) -> List[Dict[str, int]]:
-    """Configurations for the autotuner: the default, the output-kernel options not timed yet,
-    the variants measured on the H100, then a grid of block/warp/stage variations of each kernel
+    """Configurations for the autotuner: the default, the variants measured on the H100, then a grid of block/warp/stage variations of each kernel
     (the two main kernels tune independently)."""
     fam = plan.family
     p, n, q = fam.dims.head_dim, fam.dims.state, plan.chunk_size
@@ -152,7 +147,7 @@ def candidates_chunked(plan: KernelPlan) -> List[Dict[str, int]]:
                 and config_error(plan, cfg) is None)
 
     out = [base]
-    variants = list(UNMEASURED) + list(MEASURED)
+    variants = list(MEASURED)
     variants += [{"state_block_t": t, "state_block_p": bp, "state_block_n": bn, "state_warps": w,
                   "state_stages": s}
                  for t in (64, 128, 256) for bp in (32, 64) for bn in (32, 64, 128)
