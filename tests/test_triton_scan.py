@@ -221,6 +221,60 @@ def test_scan_segments_chosen_by_size(seed):
         mod.SM_COUNT = saved
 
 
+@pytest.mark.parametrize("seqlen", [1, 7, 9, 37])
+def test_scan_prefetch_bc_lengths(seqlen, seed):
+    """B/C tiles of the first 2 states carried one chunk ahead: no full chunk (1, 7), one full
+    chunk + a masked tail (9 = chunk + 1), several (37); from an initial state."""
+    fam = scan_family()
+    config = {"prefetch_bc": 2, "chunk": 8}
+    check(fam, bound(fam, seqlen=seqlen, seed=seed, with_state=True), config=config)
+
+
+PREFETCH_BC = {  # case -> (family kwargs, input dtype, config, bound kwargs)
+    "bf16-every-state-ahead1": (dict(), "bfloat16", {"prefetch_bc": 99, "bc_ahead": 1},
+                                dict(seqlen=37)),
+    "varlen-trapezoidal": (dict(method=Method.TRAPEZOIDAL), "float32",
+                           {"prefetch_bc": 1, "chunk": 4},
+                           dict(varlen=[5, 0, 12, 16] if not FULL else [100, 0, 257, 301])),
+    "groups2-split2-no-uz-prefetch": (dict(groups=2), "float32",
+                                      {"prefetch_bc": 1, "split": 2, "block_d": 4, "chunk": 4,
+                                       "prefetch": False}, dict(seqlen=37)),
+    "constant-C-ahead2": (dict(selective_C=False), "float32",
+                          {"prefetch_bc": 2, "bc_ahead": 2, "chunk": 4}, dict(seqlen=37)),
+    "segmented": (dict(), "float32", {"prefetch_bc": 2, "segments": 3, "chunk": 4,
+                                      "block_d": 4}, dict(seqlen=37)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFETCH_BC))
+def test_scan_prefetch_bc(case, seed):
+    kw, dtype, config, bound_kw = PREFETCH_BC[case]
+    fam = scan_family(**kw)
+    check(fam, bound(fam, dtype=dtype, seed=seed, with_state=True, **bound_kw), dtype, config)
+
+
+def test_scan_prefetch_bc_source():
+    """prefetch_bc carries B/C of its first states (clamped to the state count; C not in the
+    segmented pass 1); 0 is today's kernel; complex A ignores it; bad values are refused."""
+    plan = make_plan(scan_family(), Algorithm.SCAN)
+
+    def kernel(cfg, name="def ssmc_scan_Mamba1("):
+        return tb.lower(plan, cfg).split(name)[1].split("@triton.jit")[0]
+    assert kernel({"prefetch_bc": 0, "bc_ahead": 0}) == kernel({})
+    two = kernel({"prefetch_bc": 2})
+    assert all(f"{w}{j}_pre0 = tl.load(" in two for w in "bc" for j in (0, 1))
+    assert "b2_pre0" not in two and "b0_pre0" not in kernel({})
+    every = kernel({"prefetch_bc": 99})
+    assert f"b{STATE - 1}_pre0 =" in every and f"b{STATE}_pre0" not in every
+    local = kernel({"prefetch_bc": 1}, "_seg_local(")
+    assert "b0_pre0 = tl.load(" in local and "c0_pre0" not in local
+    cplx = tb.lower(make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {"prefetch_bc": 2})
+    assert "_pre0 = tl.load(" not in cplx
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="prefetch_bc"):
+            tb.lower(plan, {"prefetch_bc": bad})
+
+
 def test_scan_large_delta(seed):
     """Δ up to ~8 with |a| up to ~16: decays of e^-128 per step must flush to 0, not NaN."""
     fam = scan_family(method=Method.ZOH)

@@ -20,12 +20,13 @@ choices, all for the Mamba-1 shape (b8 d4096 l2048 n16, bf16), where the cost is
 
 Full chunks run without time masks; the last partial chunk runs a masked copy of the body.
 
-Few channel blocks x sequences (b1 d4096: 32 programs) leave SMs idle and the rest
-latency-bound, so the launcher then runs a segmented scan over time instead (all from the same
-generator, ``mode``): pass 1 (``local``) each (channel block, time segment) runs from h = 0 and
-stores its end state and total decay; pass 2 (``_ssmc_scan_combine``) walks the segments per
-state element to get each one's true initial state; pass 3 (``apply``) re-runs each segment
-from it and writes y. The segment count is chosen per call from the SM count (bench/NOTES_scan.md).
+Latency: u/dt/z tiles are loaded one chunk ahead (``prefetch``); ``prefetch_bc`` = P carries
+the B/C tiles of the first P states across the loop too (loaded after the chunk's last state,
+used by the next chunk's first ones), real A with selective B/C only (complex A ignores it);
+``bc_ahead`` = R loads state j's tiles before state j - R computes (any family).
+
+The segmented scan for few channel blocks (``mode`` local / apply) and the configs: see
+``scan_launcher``.
 """
 from __future__ import annotations
 
@@ -38,76 +39,12 @@ from ssmc.ir import AStructure, KernelPlan, Sharing
 
 from . import codegen
 from .codegen import Lines, Part, as_text, cadd, cmul
+# supports, default_config, candidates: the backend interface, kept importable from here
+from .scan_launcher import (SEGMENT_DEFAULTS, candidates, check_config,  # noqa: F401
+                            default_config, few_channels_config, kernel_params,
+                            launcher_source, segmented_config, supports)
 
 WHAT = "selective scan"
-
-
-def supports(plan: KernelPlan) -> Optional[str]:
-    st = plan.family.A.structure
-    if st not in (AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
-        return (f"the Triton scan handles diagonal and complex-diagonal A, not {st.value} "
-                "(scalar A: use the chunked algorithm; DPLR/dense: use conv)")
-    if plan.family.dims.state > 256:
-        return f"state size {plan.family.dims.state} > 256 is not unrolled by the Triton scan"
-    return None
-
-
-def _pow2(x) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
-
-
-def default_config(plan: KernelPlan) -> dict:
-    f = plan.family
-    n = f.dims.state
-    cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
-    sixteen_bit = any(t.value in ("fp16", "bf16") for t in f.dtypes.inputs)
-    # 8 steps of a 16-bit input = one 16-byte load per lane; complex A (twice the state, and
-    # sin/cos per element) gets 4 to keep registers and code size in bounds.
-    chunk = 8 if sixteen_bit and not cplx else 4
-    # Registers a lane keeps per state element (h, a, a*log2e; constant B, C; trapezoid's
-    # previous B x), doubled for complex: keep ~96 of them per lane, split the rest over lanes.
-    per_state = 3 + (not f.B.selective) + (not f.C.selective)
-    per_state += 1 if any(not codegen.is_zero(e) for k, e in codegen.split_parts(plan).items()
-                          if k.startswith("bbar_prev")) else 0
-    per_state *= 2 if cplx else 1
-    per_lane = 1 << max(1, (96 // per_state).bit_length() - 1)
-    split = 1
-    while n // split > per_lane and n % (2 * split) == 0:
-        split *= 2
-    return {"block_d": max(1, 128 // split), "split": split, "chunk": chunk, "num_warps": 4,
-            "prefetch": True, "few_split": min(n, max(4, 2 * split)), **SEGMENT_DEFAULTS}
-
-
-# When and how the launcher splits sequences into segments (decided per call: see the
-# launcher's _n_segments). segments: 0 = decide by size, k = always k segments per sequence.
-SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 4, "seg_min_len": 256}
-
-
-def candidates(plan: KernelPlan) -> List[dict]:
-    base = default_config(plan)
-    n = plan.family.dims.state
-    out = [base]
-    for split in (1, 2, 4, 8):
-        if n % split or n // split > 64 or n // split < 2:
-            continue
-        for lanes, warps in ((64, 2), (128, 4), (256, 8)):
-            for chunk in (4, 8, 16):
-                cfg = dict(base, block_d=lanes // split, split=split, chunk=chunk,
-                           num_warps=warps)
-                if cfg != base:
-                    out.append(cfg)
-    return out
-
-
-def check_config(plan: KernelPlan, config: dict):
-    n = plan.family.dims.state
-    bd, split, chunk = config["block_d"], config["split"], config["chunk"]
-    if not (_pow2(bd) and _pow2(split) and _pow2(chunk)):
-        raise ValueError(f"scan config needs powers of two: {config}")
-    if n % split:
-        raise ValueError(f"split {split} does not divide the state size {n}")
-
-
 MODES = ("full", "local", "apply")
 
 
@@ -141,6 +78,12 @@ class _ScanGen:
         # Streams kept in fp32 (B, C, complex A planes) load 4 steps = 16 bytes at a time.
         self.f32_width = min(self.chunk, 4)
         self.fp32_streams = self.sel["B"] or self.sel["C"] or (self.sel["A"] and self.cplx)
+        # B/C tiles of the first prefetch_bc states carried one chunk ahead (real A only);
+        # within a chunk, state j's A/B/C tiles are loaded before state j - bc_ahead computes.
+        self.bc_streams = [] if self.cplx else [
+            w for w in ("B", "C") if self.sel[w] and not (w == "C" and self.local)]
+        self.pf_bc = min(config.get("prefetch_bc", 0), self.NS) if self.bc_streams else 0
+        self.bc_ahead = config.get("bc_ahead", 0)
         # exp(a * dt) with a constant: fold log2(e) into a once per lane.
         self._printed: Dict[str, tuple] = {}
         self.l2 = (not self.sel["A"]) and any(
@@ -217,46 +160,12 @@ class _ScanGen:
             out(f"{target(kk)} = {rename(finals[kk])}")
 
     # ---- kernel -----------------------------------------------------------------------------
-    def params(self) -> List[str]:
-        p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"]
-        if self.f.D:
-            p.append("D_ptr")
-        if self.f.gate:
-            p.append("z_ptr")
-        if self.f.delta.bias:
-            p.append("dt_bias_ptr")
-        p += ["h0_ptr", "out_ptr", "hT_ptr", "cu_ptr", "n_channels", "seqlen", "cpg_B", "cpg_C",
-              "stride_u_b", "stride_u_d"]
-        if self.sel["dt"]:
-            p += ["stride_dt_b", "stride_dt_d"]
-        if self.sel["A"]:
-            p += ["stride_A_b", "stride_A_d", "stride_A_n", "stride_A_plane"]
-        for w in ("B", "C"):
-            if self.sel[w]:
-                p += [f"stride_{w}_b", f"stride_{w}_g", f"stride_{w}_n", f"stride_{w}_plane"]
-        if self.f.gate:
-            p += ["stride_z_b", "stride_z_d"]
-        p += ["stride_out_b", "stride_out_d"]
-        if self.mode != "full":
-            # (nseq, n_segments, d, n) fp32: local end states / decays (pass 1), then each
-            # segment's true initial state (after the combine)
-            p += ["seg_state_ptr", "seg_decay_ptr", "n_segments"]
-        p += ["BLOCK_D: tl.constexpr", "SPLIT: tl.constexpr", "CHUNK: tl.constexpr",
-              "HAS_H0: tl.constexpr", "WRITE_HT: tl.constexpr", "VARLEN: tl.constexpr"]
-        if self.f.D:
-            p.append("HAS_D: tl.constexpr")
-        if self.f.gate:
-            p.append("HAS_Z: tl.constexpr")
-        if self.f.delta.bias:
-            p.append("HAS_DT_BIAS: tl.constexpr")
-        return p
-
     def kernel(self, name: str) -> str:
         f, N, NS = self.f, self.N, self.NS
         o = Lines()
         o("@triton.jit")
         o(f"def {name}(")
-        o.indent().extend(f"{p}," for p in self.params()).dedent()
+        o.indent().extend(f"{p}," for p in kernel_params(f, self.sel, self.mode)).dedent()
         o("):")
         o.indent()
         o("pid_d = tl.program_id(0)")
@@ -399,21 +308,24 @@ class _ScanGen:
         # ---- time loop
         o("n_full = (end - start) // CHUNK")
         streams = self.prefetched()
-        if streams:
+        if streams or self.pf_bc:
             o("# The next chunk's tiles are loaded one iteration ahead (the last one reloads",
               "# itself), so DRAM latency overlaps the current chunk's arithmetic.",
               "# (masks constant along time keep the 16-byte loads)",
               "pre_lanes = (lane * 0 + n_full)[:, None] > 0")
-            if not self.local:
+            if streams and not self.local:
                 o("pre_rows = (ep_ok.to(tl.int32) * 0 + n_full)[:, None] > 0")
             for name, rows, cond in streams:
                 mask = "pre_rows" if rows.startswith("ep_") else "pre_lanes"
                 load = f"tl.load({rows}[:, None] + (start + cols)[None, :], mask={mask}, other=0.0)"
                 o(*([f"if {cond}:", f"    {name}_pre = {load}"] if cond else [f"{name}_pre = {load}"]))
+        if self.pf_bc:
+            o("# B/C tiles of the first states: the loop body reloads them for the next chunk")
+            self.carry_bc(o, range(self.pf_bc), "start", ", mask=pre_lanes, other=0.0")
         o("for i in range(0, n_full):")
         o.indent()
         o("t0 = start + i * CHUNK")
-        if streams:
+        if streams or self.pf_bc:
             o("t_next = start + tl.minimum(i + 1, n_full - 1) * CHUNK")
             for name, rows, cond in streams:
                 load = f"tl.load({rows}[:, None] + (t_next + cols)[None, :])"
@@ -488,12 +400,32 @@ class _ScanGen:
             out.append(("z", "ep_z_rows", "HAS_Z"))
         return out
 
+    def carried_tile(self, w: str, j: int, s: int) -> str:
+        return f"{w.lower()}{j}_pre{s}"
+
+    def carry_bc(self, o: Lines, states, t: str, mask: str = ""):
+        """Load the B/C tiles of ``states`` for the chunk starting at ``t`` into the carried
+        variables (fp32 streams: CHUNK / 4 tiles of 4 steps per state and stream)."""
+        W = self.f32_width
+        cols = "cols_f32" if W < self.chunk else "cols"
+        for j in states:
+            for w in self.bc_streams:
+                rows = f"({w.lower()}_rows + {self.nidx(j)} * stride_{w}_n)[:, None]"
+                for s in range(self.chunk // W):
+                    o(f"{self.carried_tile(w, j, s)} = tl.load({rows} + "
+                      f"({t} + {s * W} + {cols})[None, :]{mask})")
+
     def load_columns(self, o: Lines, rows: str, masked: bool, prefix: str, suffix: str = "",
                      fp32: bool = False, other: float = 0.0,
-                     loaded: Optional[str] = None) -> List[str]:
+                     loaded: Optional[str] = None,
+                     carried: Optional[List[str]] = None) -> List[str]:
         """Load CHUNK steps of ``rows`` (one pointer per lane) and split them into per-step
         vectors named ``{prefix}{k}{suffix}``. fp32 streams load 4 steps (16 bytes) at a time.
-        ``loaded`` names a tile already in registers (prefetched) instead."""
+        ``loaded`` names a tile already in registers (prefetched) instead; ``carried`` the
+        fp32 tiles of a stream carried from the previous iteration."""
+        if carried is not None:
+            return [name for s, tile in enumerate(carried) for name in codegen.split_tree(
+                o, tile, "BLOCK_D * SPLIT", self.f32_width, prefix, suffix, s * self.f32_width)]
         if loaded is not None:
             o(f"{prefix}tile0{suffix} = {loaded}.to(tl.float32)")
             return codegen.split_tree(o, f"{prefix}tile0{suffix}", "BLOCK_D * SPLIT",
@@ -548,22 +480,20 @@ class _ScanGen:
                 o(f"bx{k} = {as_text(bx[0])}")
                 if bx[1] is not None:
                     o(f"bx{k}_im = {bx[1]}")
+        # state j's tiles are loaded before state max(0, j - bc_ahead) computes (only the
+        # source order: ptxas schedules within the loop body as it likes)
+        first_use = [max(0, j - self.bc_ahead) for j in range(NS)]
+        carried = 0 if masked else self.pf_bc
         for j in range(NS):
             o(f"# state n = {self.nidx(j)}")
-            for w, letter in (("A", "a"), ("B", "b"), ("C", "c")):
-                if not self.sel[w] or (w == "C" and self.local):
-                    continue
-                fp32 = w != "A" or self.cplx
-                o(f"{letter}_rows_j = {letter}_rows + {self.nidx(j)} * stride_{w}_n")
-                # past the end, a = -1 keeps coefficients like expm1(a dt)/a finite
-                self.load_columns(o, f"{letter}_rows_j", masked, f"{letter}{j}_",
-                                  "_re" if (self.cplx and w == "A") else "", fp32,
-                                  -1.0 if w == "A" else 0.0)
-                if self.cplx:
-                    self.load_columns(o, f"{letter}_rows_j + stride_{w}_plane", masked,
-                                      f"{letter}{j}_", "_im", fp32)
+            for jj in range(NS):
+                if first_use[jj] == j:
+                    self.load_state(o, jj, masked, carried=jj < carried)
             for k in range(CH):
                 self.step(o, j, k, xs[k], hoist_bx, masked)
+        if carried:
+            o("# the next chunk's B/C tiles of the first states (this chunk's are consumed)")
+            self.carry_bc(o, range(carried), "t_next")
         if self.local:
             return
         # ---- outputs of the chunk
@@ -589,6 +519,26 @@ class _ScanGen:
         mask = "ep_ok[:, None] & tmask[None, :]" if masked else "ep_ok[:, None]"
         o("tl.store(ep_out_rows[:, None] + offs[None, :], "
           f"y_tile.to(out_ptr.dtype.element_ty), mask={mask})")
+
+    def load_state(self, o: Lines, j: int, masked: bool, carried: bool):
+        """State j's per-step A/B/C tiles split into vectors; ``carried``: B/C from the
+        tiles loaded by the previous iteration."""
+        for w, letter in (("A", "a"), ("B", "b"), ("C", "c")):
+            if not self.sel[w] or (w == "C" and self.local):
+                continue
+            if carried and w in self.bc_streams:
+                self.load_columns(o, "", masked, f"{letter}{j}_", carried=[
+                    self.carried_tile(w, j, s) for s in range(self.chunk // self.f32_width)])
+                continue
+            fp32 = w != "A" or self.cplx
+            o(f"{letter}_rows_j = {letter}_rows + {self.nidx(j)} * stride_{w}_n")
+            # past the end, a = -1 keeps coefficients like expm1(a dt)/a finite
+            self.load_columns(o, f"{letter}_rows_j", masked, f"{letter}{j}_",
+                              "_re" if (self.cplx and w == "A") else "", fp32,
+                              -1.0 if w == "A" else 0.0)
+            if self.cplx:
+                self.load_columns(o, f"{letter}_rows_j + stride_{w}_plane", masked,
+                                  f"{letter}{j}_", "_im", fp32)
 
     def step(self, o: Lines, j: int, k: int, x: str, hoist_bx: bool, masked: bool):
         """One state element at one step: h = Abar h + Bbar B x (+ Bbar_prev B_prev x_prev)."""
@@ -631,174 +581,6 @@ class _ScanGen:
         o(f"y{k} = {contrib}" if j == 0 else f"y{k} += {contrib}")
 
 
-COMBINE = '''
-
-@triton.jit
-def _ssmc_scan_combine(seg_state_ptr, seg_decay_ptr, h0_ptr, n_elems, n_segments,
-                       HAS_H0: tl.constexpr, CPLX: tl.constexpr, BLOCK: tl.constexpr):
-    # Pass 2 of the segmented scan, per (sequence, state element): walk the segments in order;
-    # segment s's true initial state is h, then h = decay_s h + local_s. The initial states
-    # overwrite the local end states in place.
-    seq = tl.program_id(1)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < n_elems
-    W: tl.constexpr = 2 if CPLX else 1
-    h = tl.zeros([BLOCK], dtype=tl.float32)
-    h_im = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + (seq.to(tl.int64) * n_elems + idx) * W, mask=ok, other=0.0)
-        if CPLX:
-            h_im = tl.load(h0_ptr + (seq.to(tl.int64) * n_elems + idx) * W + 1, mask=ok,
-                           other=0.0)
-    for s in range(0, n_segments):
-        off = ((seq * n_segments + s).to(tl.int64) * n_elems + idx) * W
-        more = ok & (idx * 0 + s < n_segments - 1)  # pass 1 left the last segment's slots unwritten
-        loc = tl.load(seg_state_ptr + off, mask=more, other=0.0)
-        dec = tl.load(seg_decay_ptr + off, mask=more, other=0.0)
-        tl.store(seg_state_ptr + off, h, mask=ok)
-        if CPLX:
-            loc_im = tl.load(seg_state_ptr + off + 1, mask=more, other=0.0)
-            dec_im = tl.load(seg_decay_ptr + off + 1, mask=more, other=0.0)
-            tl.store(seg_state_ptr + off + 1, h_im, mask=ok)
-            h, h_im = dec * h - dec_im * h_im + loc, dec * h_im + dec_im * h + loc_im
-        else:
-            h = dec * h + loc
-'''
-
-LAUNCHER = '''
-N = {N}
-COMPLEX = {cplx}
-SELECTIVE = {sel!r}
-CONFIG = {config!r}
-# Few channels x sequences (one long sequence): split each channel's state over lanes so that
-# there are programs for every SM (None: this module has only the kernel above).
-FEW_CONFIG = {few_config!r}
-# Few channels x sequences and long sequences: the segmented scan (pass 1 local end states,
-# pass 2 combine, pass 3 the recurrence again from each segment's true initial state).
-SEG_CONFIG = {seg_config!r}
-
-
-def _n_segments(nseq, d, L):
-    """Segments per sequence: CONFIG["segments"] when set, else enough for
-    ``seg_programs`` programs per SM when the one-pass kernel has fewer than
-    ``seg_below`` x SMs programs, each segment at least ``seg_min_len`` steps."""
-    if CONFIG["segments"]:
-        return CONFIG["segments"]
-    sms = SM_COUNT
-    if not sms or nseq * triton.cdiv(d, CONFIG["block_d"]) >= CONFIG["seg_below"] * sms:
-        return 1
-    per_seq = max(1, int(CONFIG["seg_programs"] * sms) // (nseq * triton.cdiv(d, SEG_CONFIG["block_d"])))
-    return max(1, min(per_seq, (L // nseq) // CONFIG["seg_min_len"]))
-
-
-def _launch(kernel, cfg, grid, args, extra, **flags):
-    kernel[grid](*args, BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
-                 num_warps=cfg["num_warps"], **({{"maxnreg": cfg["maxnreg"]}} if cfg.get("maxnreg") else {{}}),
-                 **flags, **extra)
-
-
-def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-            cu_seqlens=None, return_last_state=False, out=None, state_out=None, **_):
-    """{name}: selective scan of u (b, d, l); returns (out, last_state or None).
-
-    ``out`` (b, d, l) and ``state_out`` (nseq, d, n) may be given to be written into.
-    """
-    batch, d, L = u.shape
-    dev = u.device
-    varlen = cu_seqlens is not None
-    nseq = cu_seqlens.numel() - 1 if varlen else batch
-    u = _time_contiguous(u)
-    strides = []
-    if SELECTIVE["dt"]:
-        delta = _time_contiguous(delta)
-        strides += [delta.stride(0), delta.stride(1)]
-    else:
-        delta = delta.to(torch.float32).contiguous()
-    if SELECTIVE["A"]:
-        A, s = _tokens(A, COMPLEX)
-        strides += s
-    else:
-        A = _param(A, COMPLEX)
-    bc, cpg = [], []
-    for name, t in (("B", B), ("C", C)):
-        if SELECTIVE[name]:
-            # fp32 copies: B and C are small (groups x n per token) and every lane of a group
-            # reads them, so the kernel should not convert them lane by lane.
-            t, s = _tokens(t.unsqueeze(1) if t.dim() == 3 else t, COMPLEX, fp32=True)
-            strides += s
-            groups = t.shape[2] if COMPLEX else t.shape[1]
-        else:
-            t = _param(t, COMPLEX)
-            groups = t.shape[0]
-        bc.append(t)
-        cpg.append(max(d // groups, 1))
-    if out is None:
-        out = torch.empty((batch, d, L), device=dev, dtype=u.dtype)
-    assert out.shape == (batch, d, L) and out.dtype == u.dtype and out.is_contiguous()
-    state_shape = (nseq, d, N, 2) if COMPLEX else (nseq, d, N)
-    if state_out is not None:
-        last = torch.view_as_real(state_out) if COMPLEX else state_out
-        assert tuple(last.shape) == state_shape and last.is_contiguous()
-    else:
-        last = torch.empty(state_shape, device=dev, dtype=torch.float32) if return_last_state else out
-    h0 = _param(initial_state, COMPLEX) if initial_state is not None else out
-    extra = {{}}
-    opt_args = []
-{opt_args}
-    cu = cu_seqlens if varlen else out
-    args = (u, delta, A, bc[0], bc[1], *opt_args, h0, out, last, cu, d, L, cpg[0], cpg[1],
-            u.stride(0), u.stride(1), *strides, *z_strides, out.stride(0), out.stride(1))
-    flags = dict(WRITE_HT=bool(return_last_state), VARLEN=varlen)
-    if L > 0 and d > 0 and nseq > 0:
-        _sm_count(dev)
-        n_seg = _n_segments(nseq, d, L)
-        if n_seg > 1:
-            cfg = SEG_CONFIG
-            blocks = triton.cdiv(d, cfg["block_d"])
-            seg = torch.empty((2, nseq, n_seg, d, N, 2 if COMPLEX else 1), device=dev,
-                              dtype=torch.float32)
-            seg_args = (*args, seg[0], seg[1], n_seg)
-            _launch({local_kernel}, cfg, (blocks, nseq * (n_seg - 1)), seg_args, extra,
-                    HAS_H0=False, **flags)
-            _ssmc_scan_combine[(triton.cdiv(d * N, 512), nseq)](
-                seg[0], seg[1], h0, d * N, n_seg, HAS_H0=initial_state is not None, CPLX=COMPLEX,
-                BLOCK=512, num_warps=4)
-            _launch({apply_kernel}, cfg, (blocks, nseq * n_seg), seg_args, extra, HAS_H0=True,
-                    **flags)
-        else:
-            kernel, cfg = {kernel}, CONFIG
-            if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < _sm_count(dev):
-                kernel, cfg = {few_kernel}, FEW_CONFIG
-            _launch(kernel, cfg, (triton.cdiv(d, cfg["block_d"]), nseq), args, extra,
-                    HAS_H0=initial_state is not None, **flags)
-    elif return_last_state:
-        last.copy_(h0 if initial_state is not None else torch.zeros_like(last))
-    if not return_last_state:
-        return out, None
-    return out, (state_out if state_out is not None else
-                 torch.view_as_complex(last) if COMPLEX else last)
-'''
-
-
-def few_channels_config(plan: KernelPlan, config: dict) -> Optional[dict]:
-    """The state-split variant used when there are fewer programs than SMs, or None."""
-    split = config.get("few_split", 4)
-    n = plan.family.dims.state
-    if split <= config["split"] or n % split or n // split < 2:
-        return None
-    lanes = config["block_d"] * config["split"]
-    return {**config, "split": split, "block_d": max(1, lanes // split)}
-
-
-def segmented_config(plan: KernelPlan, config: dict) -> dict:
-    """The tile config of the segmented scan's passes 1 and 3 (``seg_*`` keys of ``config``)."""
-    split = config.get("seg_split", config["split"])
-    lanes = config["block_d"] * config["split"]
-    return {**config, "split": split,
-            "block_d": config.get("seg_block_d", max(1, lanes // split)),
-            "num_warps": config.get("seg_num_warps", config["num_warps"])}
-
-
 def generate(plan: KernelPlan, config: dict) -> str:
     config = {**SEGMENT_DEFAULTS, **config}
     gen = _ScanGen(plan, config)
@@ -813,27 +595,5 @@ def generate(plan: KernelPlan, config: dict) -> str:
     seg_cfg = segmented_config(plan, config)
     for mode in ("local", "apply"):
         body += "\n\n" + _ScanGen(plan, seg_cfg, mode).kernel(f"{kname}_seg_{mode}")
-    body += COMBINE
-    opt = []
-    if f.D:
-        opt += ["    opt_args.append(D.to(torch.float32).contiguous() if D is not None else out)",
-                "    extra['HAS_D'] = D is not None"]
-    if f.gate:
-        opt += ["    if z is not None:",
-                "        z = _time_contiguous(z)",
-                "    opt_args.append(z if z is not None else out)",
-                "    extra['HAS_Z'] = z is not None",
-                "    z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)"]
-    else:
-        opt += ["    z_strides = ()"]
-    if f.delta.bias:
-        opt += ["    opt_args.append(delta_bias.to(torch.float32).contiguous() "
-                "if delta_bias is not None else out)",
-                "    extra['HAS_DT_BIAS'] = delta_bias is not None"]
-    # Keep the kernel's parameter order: D, z, dt_bias come right after C.
-    launcher = LAUNCHER.format(N=gen.N, cplx=gen.cplx, sel=gen.sel, config=dict(config),
-                               few_config=few, few_kernel=few_name, name=f.name, kernel=kname,
-                               seg_config=seg_cfg, local_kernel=f"{kname}_seg_local",
-                               apply_kernel=f"{kname}_seg_apply",
-                               opt_args="\n".join(opt))
-    return codegen.module_source(plan, config, WHAT, body + launcher)
+    body += launcher_source(plan, config, gen.sel, kname, few, few_name)
+    return codegen.module_source(plan, config, WHAT, body)
