@@ -7,6 +7,7 @@ of our output against a float64 recurrence on the same input (mamba_ssm's too, f
 
     python bench/gpu.py                 # the table (SSD rows here, scan/step rows from gpu_scan)
     python bench/gpu.py --sweep 8       # also time the first 8 tuning candidates per SSD shape
+    python bench/gpu.py --ssd-only --configs '[{}, {"out_heads": 2}]'   # chosen SSD configs
     python bench/gpu.py --no-cuda-scan  # skip the JIT build of mamba_ssm's CUDA selective scan
 
 Anchors are loaded by bench/anchors.py. The scan and decode-step rows come from
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -236,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--no-cuda-scan", action="store_true", help="skip the CUDA selective scan anchor")
     ap.add_argument("--ssd-only", action="store_true", help="skip the scan/step rows")
     ap.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes)")
+    ap.add_argument("--configs", type=json.loads, default=None,
+                    help="time these SSD configs (a JSON list) instead of the first N candidates")
     ap.add_argument("--markdown", default=None, help="write the table here (default: $OUT or bench/)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -248,9 +252,16 @@ def main(argv=None):
     ceil = measure_ceilings()
     print(f"ceilings: {ceil['bandwidth'] / 1e12:.2f} TB/s, {ceil['matmul'] / 1e12:.0f} TFLOP/s", flush=True)
     from ssmc.backends.triton import chunked
+    sweeps = {h: (args.configs if args.configs is not None else
+                  chunked.candidates_chunked(make_plan(mamba2_family(h)))[:args.sweep])
+              for _, _, _, h in SSD_SHAPES}
+    if any(sweeps.values()):
+        import gpu_scan   # compile every config in parallel processes first (Triton's disk cache)
+        gpu_scan.warm([("ssd", (1, 1024, h), cfg) for h in sorted(sweeps) for cfg in sweeps[h]],
+                      workers=12)
     rows = []
     for label, b, l, h in SSD_SHAPES:
-        sweep = chunked.candidates_chunked(make_plan(mamba2_family(h)))[:args.sweep]
+        sweep = sweeps[h]
         rows.append(ssd_row(label, b, l, h, ceil, sweep=sweep, with_fla=not args.no_fla))
         print({k: v for k, v in rows[-1].items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()

@@ -38,23 +38,12 @@ SCAN_SHAPES = [("selective scan fwd b8 d4096 l2048 n16", 8, 2048),
                ("selective scan fwd b1 d4096 l16384 n16", 1, 16384)]
 STEP_BATCHES = (64, 256)
 SCAN_SWEEP = {
-    # b8: 256 one-pass programs (>= 132 SMs: {} stays one pass). 1024 warps in all at SPLIT=1,
-    # so more programs per SM only come from SPLIT or segments (more work per element).
-    2048: [{}, {"prefetch": False}, {"block_d": 64, "num_warps": 2},
-           {"block_d": 256, "num_warps": 8}, {"chunk": 16}, {"chunk": 4},
-           {"split": 2, "block_d": 64}, {"split": 2, "block_d": 32, "num_warps": 2},
-           {"maxnreg": 168}, {"maxnreg": 128},
-           {"segments": 2}, {"segments": 2, "seg_block_d": 64, "seg_num_warps": 2}],
-    # b1: 32 one-pass programs. {} = automatic segment count (4 programs per SM);
-    # segments 1 = the old state-split one-pass kernel (3.94 ms measured)
-    16384: [{}, {"segments": 1}, {"seg_programs": 2}, {"seg_programs": 8},
-            {"segments": 4}, {"segments": 8}, {"segments": 16}, {"segments": 32},
-            {"segments": 64},
-            {"segments": 16, "seg_block_d": 64, "seg_num_warps": 2},
-            {"segments": 32, "seg_block_d": 64, "seg_num_warps": 2},
-            {"segments": 8, "seg_split": 2, "seg_block_d": 64},
-            {"segments": 16, "seg_split": 2, "seg_block_d": 64},
-            {"segments": 16, "maxnreg": 168}, {"segments": 16, "chunk": 16}],
+    # b8: 256 one-pass programs; 255 registers, 2 blocks per SM (bench/NOTES_scan.md).
+    2048: [{}, {"prefetch_bc": 0}, {"prefetch_bc": 4}, {"prefetch_bc": 16},
+           {"prefetch": False}, {"block_d": 256, "num_warps": 8}, {"chunk": 16}],
+    # b1: 32 one-pass programs, so the segmented scan. {} = automatic segment count.
+    16384: [{}, {"segments": 16}, {"segments": 64}, {"seg_prefetch_bc": 8},
+            {"seg_prefetch_bc": 0}, {"segments": 32, "seg_block_d": 64, "seg_num_warps": 2}],
 }
 STEP_SWEEP = [{"block_r": r, "num_warps": w} for r in (8, 16, 32, 64) for w in (4, 8)]
 
@@ -202,6 +191,15 @@ def _compile_one(args):
         if kind == "scan":
             fam, p = scan_problem(*shape)
             kern = tb.build(make_plan(fam, Algorithm.SCAN), config)
+        elif kind == "ssd":   # (batch, seqlen, heads); a short seqlen compiles the same kernels
+            from ssmc.backends.triton import chunked
+            from ssmc.signature import bind, example_inputs
+            import gpu
+            fam = gpu.mamba2_family(shape[2])
+            kw = example_inputs(fam, batch=shape[0], seqlen=shape[1], dtype="bfloat16",
+                                device=DEVICE)
+            p = bind(fam, fam.convention, (), kw)
+            kern = chunked.build_chunked(make_plan(fam), config)
         else:
             fam, p = step_problem(shape[0])
             kern = tb.build(make_plan(fam, Algorithm.STEP), config)

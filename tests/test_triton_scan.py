@@ -255,18 +255,19 @@ def test_scan_prefetch_bc(case, seed):
 
 def test_scan_prefetch_bc_source():
     """prefetch_bc carries B/C of its first states (clamped to the state count; C not in the
-    segmented pass 1); 0 is today's kernel; complex A ignores it; bad values are refused."""
+    segmented pass 1); the default carries 8 states; complex A ignores it; bad values are
+    refused."""
     plan = make_plan(scan_family(), Algorithm.SCAN)
 
     def kernel(cfg, name="def ssmc_scan_Mamba1("):
         return tb.lower(plan, cfg).split(name)[1].split("@triton.jit")[0]
-    assert kernel({"prefetch_bc": 0, "bc_ahead": 0}) == kernel({})
+    assert kernel({"prefetch_bc": 8, "bc_ahead": 0}) == kernel({})
     two = kernel({"prefetch_bc": 2})
     assert all(f"{w}{j}_pre0 = tl.load(" in two for w in "bc" for j in (0, 1))
-    assert "b2_pre0" not in two and "b0_pre0" not in kernel({})
+    assert "b2_pre0" not in two and "b0_pre0" not in kernel({"prefetch_bc": 0})
     every = kernel({"prefetch_bc": 99})
     assert f"b{STATE - 1}_pre0 =" in every and f"b{STATE}_pre0" not in every
-    local = kernel({"prefetch_bc": 1}, "_seg_local(")
+    local = kernel({"seg_prefetch_bc": 1}, "_seg_local(")
     assert "b0_pre0 = tl.load(" in local and "c0_pre0" not in local
     cplx = tb.lower(make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {"prefetch_bc": 2})
     assert "_pre0 = tl.load(" not in cplx

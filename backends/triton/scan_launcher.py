@@ -25,7 +25,11 @@ from . import codegen
 
 # When and how the launcher splits sequences into segments (decided per call: see the
 # launcher's _n_segments). segments: 0 = decide by size, k = always k segments per sequence.
-SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 4, "seg_min_len": 256}
+# Timed on the H100 at b1 d4096 l16384 (bench/NOTES_scan.md): 32 segments (8 programs per SM)
+# with B/C tiles of 4 states carried across chunks in passes 1 and 3: 1.24 ms; 16 segments
+# without: 1.50 ms; 64 segments: 1.53 ms (the combine's sequential walk grows).
+SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 8, "seg_min_len": 256,
+                    "seg_prefetch_bc": 4}
 
 
 def supports(plan: KernelPlan) -> Optional[str]:
@@ -60,9 +64,10 @@ def default_config(plan: KernelPlan) -> dict:
     split = 1
     while n // split > per_lane and n % (2 * split) == 0:
         split *= 2
-    # prefetch_bc / bc_ahead (B/C tiles loaded earlier; scan.py): off until timed on a GPU
+    # prefetch_bc: B/C tiles of 8 states carried across chunks (scan.py). Timed on the H100 at
+    # b8 d4096 l2048 (kernel ms): 0 -> 0.731, 1 -> 0.757, 2 -> 0.750, 4 -> 0.730, 8 -> 0.696.
     return {"block_d": max(1, 128 // split), "split": split, "chunk": chunk, "num_warps": 4,
-            "prefetch": True, "prefetch_bc": 0, "bc_ahead": 0,
+            "prefetch": True, "prefetch_bc": 8, "bc_ahead": 0,
             "few_split": min(n, max(4, 2 * split)), **SEGMENT_DEFAULTS}
 
 
@@ -81,7 +86,7 @@ def candidates(plan: KernelPlan) -> List[dict]:
                     out.append(cfg)
     f = plan.family
     if f.A.structure is AStructure.DIAGONAL and (f.B.selective or f.C.selective):
-        out += [dict(base, prefetch_bc=p) for p in (2, 4)]  # B/C carried across chunks
+        out += [dict(base, prefetch_bc=p) for p in (0, 4)]  # B/C carried across chunks
     return out
 
 
@@ -149,6 +154,7 @@ def segmented_config(plan: KernelPlan, config: dict) -> dict:
     split = config.get("seg_split", config["split"])
     lanes = config["block_d"] * config["split"]
     return {**config, "split": split,
+            "prefetch_bc": config.get("seg_prefetch_bc", config.get("prefetch_bc", 0)),
             "block_d": config.get("seg_block_d", max(1, lanes // split)),
             "num_warps": config.get("seg_num_warps", config["num_warps"])}
 
@@ -210,7 +216,8 @@ def _n_segments(nseq, d, L):
     if not sms or nseq * triton.cdiv(d, CONFIG["block_d"]) >= CONFIG["seg_below"] * sms:
         return 1
     per_seq = max(1, int(CONFIG["seg_programs"] * sms) // (nseq * triton.cdiv(d, SEG_CONFIG["block_d"])))
-    return max(1, min(per_seq, (L // nseq) // CONFIG["seg_min_len"]))
+    count = max(1, min(per_seq, (L // nseq) // CONFIG["seg_min_len"]))
+    return 1 << (count.bit_length() - 1)  # a power of two: equal whole-chunk segments
 
 
 def _launch(kernel, cfg, grid, args, extra, **flags):
@@ -282,9 +289,10 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
             seg_args = (*args, seg[0], seg[1], n_seg)
             _launch({local_kernel}, cfg, (blocks, nseq * (n_seg - 1)), seg_args, extra,
                     HAS_H0=False, **flags)
-            _ssmc_scan_combine[(triton.cdiv(d * N, 512), nseq)](
+            # small blocks: the walk over segments is a latency chain, so more programs
+            _ssmc_scan_combine[(triton.cdiv(d * N, 128), nseq)](
                 seg[0], seg[1], h0, d * N, n_seg, HAS_H0=initial_state is not None, CPLX=COMPLEX,
-                BLOCK=512, num_warps=4)
+                BLOCK=128, num_warps=4)
             _launch({apply_kernel}, cfg, (blocks, nseq * n_seg), seg_args, extra, HAS_H0=True,
                     **flags)
         else:
