@@ -106,3 +106,18 @@ def test_compile_c_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
     assert (tmp_path / "manifest.json").exists()
+
+
+def test_compile_for_a_cuda_arch(tmp_path):
+    # cuda:sm_90 once reached the chunked generator as a config key and was refused.
+    out = ssmc("compile", EXAMPLES / "mamba2.ssm", "--target", "cuda:sm_90", "-o", tmp_path)
+    assert out.returncode == 0, out.stderr
+    kernels = sorted(tmp_path.glob("*/*/kernel.py"))
+    assert [p.parent.name for p in kernels] == ["chunked", "step"]
+    for path in kernels:
+        text = path.read_text()
+        assert text.startswith("# Target cuda:sm_90.")
+        compile(text, str(path), "exec")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["target"] == "cuda:sm_90"
+    assert {k["config"].get("arch") for k in manifest["kernels"]} == {"sm_90"}

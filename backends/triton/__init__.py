@@ -69,10 +69,24 @@ def candidates(plan: KernelPlan) -> List[dict]:
     return list(_module(plan).candidates(plan))
 
 
+# Keys the target string adds to every config (``cuda:sm_90`` -> arch), not generator settings.
+TARGET_KEYS = ("arch",)
+
+
 def _full_config(plan: KernelPlan, config: Optional[dict]) -> dict:
     cfg = default_config(plan)
-    cfg.update(config or {})
+    cfg.update({k: v for k, v in (config or {}).items() if k not in TARGET_KEYS})
     return cfg
+
+
+def _arch_note(config: Optional[dict]) -> str:
+    arch = (config or {}).get("arch")
+    if not arch:
+        return ""
+    # Triton compiles at the first launch for the GPU it finds; the arch is recorded (manifest,
+    # tuning DB key) and the module says so rather than pretending to hold sm_XX code.
+    return (f"# Target cuda:{arch}. Triton compiles these kernels at their first launch for the "
+            "GPU present;\n# the configs were chosen for this architecture.\n")
 
 
 def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
@@ -84,8 +98,8 @@ def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
                           f"{reason}", plan.family.compute.loc)
     cfg = _full_config(plan, config)
     if plan.algorithm is Algorithm.CHUNKED:
-        return _chunked().lower_chunked(plan, cfg)
-    return _module(plan).generate(plan, cfg)
+        return _arch_note(config) + _chunked().lower_chunked(plan, cfg)
+    return _arch_note(config) + _module(plan).generate(plan, cfg)
 
 
 def build(plan: KernelPlan, config: Optional[dict] = None) -> Callable:
