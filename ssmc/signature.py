@@ -14,161 +14,24 @@ mamba_ssm-style expanded dt (b,h,p), A (h,p,n), dt_bias (h,p), D (h,p) become (b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .errors import CallError
 from .ir import AStructure, Convention, DType, Method, Sharing, SSMFamily
+# The problems live in ssmc.problems; importing them from here keeps working.
+from .problems import (INF, KEYWORD_ONLY, POSITIONAL, PROBLEMS, Problem,  # noqa: F401
+                       SelectiveScanProblem, SSDProblem, StateUpdateProblem)
 
-INF = float("inf")
 TORCH_DTYPE = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
                DType.FLOAT32: torch.float32, DType.FLOAT64: torch.float64}
 COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _DIM_WORDS = {"b": "batch", "l": "seqlen", "h": "heads", "p": "head_dim", "d": "channels",
               "n": "state", "g": "groups", "r": "rank", "s": "sequences"}
-
-
-# --------------------------------------------------------------------------------------------
-# Problems: one per convention, field names = the keyword names of the signature
-
-class _Sizes:
-    """Sizes shared by every problem; the family fixes h, p, d, n, g, r, the tensors b and l."""
-    family: SSMFamily
-
-    heads = property(lambda self: self.family.dims.heads)
-    head_dim = property(lambda self: self.family.dims.head_dim)
-    channels = property(lambda self: self.family.dims.d_inner)
-    state_size = property(lambda self: self.family.dims.state)
-    groups = property(lambda self: self.family.dims.groups)
-    rank = property(lambda self: self.family.dims.rank)
-    varlen = property(lambda self: getattr(self, "cu_seqlens", None) is not None)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.input.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.input.device
-
-    @property
-    def seq_offsets(self) -> Tuple[int, ...]:
-        """Start offsets of the sequences plus the end: (0, l) unless varlen."""
-        if self.varlen:
-            return tuple(int(v) for v in self.cu_seqlens.tolist())
-        return (0, self.seqlen)
-
-    def kwargs(self) -> Dict[str, object]:
-        """The normalized call as keyword arguments (bind(family, convention, (), kwargs()) works)."""
-        skip = {"family", "convention", "nseq"}
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
-
-
-@dataclass(frozen=True, eq=False)
-class SSDProblem(_Sizes):
-    """mamba_chunk_scan_combined: x (b,l,h,p), dt (b,l,h), A (h,), B/C (b,l,g,n), ..."""
-    family: SSMFamily
-    x: torch.Tensor
-    dt: torch.Tensor
-    A: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    chunk_size: Optional[int] = None
-    D: Optional[torch.Tensor] = None
-    z: Optional[torch.Tensor] = None
-    dt_bias: Optional[torch.Tensor] = None
-    initial_states: Optional[torch.Tensor] = None
-    seq_idx: Optional[torch.Tensor] = None
-    cu_seqlens: Optional[torch.Tensor] = None
-    dt_softplus: bool = False
-    dt_limit: Tuple[float, float] = (0.0, INF)
-    return_final_states: bool = False
-    nseq: int = 0
-    convention: Convention = field(default=Convention.SSD, init=False)
-
-    input = property(lambda self: self.x)
-    batch = property(lambda self: self.x.shape[0])
-    seqlen = property(lambda self: self.x.shape[1])
-    wants_final_state = property(lambda self: self.return_final_states)
-    initial = property(lambda self: self.initial_states)
-
-
-@dataclass(frozen=True, eq=False)
-class SelectiveScanProblem(_Sizes):
-    """selective_scan_fn: u (b,d,l), delta (b,d,l), A (d,n), B/C (b,g,n,l), ..."""
-    family: SSMFamily
-    u: torch.Tensor
-    delta: torch.Tensor
-    A: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    D: Optional[torch.Tensor] = None
-    z: Optional[torch.Tensor] = None
-    delta_bias: Optional[torch.Tensor] = None
-    delta_softplus: bool = False
-    return_last_state: bool = False
-    initial_state: Optional[torch.Tensor] = None
-    cu_seqlens: Optional[torch.Tensor] = None
-    P: Optional[torch.Tensor] = None
-    Q: Optional[torch.Tensor] = None
-    dt_limit: Tuple[float, float] = (0.0, INF)
-    nseq: int = 0
-    convention: Convention = field(default=Convention.SELECTIVE_SCAN, init=False)
-
-    input = property(lambda self: self.u)
-    batch = property(lambda self: self.u.shape[0])
-    seqlen = property(lambda self: self.u.shape[-1])
-    wants_final_state = property(lambda self: self.return_last_state)
-    initial = property(lambda self: self.initial_state)
-
-
-@dataclass(frozen=True, eq=False)
-class StateUpdateProblem(_Sizes):
-    """selective_state_update: state (b,h,p,n) or (b,d,n) updated in place, x (b,h,p) or (b,d)."""
-    family: SSMFamily
-    state: torch.Tensor
-    x: torch.Tensor
-    dt: torch.Tensor
-    A: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    D: Optional[torch.Tensor] = None
-    z: Optional[torch.Tensor] = None
-    dt_bias: Optional[torch.Tensor] = None
-    dt_softplus: bool = False
-    P: Optional[torch.Tensor] = None
-    Q: Optional[torch.Tensor] = None
-    dt_limit: Tuple[float, float] = (0.0, INF)
-    nseq: int = 0
-    convention: Convention = field(default=Convention.STATE_UPDATE, init=False)
-
-    input = property(lambda self: self.x)
-    batch = property(lambda self: self.x.shape[0])
-    seqlen = property(lambda self: 1)
-    wants_final_state = property(lambda self: False)
-    initial = property(lambda self: self.state)
-
-
-PROBLEMS = {Convention.SSD: SSDProblem, Convention.SELECTIVE_SCAN: SelectiveScanProblem,
-            Convention.STATE_UPDATE: StateUpdateProblem}
-# For annotations and isinstance checks alike.
-Problem = Union[SSDProblem, SelectiveScanProblem, StateUpdateProblem]
-
-POSITIONAL = {
-    Convention.SSD: ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "initial_states",
-                     "seq_idx", "cu_seqlens", "dt_softplus", "dt_limit", "return_final_states"),
-    Convention.SELECTIVE_SCAN: ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
-                                "delta_softplus", "return_last_state", "initial_state",
-                                "cu_seqlens"),
-    Convention.STATE_UPDATE: ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias",
-                              "dt_softplus"),
-}
-KEYWORD_ONLY = {Convention.SSD: (), Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
-                Convention.STATE_UPDATE: ("P", "Q", "dt_limit")}
 
 
 # --------------------------------------------------------------------------------------------

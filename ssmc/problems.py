@@ -1,0 +1,153 @@
+"""The normalized calls: one ``Problem`` dataclass per calling convention (DESIGN.md section 3).
+
+``ssmc.signature.bind`` builds them; every backend reads them. The fields of each are the
+keyword names of its convention's signature, in the order the signature takes them
+positionally (keyword-only arguments last), so that ``POSITIONAL`` is read off the dataclass
+instead of being a second list that has to agree with it. ``family``, ``nseq`` and
+``convention`` are not arguments: ``bind`` fills them in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .ir import Convention, SSMFamily
+
+INF = float("inf")
+_NOT_ARGUMENTS = ("family", "nseq", "convention")
+
+
+@dataclass(frozen=True, eq=False)
+class _ProblemBase:
+    """What every problem has; the family fixes h, p, d, n, g, r, the tensors b and l.
+
+    A subclass names the fields that play the roles every backend asks about, as properties:
+    ``input`` (the primary input: x or u), ``seqlen``, ``initial`` (the incoming state or None)
+    and ``wants_final_state``.
+    """
+    family: SSMFamily
+
+    heads = property(lambda self: self.family.dims.heads)
+    head_dim = property(lambda self: self.family.dims.head_dim)
+    channels = property(lambda self: self.family.dims.d_inner)
+    state_size = property(lambda self: self.family.dims.state)
+    groups = property(lambda self: self.family.dims.groups)
+    rank = property(lambda self: self.family.dims.rank)
+    varlen = property(lambda self: getattr(self, "cu_seqlens", None) is not None)
+    batch = property(lambda self: self.input.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.input.device
+
+    @property
+    def seq_offsets(self) -> Tuple[int, ...]:
+        """Start offsets of the sequences plus the end: (0, l) unless varlen."""
+        if self.varlen:
+            return tuple(int(v) for v in self.cu_seqlens.tolist())
+        return (0, self.seqlen)
+
+    @classmethod
+    def argument_names(cls) -> Tuple[str, ...]:
+        """The convention's keyword names, in positional order (keyword-only ones last)."""
+        return tuple(f.name for f in fields(cls) if f.name not in _NOT_ARGUMENTS)
+
+    def kwargs(self) -> Dict[str, object]:
+        """The normalized call as keyword arguments (bind(family, convention, (), kwargs()) works)."""
+        return {k: getattr(self, k) for k in self.argument_names()}
+
+
+@dataclass(frozen=True, eq=False)
+class SSDProblem(_ProblemBase):
+    """mamba_chunk_scan_combined: x (b,l,h,p), dt (b,l,h), A (h,), B/C (b,l,g,n), ..."""
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    chunk_size: Optional[int] = None
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    dt_bias: Optional[torch.Tensor] = None
+    initial_states: Optional[torch.Tensor] = None
+    seq_idx: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    dt_softplus: bool = False
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    return_final_states: bool = False
+    nseq: int = 0
+    convention: Convention = field(default=Convention.SSD, init=False)
+
+    input = property(lambda self: self.x)
+    seqlen = property(lambda self: self.x.shape[1])
+    initial = property(lambda self: self.initial_states)
+    wants_final_state = property(lambda self: self.return_final_states)
+
+
+@dataclass(frozen=True, eq=False)
+class SelectiveScanProblem(_ProblemBase):
+    """selective_scan_fn: u (b,d,l), delta (b,d,l), A (d,n), B/C (b,g,n,l), ..."""
+    u: torch.Tensor
+    delta: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    delta_bias: Optional[torch.Tensor] = None
+    delta_softplus: bool = False
+    return_last_state: bool = False
+    initial_state: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    P: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    nseq: int = 0
+    convention: Convention = field(default=Convention.SELECTIVE_SCAN, init=False)
+
+    input = property(lambda self: self.u)
+    seqlen = property(lambda self: self.u.shape[-1])
+    initial = property(lambda self: self.initial_state)
+    wants_final_state = property(lambda self: self.return_last_state)
+
+
+@dataclass(frozen=True, eq=False)
+class StateUpdateProblem(_ProblemBase):
+    """selective_state_update: state (b,h,p,n) or (b,d,n) updated in place, x (b,h,p) or (b,d)."""
+    state: torch.Tensor
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: Optional[torch.Tensor] = None
+    z: Optional[torch.Tensor] = None
+    dt_bias: Optional[torch.Tensor] = None
+    dt_softplus: bool = False
+    P: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    dt_limit: Tuple[float, float] = (0.0, INF)
+    nseq: int = 0
+    convention: Convention = field(default=Convention.STATE_UPDATE, init=False)
+
+    input = property(lambda self: self.x)
+    seqlen = property(lambda self: 1)
+    initial = property(lambda self: self.state)
+    wants_final_state = property(lambda self: False)
+
+
+PROBLEMS = {Convention.SSD: SSDProblem, Convention.SELECTIVE_SCAN: SelectiveScanProblem,
+            Convention.STATE_UPDATE: StateUpdateProblem}
+# For annotations and isinstance checks alike.
+Problem = Union[SSDProblem, SelectiveScanProblem, StateUpdateProblem]
+
+KEYWORD_ONLY = {Convention.SSD: (), Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
+                Convention.STATE_UPDATE: ("P", "Q", "dt_limit")}
+POSITIONAL = {conv: tuple(name for name in cls.argument_names() if name not in KEYWORD_ONLY[conv])
+              for conv, cls in PROBLEMS.items()}
