@@ -105,13 +105,12 @@ def check_config(plan: KernelPlan, config: dict):
 
 def kernel_params(f: SSMFamily, sel: Dict[str, bool], mode: str) -> List[str]:
     """The scan kernels' parameters (``forward`` below passes its arguments in this order)."""
-    p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"]
-    if f.D:
-        p.append("D_ptr")
-    if f.gate:
-        p.append("z_ptr")
-    if f.delta.bias:
-        p.append("dt_bias_ptr")
+    # the optional inputs the spec has: (pointer, constexpr saying whether the call passed it)
+    optional = [(ptr, flag) for has, ptr, flag in ((f.D, "D_ptr", "HAS_D"),
+                                                   (f.gate, "z_ptr", "HAS_Z"),
+                                                   (f.delta.bias, "dt_bias_ptr", "HAS_DT_BIAS"))
+                if has]
+    p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"] + [ptr for ptr, _ in optional]
     p += ["h0_ptr", "out_ptr", "hT_ptr", "cu_ptr", "n_channels", "seqlen", "cpg_B", "cpg_C",
           "stride_u_b", "stride_u_d"]
     if sel["dt"]:
@@ -130,13 +129,7 @@ def kernel_params(f: SSMFamily, sel: Dict[str, bool], mode: str) -> List[str]:
         p += ["seg_state_ptr", "seg_decay_ptr", "n_segments"]
     p += ["BLOCK_D: tl.constexpr", "SPLIT: tl.constexpr", "CHUNK: tl.constexpr",
           "HAS_H0: tl.constexpr", "WRITE_HT: tl.constexpr", "VARLEN: tl.constexpr"]
-    if f.D:
-        p.append("HAS_D: tl.constexpr")
-    if f.gate:
-        p.append("HAS_Z: tl.constexpr")
-    if f.delta.bias:
-        p.append("HAS_DT_BIAS: tl.constexpr")
-    return p
+    return p + [f"{flag}: tl.constexpr" for _, flag in optional]
 
 
 def few_channels_config(plan: KernelPlan, config: dict) -> Optional[dict]:
