@@ -121,3 +121,57 @@ def test_compile_for_a_cuda_arch(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["target"] == "cuda:sm_90"
     assert {k["config"].get("arch") for k in manifest["kernels"]} == {"sm_90"}
+
+
+# Runs a compiled cuda artifact in a process where ssmc cannot be imported: the module must need
+# only torch and triton (here under TRITON_INTERPRET=1 on the CPU).
+_STANDALONE = r"""
+import importlib.abc, importlib.util, inspect, sys
+import torch
+
+class NoSsmc(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ssmc" or name.startswith("ssmc."):
+            raise ImportError("ssmc is not installed here")
+        return None
+
+sys.meta_path.insert(0, NoSsmc())
+kernel_path, inputs_path, out_path = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("standalone_kernel", kernel_path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+inputs = torch.load(inputs_path)
+params = inspect.signature(module.forward).parameters
+out = module.forward(**{k: v for k, v in inputs.items() if k in params})
+torch.save(out[0] if isinstance(out, tuple) else out, out_path)
+"""
+
+
+@pytest.mark.parametrize("spec, family, algorithm", [("mamba1.ssm", "Mamba1", "scan"),
+                                                     ("mamba2.ssm", "Mamba2", "chunked")])
+def test_cuda_artifact_runs_with_only_torch_and_triton(tmp_path, seed, spec, family, algorithm):
+    import os
+
+    import torch
+
+    from conftest import assert_rel_close
+    from ssmc.api import parse
+    from ssmc.backends import reference
+    from ssmc.signature import bind, example_inputs
+
+    out = ssmc("compile", EXAMPLES / spec, "--target", "cuda", "-o", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    fam = parse(EXAMPLES / spec).family(family)
+    inputs = example_inputs(fam, fam.convention, 2, 37, seed=seed)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "standalone.py"
+    script.write_text(_STANDALONE)
+    kernel = tmp_path / "out" / family / algorithm / "kernel.py"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, str(script), str(kernel), str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    y = torch.load(tmp_path / "y.pt")
+    y64, _ = reference.run_float64(bind(fam, fam.convention, (), inputs))
+    assert_rel_close("y", y, y64)
