@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 
 # Triton decides at its first import whether it interprets: on a machine without a GPU every
-# Triton kernel runs on the CPU interpreter. SSMC_TEST_CUDA=1 runs them compiled on a GPU.
-if os.environ.get("SSMC_TEST_CUDA") != "1":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernel runs on the CPU interpreter (pytest imports this file before any test module).
+# SSMC_TEST_CUDA=1 runs them compiled on a GPU, and SSMC_TEST_FULL=1 at full-size shapes.
+ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
+FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+DEVICE = "cuda" if ON_CUDA else "cpu"
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def require_cuda_device():
+    """Skip the calling test module when SSMC_TEST_CUDA=1 is set on a machine without a GPU."""
+    import torch
+    if ON_CUDA and not torch.cuda.is_available():
+        pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -2,17 +2,12 @@
 float64 (independent of the layer's code), decode steps against the one-shot forward, and the
 Hugging Face parameter layout."""
 import math
-import os
-
-if os.environ.get("SSMC_TEST_CUDA") != "1":
-    # Triton decides at import whether it interprets; the cuda-target case runs on the CPU.
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_rel_close
+from conftest import ON_CUDA, assert_rel_close
 from families import dense, mamba1, mamba2, s4d, s5
 from ssmc.errors import SSMCError
 from ssmc.ir import Algorithm
@@ -221,7 +216,7 @@ def test_layer_on_generated_kernels_matches_the_reference_layer(target, name, se
     fam = FAMILIES[name]
     if not hasattr(backend, "supports") or backend.supports(make_plan(fam)):
         pytest.skip(f"the {target} backend cannot compile {fam.name} in this build")
-    device = "cuda" if target == "cuda" and os.environ.get("SSMC_TEST_CUDA") == "1" else "cpu"
+    device = "cuda" if target == "cuda" and ON_CUDA else "cpu"
     layer = randomize(SSMLayer(fam, d_model=8, target=target), seed)
     oracle = SSMLayer(fam, d_model=8, target="reference")
     oracle.load_state_dict(layer.state_dict())

@@ -7,25 +7,18 @@ y and the final states with ``ssmc.backends.reference.run_float64`` on the same 
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from ssmc.backends import reference
+from ssmc.backends.triton import chunked
+from ssmc.errors import TargetError
+from ssmc.ir import Method, Sharing
+from ssmc.plan import make_plan
+from ssmc.signature import bind, example_inputs
+from conftest import DEVICE, assert_rel_close, rel_err
+from families import mamba2
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from ssmc.backends import reference  # noqa: E402
-from ssmc.backends.triton import chunked  # noqa: E402
-from ssmc.errors import TargetError  # noqa: E402
-from ssmc.ir import Method, Sharing  # noqa: E402
-from ssmc.plan import make_plan  # noqa: E402
-from ssmc.signature import bind, example_inputs  # noqa: E402
-from conftest import assert_rel_close, rel_err  # noqa: E402
-from families import mamba2  # noqa: E402
-
-DEVICE = "cuda" if ON_CUDA else "cpu"
 CHUNK = 16
 _kernels = {}
 

@@ -8,27 +8,18 @@ the generated Triton kernel fails to write cannot pass.
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+import families as F
+from conftest import DEVICE, FULL, TOL, assert_rel_close, require_cuda_device
+from ssmc import signature
+from ssmc.backends import reference
+from ssmc.backends import triton as tb
+from ssmc.ir import Algorithm, Method
+from ssmc.plan import ir_hash, make_plan
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import families as F  # noqa: E402
-from conftest import TOL, assert_rel_close  # noqa: E402
-from ssmc import signature  # noqa: E402
-from ssmc.backends import reference  # noqa: E402
-from ssmc.backends import triton as tb  # noqa: E402
-from ssmc.ir import Algorithm, Method  # noqa: E402
-from ssmc.plan import ir_hash, make_plan  # noqa: E402
-
-if ON_CUDA and not torch.cuda.is_available():
-    pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
-DEVICE = "cuda" if ON_CUDA else "cpu"
-FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+require_cuda_device()
 CH, STATE, SEQ = (64, 16, 512) if FULL else (8, 4, 17)
 METHODS = list(Method)
 

@@ -8,29 +8,20 @@ Every case draws fresh inputs from the ``seed`` fixture and compares y and the f
 """
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
+import families as F
+from conftest import DEVICE, FULL, ON_CUDA, TOL, assert_rel_close, poison, require_cuda_device
+from ssmc import signature
+from ssmc.backends import reference
+from ssmc.backends import triton as tb
+from ssmc.ir import Algorithm, AStructure, Method
+from ssmc.plan import ir_hash, make_plan
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import families as F  # noqa: E402
-from conftest import TOL, assert_rel_close, poison  # noqa: E402
-from ssmc import signature  # noqa: E402
-from ssmc.backends import reference  # noqa: E402
-from ssmc.backends import triton as tb  # noqa: E402
-from ssmc.ir import Algorithm, AStructure, Method  # noqa: E402
-from ssmc.plan import ir_hash, make_plan  # noqa: E402
-
-if ON_CUDA and not torch.cuda.is_available():
-    pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
-DEVICE = "cuda" if ON_CUDA else "cpu"
-FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+require_cuda_device()
 CH, STATE, SEQ = (256, 16, 300) if FULL else (8, 4, 17)
 CPLX = AStructure.COMPLEX_DIAGONAL
 

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import os
 
-ON_CUDA = os.environ.get("SSMC_TEST_CUDA") == "1"
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from pathlib import Path
 
-from pathlib import Path  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import families as F
+from conftest import DEVICE, FULL, TOL, assert_rel_close, poison, require_cuda_device
+from ssmc import signature
+from ssmc.backends import reference
+from ssmc.backends import triton as tb
+from ssmc.backends.triton import codegen, step as step_gen
+from ssmc.ir import Algorithm, AStructure, Convention, Method, Sharing
+from ssmc.plan import ir_hash, make_plan
 
-import families as F  # noqa: E402
-from conftest import TOL, assert_rel_close, poison  # noqa: E402
-from ssmc import signature  # noqa: E402
-from ssmc.backends import reference  # noqa: E402
-from ssmc.backends import triton as tb  # noqa: E402
-from ssmc.backends.triton import codegen, step as step_gen  # noqa: E402
-from ssmc.ir import Algorithm, AStructure, Convention, Method, Sharing  # noqa: E402
-from ssmc.plan import ir_hash, make_plan  # noqa: E402
-
-if ON_CUDA and not torch.cuda.is_available():
-    pytest.skip("SSMC_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
-DEVICE = "cuda" if ON_CUDA else "cpu"
-FULL = os.environ.get("SSMC_TEST_FULL") == "1"
+require_cuda_device()
 HEADS, HEAD_DIM, SSD_STATE = (80, 64, 128) if FULL else (4, 8, 16)
 CH, STATE = (1024, 16) if FULL else (8, 4)
 BATCH = 8 if FULL else 3
