@@ -72,3 +72,14 @@ def dense(channels=4, state=4, method=Method.ZOH, algorithm=Algorithm.SCAN, sele
     return mamba1(channels=channels, state=state, method=method, algorithm=algorithm, gate=False,
                   selective_B=selective, selective_C=selective, selective_delta=selective,
                   softplus=selective, bias=False, structure=AStructure.DENSE, name="Dense")
+
+
+# The matrix-A (DPLR, dense) LTI families every conv backend is checked on, by test id.
+MATRIX_CONV_FAMILIES = {
+    "s4-dplr-r1-bilinear": lambda: s4_dplr(rank=1, method=Method.BILINEAR),
+    "s4-dplr-r1-zoh": lambda: s4_dplr(rank=1, method=Method.ZOH),
+    "s4-dplr-r2-bilinear": lambda: s4_dplr(rank=2, method=Method.BILINEAR),
+    "s4-dplr-r2-zoh": lambda: s4_dplr(rank=2, method=Method.ZOH),
+    "s4-dplr-trapezoidal": lambda: s4_dplr(rank=1, method=Method.TRAPEZOIDAL),
+    "dense-zoh": lambda: dense(method=Method.ZOH, algorithm=Algorithm.CONV, selective=False),
+}

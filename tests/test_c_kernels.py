@@ -15,7 +15,7 @@ import torch
 from conftest import assert_rel_close
 from pathlib import Path
 
-from families import dense, mamba1, mamba2, s4_dplr, s4d, s5
+from families import MATRIX_CONV_FAMILIES, mamba1, mamba2, s4_dplr, s4d, s5
 from ssmc.backends import reference
 from ssmc.ir import Algorithm, AStructure, BCSpec, Method, Sharing
 from ssmc.plan import convention_of, make_plan
@@ -123,16 +123,6 @@ def test_convolution_matches_oracle(name, method, seed):
     for i, seqlen in enumerate(LENGTHS):
         check_against_oracle(plan, inputs(plan, seed + i, seqlen=seqlen, with_state=True))
     check_against_oracle(plan, inputs(plan, seed, seqlen=9))
-
-
-MATRIX_CONV_FAMILIES = {
-    "s4-dplr-r1-bilinear": lambda: s4_dplr(rank=1, method=Method.BILINEAR),
-    "s4-dplr-r1-zoh": lambda: s4_dplr(rank=1, method=Method.ZOH),
-    "s4-dplr-r2-bilinear": lambda: s4_dplr(rank=2, method=Method.BILINEAR),
-    "s4-dplr-r2-zoh": lambda: s4_dplr(rank=2, method=Method.ZOH),
-    "s4-dplr-trapezoidal": lambda: s4_dplr(rank=1, method=Method.TRAPEZOIDAL),
-    "dense-zoh": lambda: dense(method=Method.ZOH, algorithm=Algorithm.CONV, selective=False),
-}
 
 
 @pytest.mark.parametrize("name", list(MATRIX_CONV_FAMILIES))

@@ -7,7 +7,7 @@ import pytest
 
 from pathlib import Path
 
-from families import dense, mamba2, s4_dplr, s4d
+from families import MATRIX_CONV_FAMILIES, dense, mamba2, s4_dplr, s4d
 from ssmc.ir import Algorithm, Method
 from test_cpu_helpers import CONFIG, check, kernel, problem, sweep
 
@@ -48,19 +48,9 @@ def test_conv_bf16_and_no_states(seed):
 
 
 # Matrix A (DPLR, dense): Abar, Bbar B formed on the host in float64, K by a TIR power iteration.
-MATRIX_FAMILIES = {
-    "s4-dplr-r1-bilinear": lambda: s4_dplr(rank=1, method=Method.BILINEAR),
-    "s4-dplr-r1-zoh": lambda: s4_dplr(rank=1, method=Method.ZOH),
-    "s4-dplr-r2-bilinear": lambda: s4_dplr(rank=2, method=Method.BILINEAR),
-    "s4-dplr-r2-zoh": lambda: s4_dplr(rank=2, method=Method.ZOH),
-    "s4-dplr-trapezoidal": lambda: s4_dplr(rank=1, method=Method.TRAPEZOIDAL),
-    "dense-zoh": lambda: dense(method=Method.ZOH, algorithm=Algorithm.CONV, selective=False),
-}
-
-
-@pytest.mark.parametrize("name", list(MATRIX_FAMILIES))
+@pytest.mark.parametrize("name", list(MATRIX_CONV_FAMILIES))
 def test_matrix_a_conv_with_states(name, seed):
-    fam = MATRIX_FAMILIES[name]()
+    fam = MATRIX_CONV_FAMILIES[name]()
     k = kernel(fam, Algorithm.CONV)
     sweep(k, fam, (1, 7, 33), seed)                       # initial and final state
     sweep(k, fam, (9,), seed + 7, with_state=False)
