@@ -130,7 +130,7 @@ def _update(L: Layout, code: Code, old: Tuple[str, ...], new: Tuple[str, ...],
     b_sel = L.plan.family.B.selective
     if not L.is_complex:
         code(f"const float B_n = {L.at('B')};")
-        term = f"bbar * B_n * x_t"
+        term = "bbar * B_n * x_t"
         if trap:
             b_prev = f"(t > t_begin ? {L.at('B', l='t - 1')} : 0.0f)" if b_sel else "B_n"
             term += f" + bbar_prev * {b_prev} * x_prev"
@@ -195,6 +195,19 @@ def _store_state(L: Layout, code: Code, name: str) -> None:
 
 def _tensor_names(L: Layout):
     return tensor_names(L.convention)
+
+
+def _conv_entry_start(L: Layout, kname: str, kparams) -> Code:
+    """A conv entry's first lines: the size checks, then K computed into the workspace by the
+    generated K kernel ``kname`` (its parameters after the length, with their strides)."""
+    code = Code(1)
+    _sequence_checks(L, code)
+    call = ["seqlen"]
+    for p in kparams[1:]:
+        call += [p.name] + p.stride_names()
+    with code.block("/* K first, into the workspace */"):
+        code(f"const int rc = {kname}({', '.join(call)});", "if (rc != SSMC_OK) return rc;")
+    return code
 
 
 def _sequence_checks(L: Layout, code: Code) -> None:
@@ -335,13 +348,7 @@ def conv(L: Layout):
     kc("return SSMC_OK;")
 
     # The entry: K, then per row the convolution plus the initial state's free response.
-    code = Code(1)
-    _sequence_checks(L, code)
-    call = ["seqlen"]
-    for p in kparams[1:]:
-        call += [p.name] + p.stride_names()
-    with code.block("/* K first, into the workspace */"):
-        code(f"const int rc = {kname}({', '.join(call)});", "if (rc != SSMC_OK) return rc;")
+    code = _conv_entry_start(L, kname, kparams)
     x, init, final = names["x"], names["initial"], names["final"]
     arrays, elems = _local_state(L)
     with _sequence_loop(code), _row_loops(L, code, _uses_group(L, ("B", "C"))):

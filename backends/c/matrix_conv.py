@@ -73,13 +73,7 @@ def c_generator(L, helpers) -> List[Tuple[str, tuple, List[str], str]]:
                 kc(f"v[nn] = v_next[nn]{lag1};")
     kc("return SSMC_OK;")
 
-    code = Code(1)
-    helpers._sequence_checks(L, code)
-    call = ["seqlen"]
-    for p in kparams[1:]:
-        call += [p.name] + p.stride_names()
-    with code.block("/* K first, into the workspace */"):
-        code(f"const int rc = {kname}({', '.join(call)});", "if (rc != SSMC_OK) return rc;")
+    code = helpers._conv_entry_start(L, kname, kparams)
     x, init, final = names["x"], names["initial"], names["final"]
     with helpers._sequence_loop(code), helpers._row_loops(L, code, False):
         if L.has("D"):

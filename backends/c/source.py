@@ -95,7 +95,7 @@ def header_comment(L: Layout) -> List[str]:
     ]
     lines += [f" *   {line}" for line in describe_family(fam)]
     lines += [
-        f" * Discretized (dt = Delta after its parameterization, a = one element of A):",
+        " * Discretized (dt = Delta after its parameterization, a = one element of A):",
         f" *   Abar = {d.abar}",
         f" *   Bbar = {d.bbar}",
         f" *   Bbar_prev = {d.bbar_prev}",
