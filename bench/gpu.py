@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -26,15 +27,16 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda"
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))   # families.py: the IR builders the tests use
 
 import anchors  # noqa: E402
-from ssmc.ir import (Algorithm, ASpec, AStructure, BCSpec, ComputeSpec, DeltaSpec, Dims,  # noqa: E402
-                     DSpec, GateSpec, Method, Sharing, SSMFamily)
+import families  # noqa: E402
+from measure import copy_bandwidth, kernel_breakdown, ms, rel_err, time_anchor  # noqa: E402
+from ssmc.ir import SSMFamily  # noqa: E402
 from ssmc.plan import make_plan  # noqa: E402
 from ssmc.printers import print_expr  # noqa: E402
 from ssmc.signature import bind, example_inputs  # noqa: E402
@@ -46,29 +48,18 @@ SSD_SHAPES = [  # (label, batch, seqlen, heads); p64 n128 g1 chunk 256, D, z, so
 ]
 
 
-def ms(fn, rep=200) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-
-
 def measure_ceilings() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
-    nbytes = 1 << 30
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t_copy = ms(lambda: dst.copy_(src))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t_mm = ms(lambda: a @ b)
-    return {"bandwidth": 2 * nbytes / (t_copy * 1e-3), "matmul": 2 * 8192 ** 3 / (t_mm * 1e-3)}
+    return {"bandwidth": copy_bandwidth(), "matmul": 2 * 8192 ** 3 / (t_mm * 1e-3)}
 
 
 def mamba2_family(heads, head_dim=64, state=128, groups=1, chunk=256) -> SSMFamily:
-    return SSMFamily(
-        name="Mamba2", dims=Dims(state=state, heads=heads, head_dim=head_dim, groups=groups),
-        A=ASpec(AStructure.SCALAR), delta=DeltaSpec(selective=True, softplus=True, bias=True),
-        B=BCSpec(True, Sharing.GROUP), C=BCSpec(True, Sharing.GROUP), D=DSpec(Sharing.HEAD),
-        gate=GateSpec(), method=Method.EXP_EULER,
-        compute=ComputeSpec(Algorithm.CHUNKED, chunk_size=chunk))
+    """The benchmarked Mamba-2: D per head, silu(z) gate, softplus(dt + bias), exp-Euler."""
+    return families.mamba2(heads=heads, head_dim=head_dim, state=state, groups=groups,
+                           chunk=chunk)
 
 
 def reference_f64(plan, problem) -> torch.Tensor:
@@ -107,36 +98,12 @@ def reference_f64(plan, problem) -> torch.Tensor:
     return y
 
 
-def rel_err(out, ref) -> float:
-    out = out.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def ssd_floor(batch, seqlen, heads, p, n, g, chunk, ceil) -> float:
     """Seconds: bytes (x, z, y, B, C, dt once in bf16) vs chunked flops (causal halves)."""
     nbytes = 2 * (3 * batch * seqlen * heads * p + 2 * batch * seqlen * g * n + batch * seqlen * heads)
     chunks = batch * math.ceil(seqlen / chunk)
     flops = chunks * (g * chunk * chunk * n + heads * (chunk * chunk * p + 4 * chunk * n * p))
     return max(nbytes / ceil["bandwidth"], flops / ceil["matmul"])
-
-
-def kernel_breakdown(fn, iters=10) -> dict:
-    """Device time per kernel name (ms per call), from the PyTorch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t and ev.key:
-            out[ev.key] = out.get(ev.key, 0.0) + t / 1e3 / iters
-    return out
 
 
 def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, with_fla=True) -> dict:
@@ -155,19 +122,13 @@ def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, wi
     row["floor_ms"] = 1e3 * ssd_floor(batch, seqlen, heads, d.head_dim, d.state, d.groups,
                                       plan.chunk_size, ceil)
     mamba, why = anchors.mamba_ssd_anchor()
-    if mamba is not None:
-        def run_mamba():
-            return mamba(problem.x, problem.dt, problem.A, problem.B, problem.C,
-                         chunk_size=plan.chunk_size, D=problem.D, z=problem.z,
-                         dt_bias=problem.dt_bias, dt_softplus=True)
-        try:
-            row["mamba_err"] = rel_err(run_mamba(), ref)
-            row["mamba_ms"] = ms(run_mamba)
-        except Exception as e:  # noqa: BLE001
-            row["mamba_note"] = f"{type(e).__name__}: {str(e)[:120]}"
-    else:
-        row["mamba_note"] = why
+    run_mamba = None if mamba is None else (
+        lambda: mamba(problem.x, problem.dt, problem.A, problem.B, problem.C,
+                      chunk_size=plan.chunk_size, D=problem.D, z=problem.z,
+                      dt_bias=problem.dt_bias, dt_softplus=True))
+    time_anchor(row, run_mamba, lambda y_mamba: rel_err(y_mamba, ref), why, note_chars=120)
     fla, why = anchors.fla_simple_gla_anchor() if with_fla else (None, "skipped (--no-fla)")
+    run_fla = None
     if fla is not None:
         # SSD without D/z as gated linear attention: q = C, k = B, v = Delta x, g = Delta A.
         delta = torch.nn.functional.softplus(problem.dt.float() + problem.dt_bias)
@@ -176,12 +137,9 @@ def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, wi
         k = problem.B[:, :, group].contiguous()
         v = (problem.x.float() * delta[..., None]).to(problem.x.dtype)
         g = (delta * problem.A).contiguous()
-        try:
-            row["fla_ms"] = ms(lambda: fla(q, k, v, g=g, scale=1.0))
-        except Exception as e:  # noqa: BLE001
-            row["fla_note"] = f"{type(e).__name__}: {str(e)[:120]}"
-    else:
-        row["fla_note"] = why
+        run_fla = functools.partial(fla, q, k, v, g=g, scale=1.0)
+    # fla computes SSD without D and z: timed only, its error is not comparable
+    time_anchor(row, run_fla, None, why, prefix="fla", note_chars=120)
     if sweep:
         row["sweep"] = []
         for cfg in sweep:

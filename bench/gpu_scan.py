@@ -16,6 +16,7 @@ calls; ``main`` prints the table and writes JSON + markdown under $OUT (or bench
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from measure import copy_bandwidth, kernel_breakdown, ms, rel_err, time_anchor  # noqa: E402
 
 DEVICE = "cuda"
 SCAN_SHAPES = [("selective scan fwd b8 d4096 l2048 n16", 8, 2048),
@@ -46,10 +48,6 @@ SCAN_SWEEP = {
             {"seg_prefetch_bc": 0}, {"segments": 32, "seg_block_d": 64, "seg_num_warps": 2}],
 }
 STEP_SWEEP = [{"block_r": r, "num_warps": w} for r in (8, 16, 32, 64) for w in (4, 8)]
-
-
-def ms(fn, rep=200) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
 # ---- ceilings -------------------------------------------------------------------------------
@@ -76,11 +74,7 @@ def measure_exp_rate() -> float:
 
 
 def measure_ceilings() -> dict:
-    nbytes = 1 << 30
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    t_copy = ms(lambda: dst.copy_(src))
-    return {"bandwidth": 2 * nbytes / (t_copy * 1e-3), "exp_rate": measure_exp_rate()}
+    return {"bandwidth": copy_bandwidth(DEVICE), "exp_rate": measure_exp_rate()}
 
 
 # ---- problems and references ----------------------------------------------------------------
@@ -156,13 +150,6 @@ def step_reference(plan, p):
     y = (h * C[:, :, None]).sum(-1) + p.D.double()[:, None] * x
     z = p.z.double()
     return y * z * torch.sigmoid(z), h
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
 
 
 # ---- floors ---------------------------------------------------------------------------------
@@ -252,17 +239,10 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
         if cuda_scan is None:   # bench/gpu.py: use the CUDA anchor only if it built it already
             cuda_scan = anchors._state.get("selective_scan_cuda") is not None
         fn, why = anchors.mamba_selective_scan_anchor() if cuda_scan else (None, "not built")
-        if fn is not None:
-            def run_mamba():
-                return fn(p.u, p.delta, p.A, p.B, p.C, D=p.D, z=p.z, delta_bias=p.delta_bias,
-                          delta_softplus=True)
-            try:
-                row["mamba_err"] = rel_err(run_mamba()[:, channels], ref)
-                row["mamba_ms"] = ms(run_mamba)
-            except Exception as e:  # noqa: BLE001
-                row["mamba_note"] = f"{type(e).__name__}: {str(e)[:160]}"
-        else:
-            row["mamba_note"] = why
+        run_mamba = None if fn is None else functools.partial(
+            fn, p.u, p.delta, p.A, p.B, p.C, D=p.D, z=p.z, delta_bias=p.delta_bias,
+            delta_softplus=True)
+        time_anchor(row, run_mamba, lambda y_mamba: rel_err(y_mamba[:, channels], ref), why)
         out.append(row)
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
@@ -271,7 +251,6 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
 
 def _breakdown_text(fn) -> str:
     """Per-kernel device times of one call, shortest names first (which pass costs what)."""
-    from gpu import kernel_breakdown
     parts = sorted(kernel_breakdown(fn).items(), key=lambda kv: -kv[1])
     return ", ".join(f"{k.split('_seg_')[-1][:24]} {v:.3f}" for k, v in parts[:4])
 
@@ -326,24 +305,17 @@ def step_rows(ceil, sweep=False):
         row["ours_ms"] = ms(lambda: kern(p))
         row["ours_ms_again"] = ms(lambda: kern(p))
         fn, why = anchors.mamba_state_update_anchor()
+        run_mamba = None
         if fn is not None:
+            # mamba_ssm's per-head-dim layout of dt, A, D and the bias, as stride-0 views
             pd, n = 64, 128
-            x, z = p.x, p.z
             dt = p.dt[..., None].expand(-1, -1, pd)
             A = p.A[:, None, None].expand(-1, pd, n)
             D = p.D[:, None].expand(-1, pd)
             bias = p.dt_bias[:, None].expand(-1, pd)
-            st = state0.clone()
-
-            def run_mamba():
-                return fn(st, x, dt, A, p.B, p.C, D=D, z=z, dt_bias=bias, dt_softplus=True)
-            try:
-                row["mamba_err"] = rel_err(run_mamba(), y_ref)
-                row["mamba_ms"] = ms(run_mamba)
-            except Exception as e:  # noqa: BLE001
-                row["mamba_note"] = f"{type(e).__name__}: {str(e)[:160]}"
-        else:
-            row["mamba_note"] = why
+            run_mamba = functools.partial(fn, state0.clone(), p.x, dt, A, p.B, p.C, D=D, z=p.z,
+                                          dt_bias=bias, dt_softplus=True)
+        time_anchor(row, run_mamba, lambda y_mamba: rel_err(y_mamba, y_ref), why)
         out.append(row)
         print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
