@@ -234,11 +234,7 @@ class _ScanGen:
         if not self.sel["A"]:
             for j in range(NS):
                 nm = self.a_names(j, None)
-                if self.cplx:
-                    o(f"{nm['a_re']} = tl.load(A_ptr + (ch64 * {N} + {self.nidx(j)}) * 2)",
-                      f"{nm['a_im']} = tl.load(A_ptr + (ch64 * {N} + {self.nidx(j)}) * 2 + 1)")
-                else:
-                    o(f"{nm['a']} = tl.load(A_ptr + ch64 * {N} + {self.nidx(j)})")
+                self.load_state_element(o, [nm[s] for s in self.asyms], "A_ptr", "ch64", j)
                 if self.l2:
                     s = self.asyms[0]
                     o(f"{nm[s]}_l2 = {nm[s]} * {codegen.LOG2E!r}")
@@ -249,11 +245,7 @@ class _ScanGen:
             row = "ch64" if sharing is Sharing.HEAD else f"(chl // cpg_{w}).to(tl.int64)"
             for j in range(NS):
                 re, im = self.bc(w, j, 0)
-                if self.cplx:
-                    o(f"{re} = tl.load({w}_ptr + ({row} * {N} + {self.nidx(j)}) * 2)",
-                      f"{im} = tl.load({w}_ptr + ({row} * {N} + {self.nidx(j)}) * 2 + 1)")
-                else:
-                    o(f"{re} = tl.load({w}_ptr + {row} * {N} + {self.nidx(j)})")
+                self.load_state_element(o, [re, im] if self.cplx else [re], f"{w}_ptr", row, j)
         if f.D:
             o("if HAS_D:", "    d_skip = tl.load(D_ptr + chl)")
         self.emit_coefs(o, "P", None, None)
@@ -361,6 +353,15 @@ class _ScanGen:
                 o(f"tl.store(hT_ptr + {self.addr('state_rows', j, part)}, h{j}{sfx}, mask=ch_ok)")
         o.dedent()
         return o.text()
+
+    def load_state_element(self, o: Lines, names: List[str], ptr: str, row: str, j: int):
+        """Load element j of row ``row`` of a constant (rows, N) parameter into ``names``
+        (re, im of the interleaved pair for complex A)."""
+        if self.cplx:
+            o(f"{names[0]} = tl.load({ptr} + ({row} * {self.N} + {self.nidx(j)}) * 2)",
+              f"{names[1]} = tl.load({ptr} + ({row} * {self.N} + {self.nidx(j)}) * 2 + 1)")
+        else:
+            o(f"{names[0]} = tl.load({ptr} + {row} * {self.N} + {self.nidx(j)})")
 
     def addr(self, rows: str, j: int, part: Optional[int]) -> str:
         """Offset of state element j (re/im ``part`` of complex pairs) of the lane's channel."""
