@@ -208,6 +208,13 @@ class Lines:
         self.level -= 1
         return self
 
+    def jit_def(self, name: str, params: Iterable[str]):
+        """``@triton.jit`` and ``def name(`` with one parameter per line; the body follows,
+        indented."""
+        self("@triton.jit", f"def {name}(")
+        self.indent().extend(f"{p}," for p in params).dedent()
+        return self("):").indent()
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 

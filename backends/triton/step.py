@@ -121,6 +121,12 @@ def _coefs(o: Lines, plan: KernelPlan, names):
     return (get("abar"), None), (get("bbar"), None)
 
 
+def _optional_ptrs(f) -> List[str]:
+    """Pointers of the optional inputs the spec has, in the launcher's argument order."""
+    return [ptr for has, ptr in ((f.D, "D_ptr"), (f.gate, "z_ptr"), (f.delta.bias, "dt_bias_ptr"))
+            if has]
+
+
 def _barrier_if_replicated(o: Lines, replicated: bool):
     """Between the state's load and its in-place store when the tile is replicated."""
     if replicated:
@@ -133,20 +139,14 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     f = plan.family
     N = f.dims.state
     o = Lines()
-    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr"]
-    params += ["D_ptr"] if f.D else []
-    params += ["z_ptr"] if f.gate else []
-    params += ["dt_bias_ptr"] if f.delta.bias else []
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(f)]
     params += ["y_ptr", "head_dim", "heads_per_group_B", "heads_per_group_C",
                "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
                "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
                "stride_z_b", "stride_z_h", "stride_y_b", "stride_y_h",
                "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
                "HAS_DT_BIAS: tl.constexpr"]
-    o("@triton.jit", f"def {name}(")
-    o.indent().extend(f"{p}," for p in params).dedent()
-    o("):")
-    o.indent()
+    o.jit_def(name, params)
     o("pid_r = tl.program_id(0)", "head = tl.program_id(1)",
       "bat = tl.program_id(2).to(tl.int64)",
       "rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "r_ok = rows < head_dim",
@@ -202,19 +202,13 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     NP = codegen.pow2_at_least(N)
     cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
     o = Lines()
-    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr"]
-    params += ["D_ptr"] if f.D else []
-    params += ["z_ptr"] if f.gate else []
-    params += ["dt_bias_ptr"] if f.delta.bias else []
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(f)]
     params += ["y_ptr", "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
                "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
                "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b",
                "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
                "HAS_DT_BIAS: tl.constexpr"]
-    o("@triton.jit", f"def {name}(")
-    o.indent().extend(f"{p}," for p in params).dedent()
-    o("):")
-    o.indent()
+    o.jit_def(name, params)
     o("pid_r = tl.program_id(0)", "bat = tl.program_id(1).to(tl.int64)",
       "ch = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "ok = ch < n_channels",
       "chl = tl.minimum(ch, n_channels - 1).to(tl.int64)",
