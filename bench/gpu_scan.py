@@ -258,8 +258,7 @@ def _breakdown_text(fn) -> str:
 def _segments_used(kern, p) -> int:
     """The segment count the generated launcher picks for this problem (1 = one pass)."""
     mod = kern.module
-    mod._sm_count(p.u.device)
-    return mod._n_segments(p.u.shape[0], p.u.shape[1], p.u.shape[2])
+    return mod._n_segments(p.u.shape[0], p.u.shape[1], p.u.shape[2], mod._sm_count(p.u.device))
 
 
 _REF_CACHE = {}

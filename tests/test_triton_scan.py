@@ -198,14 +198,12 @@ def test_scan_segments_chosen_by_size(seed):
     config = {"seg_min_len": 8}
     kernel = tb.build(plan, config)
     mod = kernel.module
+    assert mod._n_segments(2, CH, 37, 0) == 1             # CPU: no SMs, one pass
+    # 2 programs << 1000 SMs: as many as the length allows
+    assert mod._n_segments(2, CH, 37, 1000) == 37 // 2 // 8
+    assert mod._n_segments(2, CH, 37, 1) == 1             # 2 programs already fill one SM
     saved = mod.SM_COUNT
     try:
-        mod.SM_COUNT = 0                       # CPU: no SMs, one pass
-        assert mod._n_segments(2, CH, 37) == 1
-        mod.SM_COUNT = 1000                    # 2 programs << 1000 SMs: as many as length allows
-        assert mod._n_segments(2, CH, 37) == 37 // 2 // 8
-        mod.SM_COUNT = 1
-        assert mod._n_segments(2, CH, 37) == 1  # 2 programs already fill one SM
         mod.SM_COUNT = 1000
         check(fam, bound(fam, seqlen=37, seed=seed, with_state=True), config=config)
     finally:

@@ -199,13 +199,13 @@ FEW_CONFIG = {few_config!r}
 SEG_CONFIG = {seg_config!r}
 
 
-def _n_segments(nseq, d, L):
+def _n_segments(nseq, d, L, sms):
     """Segments per sequence: CONFIG["segments"] when set, else enough for
     ``seg_programs`` programs per SM when the one-pass kernel has fewer than
-    ``seg_below`` x SMs programs, each segment at least ``seg_min_len`` steps."""
+    ``seg_below`` x SMs programs (``sms``: the device's SM count, 0 on the CPU), each segment
+    at least ``seg_min_len`` steps."""
     if CONFIG["segments"]:
         return CONFIG["segments"]
-    sms = SM_COUNT
     if not sms or nseq * triton.cdiv(d, CONFIG["block_d"]) >= CONFIG["seg_below"] * sms:
         return 1
     per_seq = max(1, int(CONFIG["seg_programs"] * sms) // (nseq * triton.cdiv(d, SEG_CONFIG["block_d"])))
@@ -272,8 +272,8 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
             u.stride(0), u.stride(1), *strides, *z_strides, out.stride(0), out.stride(1))
     flags = dict(WRITE_HT=bool(return_last_state), VARLEN=varlen)
     if L > 0 and d > 0 and nseq > 0:
-        _sm_count(dev)
-        n_seg = _n_segments(nseq, d, L)
+        sms = _sm_count(dev)
+        n_seg = _n_segments(nseq, d, L, sms)
         if n_seg > 1:
             cfg = SEG_CONFIG
             blocks = triton.cdiv(d, cfg["block_d"])
@@ -290,7 +290,7 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
                     **flags)
         else:
             kernel, cfg = {kernel}, CONFIG
-            if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < _sm_count(dev):
+            if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < sms:
                 kernel, cfg = {few_kernel}, FEW_CONFIG
             _launch(kernel, cfg, (triton.cdiv(d, cfg["block_d"]), nseq), args, extra,
                     HAS_H0=initial_state is not None, **flags)
