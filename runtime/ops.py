@@ -1,6 +1,6 @@
 """Compiled kernels as ``torch.library`` custom ops, so models using them compile with dynamo.
 
-``as_op(kernel)`` returns a function with the kernel's own signature (DESIGN.md section 3) that
+``as_op(kernel)`` returns a function with the kernel's own signature (docs/calling_convention.md) that
 calls one registered op. The op's fake implementation states output shapes and dtypes from the
 input shapes and the family alone, which is all ``torch.compile(fullgraph=True)`` needs; the real
 implementation is the kernel (Triton, TVM, C or the float64 reference, whose numpy inside would
@@ -19,6 +19,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ssmc.ir import AStructure, Convention, DType
+
+from . import gradients
 
 _NAMESPACE = "ssmc"
 
@@ -158,35 +160,45 @@ def as_op(kernel) -> Callable:
     """A function with ``kernel``'s signature that calls it through a torch custom op.
 
     The function is plain Python over one op call, so dynamo traces it without a graph break;
-    inside the op the kernel runs eagerly. No autograd formula is registered: use it for
-    inference (under ``torch.no_grad()`` / ``torch.inference_mode()``).
+    inside the op the kernel runs eagerly. There is no backward kernel yet: a backward through
+    the op raises an SSMCError naming the family (runtime/gradients.py).
     """
     op = get_op(kernel)
     convention = kernel.convention
+    refusal = gradients.message_for(kernel)
+
+    def call(*args):
+        # No backward kernel yet: the op runs on detached inputs and its outputs get a grad_fn
+        # that raises (runtime/gradients.py), so a forward with trainable parameters works and
+        # loss.backward() says why it cannot.
+        sources = gradients.sources_of(args)
+        if not sources:
+            return op(*args)
+        return gradients.no_backward(refusal, op(*gradients.detached(args)), sources)
 
     if convention is Convention.SSD:
         def ssd(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, initial_states=None,
                 seq_idx=None, cu_seqlens=None, dt_softplus=None, dt_limit=None,
                 return_final_states=False):
-            y, final = op(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                          cu_seqlens, dt_softplus, None if dt_limit is None else list(dt_limit),
-                          bool(return_final_states))
+            y, final = call(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                            cu_seqlens, dt_softplus, None if dt_limit is None else list(dt_limit),
+                            bool(return_final_states))
             return (y, final) if return_final_states else y
         fn = ssd
     elif convention is Convention.SELECTIVE_SCAN:
         def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=None,
                            return_last_state=False, initial_state=None, cu_seqlens=None, *,
                            P=None, Q=None, dt_limit=None):
-            y, last = op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                         bool(return_last_state), initial_state, cu_seqlens, P, Q,
-                         None if dt_limit is None else list(dt_limit))
+            y, last = call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                           bool(return_last_state), initial_state, cu_seqlens, P, Q,
+                           None if dt_limit is None else list(dt_limit))
             return (y, last) if return_last_state else y
         fn = selective_scan
     else:
         def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=None, *,
                          P=None, Q=None, dt_limit=None):
-            return op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, P, Q,
-                      None if dt_limit is None else list(dt_limit))
+            return call(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, P, Q,
+                        None if dt_limit is None else list(dt_limit))
         fn = state_update
 
     fn.__name__ = f"{kernel.family.name}_{kernel.plan.algorithm.value}"

@@ -211,6 +211,7 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
     tgt = parse_target(target)
     if not tgt.runs_here:
         raise TargetError(f"target {tgt.name} cross-compiles; its kernels cannot be timed here")
+    tgt.require_device()
     backend = backend or backend_module(tgt)
     if isinstance(algorithm, str):
         algorithm = Algorithm(algorithm)
@@ -220,8 +221,8 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
         raise TargetError(f"target {tgt.name} cannot compile {fam.name} "
                           f"({plan.algorithm.value}): {reason}", fam.compute.loc)
     convention = convention_of(plan)
-    gpu = tgt.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"
-    device = "cuda" if gpu else "cpu"
+    device = tgt.device
+    gpu = device == "cuda"
     dtype = dtype or ("bfloat16" if gpu else "float32")
     shape = dict(shape or (tuning_db.DEFAULT_STEP_SHAPE if plan.algorithm is Algorithm.STEP
                            else tuning_db.DEFAULT_SHAPE))

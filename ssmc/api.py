@@ -1,7 +1,6 @@
 """The Python entry points: parse a spec, compile a family for a target, get a callable.
 
-A compiled family is a ``CompiledKernel``: call it with mamba_ssm's arguments (DESIGN.md
-section 3). Arguments are validated by ``ssmc.signature.bind`` before any kernel launches.
+A compiled family is a ``CompiledKernel``: call it with mamba_ssm's arguments (docs/calling_convention.md). Arguments are validated by ``ssmc.signature.bind`` before any kernel launches.
 """
 from __future__ import annotations
 
@@ -61,6 +60,27 @@ class Target:
     def runs_here(self) -> bool:
         """Cross targets produce artifacts; they run only under an emulator."""
         return "triple" not in self.options
+
+    @property
+    def device(self) -> str:
+        """Where this target's kernels take their tensors: Triton kernels on a CUDA device,
+        unless Triton's own TRITON_INTERPRET=1 runs them on the CPU; every other target on the
+        CPU."""
+        if self.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "cuda"
+        return "cpu"
+
+    def require_device(self) -> None:
+        """A TargetError, before anything is built or drawn, when this target's device is not
+        here (a cuda target on a machine whose torch sees no GPU)."""
+        if self.device != "cuda":
+            return
+        import torch
+        if not torch.cuda.is_available():
+            raise TargetError(
+                f"target {self.name} runs its kernels on an NVIDIA GPU and torch sees none here: "
+                "use target cpu, a machine with a GPU and a CUDA build of torch, or "
+                "TRITON_INTERPRET=1 to run the Triton kernels (slowly) on the CPU")
 
 
 CROSS_TRIPLES = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
@@ -144,18 +164,29 @@ class CompiledKernel:
         from . import signature
         problem = signature.bind(self.family, self.convention, args, kwargs)
         self._check_device(problem)
-        y, final = self._kernel(problem)
+        from ssmc.runtime import gradients
+        sources = gradients.sources_of((*args, *kwargs.values()))
+        if sources:
+            # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
+            # would record a partial graph, a silently wrong gradient.
+            import torch
+            with torch.no_grad():
+                y, final = self._kernel(problem)
+        else:
+            y, final = self._kernel(problem)
         if self.convention is Convention.STATE_UPDATE:
-            return y
-        wants_state = bool(getattr(problem, "return_final_states", False)
-                           or getattr(problem, "return_last_state", False))
-        return (y, final) if wants_state else y
+            out = y
+        else:
+            wants_state = bool(getattr(problem, "return_final_states", False)
+                               or getattr(problem, "return_last_state", False))
+            out = (y, final) if wants_state else y
+        return gradients.no_backward(gradients.message_for(self), out, sources)
 
     def _check_device(self, problem):
         name = _MAIN_INPUT[self.convention]
         tensor = getattr(problem, name)
         is_cuda = tensor.device.type == "cuda"
-        if self.target.backend == "triton" and not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if self.target.device == "cuda" and not is_cuda:
             raise CallError(f"{name} is on {tensor.device}, but target {self.target.name} runs on a "
                             "CUDA device (or set TRITON_INTERPRET=1 to run the kernels on the CPU)")
         if self.target.backend in ("cpu", "c") and is_cuda:
@@ -167,7 +198,8 @@ class CompiledKernel:
         """Random, valid keyword arguments for this callable's own signature."""
         from . import signature
         if device is None:
-            device = "cuda" if self.target.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+            self.target.require_device()
+            device = self.target.device
         return signature.example_inputs(self.family, self.convention, batch, seqlen, dtype=dtype,
                                         device=device, seed=seed, **options)
 
@@ -187,8 +219,15 @@ class CompiledKernel:
 
 
 def compile(spec_or_path, target: str = "reference", family: Optional[str] = None,  # noqa: A001
-            algorithm: Union[Algorithm, str, None] = None, config: Optional[dict] = None) -> CompiledKernel:
-    """Compile one family of a spec for ``target``; see CompiledKernel."""
+            algorithm: Union[Algorithm, str, None] = None, config: Optional[dict] = None,
+            debug: Optional[bool] = None) -> CompiledKernel:
+    """Compile one family of a spec for ``target``; see CompiledKernel.
+
+    ``debug`` prints every stage (IR, discretization, plan, source) to stderr; None reads
+    ``SSMC_DEBUG=1`` from the environment, here at the edge, as the CLI does.
+    """
+    from . import debug as debug_stages
+    show = debug_stages.enabled(debug)
     fam = _family(spec_or_path, family)
     tgt = parse_target(target)
     if not tgt.runs_here:
@@ -198,7 +237,10 @@ def compile(spec_or_path, target: str = "reference", family: Optional[str] = Non
         algorithm = Algorithm(algorithm)
     plan = make_plan(fam, algorithm)
     cfg = resolve_config(plan, tgt, config)
-    kernel = backend_module(tgt).build(plan, cfg)
+    backend = backend_module(tgt)
+    if show:
+        debug_stages.print_stages(plan, tgt.name, cfg, backend.lower(plan, cfg))
+    kernel = backend.build(plan, cfg)
     return CompiledKernel(plan, tgt, cfg, kernel)
 
 

@@ -7,10 +7,7 @@ and keeps tracebacks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import enum
 import json
-import os
 import platform
 import sys
 import time
@@ -18,29 +15,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from . import debug as debug_stages
+from .debug import format_ir
 from .errors import SSMCError
 from .ir import Algorithm, SpecFile
-
-
-# --------------------------------------------------------------------------------------------
-# Printing the IR
-
-def format_ir(node, indent: int = 0) -> str:
-    """An indented, loc-free rendering of an IR node (what `ssmc show ir` prints)."""
-    pad = "  " * indent
-    if dataclasses.is_dataclass(node):
-        lines = [f"{type(node).__name__}"]
-        for f in dataclasses.fields(node):
-            if f.name in ("loc", "text"):
-                continue
-            value = getattr(node, f.name)
-            lines.append(f"{pad}  {f.name}: {format_ir(value, indent + 1)}")
-        return "\n".join(lines)
-    if isinstance(node, enum.Enum):
-        return node.value
-    if isinstance(node, tuple) and node and dataclasses.is_dataclass(node[0]):
-        return "\n".join([""] + [f"{pad}  - {format_ir(x, indent + 2)}" for x in node])
-    return repr(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +106,10 @@ def cmd_compile(args) -> int:
     from .plan import ir_hash, make_plan
 
     spec = _load(args.spec)
-    target = parse_target(args.target)
+    if args.target is None:
+        print("no --target given: compiling for reference, the float64 oracle (--target cpu, "
+              "cuda or c for fast kernels)", file=sys.stderr)
+    target = parse_target(args.target or "reference")
     backend = backend_module(target)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +117,6 @@ def cmd_compile(args) -> int:
     algorithms = [Algorithm(a) for a in args.algorithm] if args.algorithm else [None]
     if args.step:
         algorithms.append(Algorithm.STEP)
-    debug = os.environ.get("SSMC_DEBUG") == "1"
     manifest = {
         "spec": str(args.spec),
         "spec_sha256": hashlib.sha256(spec.text.encode()).hexdigest(),
@@ -149,17 +129,13 @@ def cmd_compile(args) -> int:
         for algorithm in algorithms:
             plan = make_plan(fam, algorithm)
             config = resolve_config(plan, target, user_config)
-            if debug:
-                print(format_ir(fam), file=sys.stderr)
-                print(f"abar={plan.disc.abar} bbar={plan.disc.bbar} bbar_prev={plan.disc.bbar_prev}",
-                      file=sys.stderr)
+            if args.debug:
+                debug_stages.print_stages(plan, target.name, config, backend.lower(plan, config))
             kernel_dir = out_dir / fam.name / plan.algorithm.value
             kernel_dir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             files = backend.write_artifact(plan, config, kernel_dir)
             seconds = time.perf_counter() - start
-            if debug:
-                print(backend.lower(plan, config), file=sys.stderr)
             rel = sorted(str(Path(f).resolve().relative_to(out_dir.resolve())) for f in files)
             manifest["kernels"].append({
                 "family": fam.name, "algorithm": plan.algorithm.value,
@@ -186,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssmc",
         description="ssmc: compile State Space Model specs into Triton, TVM and C kernels.",
-        epilog="Run `ssmc COMMAND --help` for each command. SSMC_DEBUG=1 prints every stage.")
+        epilog="Run `ssmc COMMAND --help` for each command. SSMC_DEBUG=1 prints every stage "
+               "(IR, discretization, plan, source) while compiling, and shows tracebacks.")
     p.add_argument("--version", action="version", version=f"ssmc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -219,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for TARGET and write readable generated code, the built "
                                    "artifacts and manifest.json to DIR.")
     k.add_argument("spec", metavar="SPEC")
-    k.add_argument("--target", "-t", default="reference", help=TARGET_HELP)
+    k.add_argument("--target", "-t", default=None,
+                   help=f"{TARGET_HELP}. Default: reference (the float64 oracle as numpy source: "
+                        "correct, slow; name a target for fast kernels)")
     k.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     k.add_argument("--family", action="append", help="only this family (repeatable)")
     k.add_argument("--algorithm", action="append", choices=[a.value for a in Algorithm],
@@ -237,20 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_text(e: BaseException) -> str:
+    """What a user sees instead of a traceback: the ssmc message, or a line for anything else."""
+    if isinstance(e, SSMCError):
+        return e.render()
+    if isinstance(e, (KeyError, ValueError, OSError)):
+        return f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}"
+    return (f"error: internal error: {type(e).__name__}: {e}\n  this is a bug in ssmc; run again "
+            f"with {debug_stages.ENV}=1 for the traceback and report it")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SSMC_DEBUG is read here, once; the commands get it as args.debug.
+    args.debug = debug_stages.enabled()
     try:
         return args.func(args) or 0
-    except SSMCError as e:
-        if os.environ.get("SSMC_DEBUG") == "1":
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- no traceback reaches a user without SSMC_DEBUG
+        if args.debug:
             raise
-        print(e.render(), file=sys.stderr)
-        return 1
-    except (KeyError, ValueError) as e:
-        if os.environ.get("SSMC_DEBUG") == "1":
-            raise
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        print(error_text(e), file=sys.stderr)
         return 1
 
 
