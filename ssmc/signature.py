@@ -5,7 +5,7 @@ device, stride, the arguments the spec fixes, varlen offsets). Every backend the
 same normalized tensors, and every mistake is reported once, naming the argument, before
 anything runs. ``example_inputs`` draws random valid keyword arguments for a family's signature.
 
-Sizes (DESIGN.md section 3): b batch, l seqlen, h heads, p head_dim, d channels, n state,
+Sizes (docs/calling_convention.md): b batch, l seqlen, h heads, p head_dim, d channels, n state,
 g groups, r rank, s sequences (the batch, or the number of packed sequences when varlen).
 Normalized forms: selective B/C of the selective scan are always (b, g, n, l); the decode step's
 mamba_ssm-style expanded dt (b,h,p), A (h,p,n), dt_bias (h,p), D (h,p) become (b,h), (h,),
@@ -167,6 +167,9 @@ class _Binder:
         d = family.dims
         self.env = {"h": d.heads, "p": d.head_dim, "d": d.d_inner, "n": d.state, "g": d.groups,
                     "r": d.rank}
+        # Who fixed each size, for messages: a size set by an earlier argument is that
+        # argument's, so a mismatch names both tensors instead of blaming the later one alone.
+        self.fixed_by = {k: f"the spec has {_DIM_WORDS[k]} {v}" for k, v in self.env.items()}
         self.inputs = {TORCH_DTYPE[t] for t in family.dtypes.inputs}
         self.state_dtype = TORCH_DTYPE[family.dtypes.state]
         self.ref = None   # the primary input (x / u): fixes dtype and device
@@ -177,7 +180,9 @@ class _Binder:
             if len(shape) == len(form.dims) and all(
                     self.env.get(d) in (None, v) for d, v in zip(form.dims, shape)):
                 for dsym, v in zip(form.dims, shape):
-                    self.env.setdefault(dsym, v)
+                    if dsym not in self.env:
+                        self.env[dsym] = v
+                        self.fixed_by[dsym] = f"argument {name!r} has {_DIM_WORDS[dsym]} {v}"
                 return form
         same_rank = [f for f in slot.forms if len(f.dims) == len(shape)]
         expected = " or ".join(_dims_text(f, self.env) for f in slot.forms)
@@ -186,7 +191,8 @@ class _Binder:
                  if self.env.get(dsym) not in (None, v)] if same_rank else []
         if wrong:
             i, dsym = wrong[0], same_rank[0].dims[wrong[0]]
-            msg += f": dim {i} ({_DIM_WORDS.get(dsym, dsym)}) is {shape[i]}, expected {self.env[dsym]}"
+            word = _DIM_WORDS.get(dsym, dsym)
+            msg += f": dim {i} ({word}) is {shape[i]}, but {self.fixed_by[dsym]}"
         hint = None
         if not same_rank and any(len(f.dims) == len(shape) for f in slot.other):
             hint = f"that rank fits the other selectivity, but the spec says {slot.what}"
@@ -388,6 +394,8 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     batch, seqlen = x.shape[0], binder.env.setdefault("l", 1)
     cu, seq_idx, nseq = _varlen(binder, values, slots, conv, batch, seqlen, x.device)
     binder.env["s"] = nseq
+    binder.fixed_by["s"] = (f"'cu_seqlens' holds {nseq} sequences" if cu is not None
+                            else f"argument {primary!r} has batch {nseq}")
     fields = {primary: x}
     for name, slot in slots.items():
         if name not in fields and name != "seq_idx" and values.get(name) is not None:

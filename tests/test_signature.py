@@ -159,13 +159,26 @@ def test_kwargs_round_trip(seed):
 # --------------------------------------------------------------------------------------------
 # Every CallError case, naming the argument
 
+def test_a_shared_size_mismatch_names_both_tensors():
+    """Only u got a new length: the message blames delta against u's seqlen, so whichever of the
+    two is wrong, the user reads both sizes and where each came from."""
+    fam = F.mamba1()
+    kw = example_inputs(fam, "selective_scan", 2, 12)
+    text = raises(fam, "selective_scan", "delta", dict(kw, u=kw["u"][..., :11].contiguous()),
+                  "dim 2 (seqlen) is 12, but argument 'u' has seqlen 11")
+    assert text.index("'delta'") < text.index("'u'")
+    text = raises(fam, "selective_scan", "initial_state",
+                  dict(kw, initial_state=torch.zeros(3, *kw["u"].shape[1:2], fam.dims.state)),
+                  "is 3, but argument 'u' has batch 2")
+
+
 def test_wrong_shapes_name_the_tensor_and_the_dim():
     fam = F.mamba2()
     kw = ssd_kw()
     raises(fam, "ssd", "x", dict(kw, x=kw["x"][0]), "expected (b, l, h, p)")
-    raises(fam, "ssd", "x", dict(kw, x=torch.zeros(2, 10, 4, 7)), "head_dim", "is 7, expected 8")
-    raises(fam, "ssd", "dt", dict(kw, dt=kw["dt"][:1]), "batch", "is 1, expected 2")
-    raises(fam, "ssd", "B", dict(kw, B=kw["B"][:, :9]), "seqlen", "is 9, expected 10")
+    raises(fam, "ssd", "x", dict(kw, x=torch.zeros(2, 10, 4, 7)), "head_dim", "is 7, but the spec has head_dim 8")
+    raises(fam, "ssd", "dt", dict(kw, dt=kw["dt"][:1]), "batch", "is 1, but argument 'x' has batch 2")
+    raises(fam, "ssd", "B", dict(kw, B=kw["B"][:, :9]), "seqlen", "is 9, but argument 'x' has seqlen 10")
     raises(fam, "ssd", "C", dict(kw, C=torch.zeros(2, 10, 2, 16)), "groups")
     raises(fam, "ssd", "B", dict(kw, B=torch.zeros(2, 10, 1, 15)), "state")
     raises(fam, "ssd", "A", dict(kw, A=torch.zeros(5)), "heads")
@@ -260,7 +273,7 @@ def test_varlen_rules():
     raises(fam, "ssd", "cu_seqlens", dict(kw, cu_seqlens=torch.tensor([0, 3, 7])), "seqlen 8")
     raises(fam, "ssd", "cu_seqlens", dict(kw, cu_seqlens=torch.tensor([0.0, 3.0, 8.0])), "int")
     raises(fam, "ssd", "initial_states", dict(kw, initial_states=torch.zeros(1, 4, 8, 16)),
-           "sequences", "is 1, expected 2")
+           "sequences", "is 1, but 'cu_seqlens' holds 2 sequences")
     raises(fam, "ssd", "seq_idx", dict(kw, seq_idx=torch.zeros(1, 8, dtype=torch.int32)),
            "different sequences")
     two = ssd_kw()
