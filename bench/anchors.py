@@ -1,4 +1,4 @@
-"""The GPU anchors (mamba_ssm, fla), loaded on a machine without network (DESIGN.md section 5).
+"""The GPU anchors (mamba_ssm, fla), loaded on a machine without network .
 
 Benchmark-only: ssmc never needs them. Each ``*_anchor()`` returns ``(callable, None)`` or
 ``(None, reason)`` so a benchmark prints why a column is empty instead of failing.

@@ -1,4 +1,4 @@
-"""CPU benchmark: the ssmc cpu target vs torch on this machine, in one run (DESIGN.md section 5).
+"""CPU benchmark: the ssmc cpu target vs torch on this machine, in one run (the team's design notes).
 
     python bench/cpu.py [--repeats 7] [--out bench/results_cpu.md] [--only mamba1,mamba2,decode]
 
@@ -8,7 +8,7 @@ Mamba-1 d4096 n16, Mamba-2 h24 p64 n128), fp32. Columns: median ms at 1 and 2 th
 ours, the torch eager loop (a per-timestep loop in the style of mamba_ssm's
 selective_scan_ref) and the best vectorized torch formulation written here (chunked
 cumulative-sum / matmul forms), ratios, GB/s, the relative error of each vs float64, and
-llama.cpp's ggml_ssm_scan as measured elsewhere on this machine type (DESIGN.md).
+llama.cpp's ggml_ssm_scan as measured elsewhere on this machine type (the team's design notes).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from ssmc.backends.cpu import tvmbuild  # noqa: E402
 from ssmc.ir import Algorithm, Convention  # noqa: E402
 from ssmc.plan import make_plan  # noqa: E402
 
-# llama.cpp ggml_ssm_scan, fp32, median ms at 1 / 2 threads (DESIGN.md section 5: measured
+# llama.cpp ggml_ssm_scan, fp32, median ms at 1 / 2 threads (from the team's design notes: measured
 # 2026-11-23 on the 2-core development machine type, not in this run).
 GGML = {"mamba1_d1536": (182.0, 91.0), "mamba1_d4096": (238.0, 120.0),
         "decode_mamba1": (0.27, 0.12), "mamba2": (35.4, 26.9), "decode_mamba2": (0.023, 0.015)}
@@ -370,7 +370,7 @@ def render(results, keys) -> str:
            f"Run {time.strftime('%Y-%m-%d %H:%M')}: median ms at 1 / 2 threads (each thread count in "
            "its own processes; every cell the median over the rounds).",
            "ggml = llama.cpp's ggml_ssm_scan, measured elsewhere the same day on this machine type "
-           "(DESIGN.md section 5), not in this run; it omits dt bias, D and z. The torch "
+           "(the team's design notes), not in this run; it omits dt bias, D and z. The torch "
            "baselines (what the eager loop and the vectorized forms are) are described in "
            "bench/NOTES_cpu.md.", "",
            "| kernel | ours ms | torch eager loop ms | best vectorized torch ms | ggml ms (ref) "

@@ -32,7 +32,7 @@ from typing import Dict, Optional, Tuple
 from .cache import default_root, release_versions
 
 DB_NAME = "tuning.json"
-# The shape a compiled kernel is assumed to serve when no shape is known (the DESIGN.md anchors).
+# The shape a compiled kernel is assumed to serve when no shape is known (the benchmark's anchor shapes, bench/gpu.py).
 DEFAULT_SHAPE = {"b": 4, "l": 4096}
 DEFAULT_STEP_SHAPE = {"b": 64}
 

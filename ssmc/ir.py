@@ -7,7 +7,7 @@ keeps the ``Loc`` it came from, so any later error can point at the spec line.
 
 This module imports nothing else of ssmc (and no sympy): it is the vocabulary, not the logic.
 
-Shapes, by convention (DESIGN.md section 3):
+Shapes, by convention (docs/calling_convention.md):
   b batch, l sequence length, h heads, p head_dim, d channels (= h*p), n state, g groups, r rank.
 Families whose A is a scalar per head use mamba_ssm's SSD layout (x: b,l,h,p); every other
 structure uses the selective-scan layout (u: b,d,l) with one state vector of size n per channel.
@@ -79,7 +79,7 @@ class Sharing(Enum):
 
 
 class Convention(Enum):
-    """Which mamba_ssm signature a compiled callable follows (DESIGN.md section 3)."""
+    """Which mamba_ssm signature a compiled callable follows (docs/calling_convention.md)."""
     SSD = "ssd"                        # mamba_chunk_scan_combined
     SELECTIVE_SCAN = "selective_scan"  # selective_scan_fn
     STATE_UPDATE = "state_update"      # selective_state_update

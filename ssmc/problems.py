@@ -1,4 +1,4 @@
-"""The normalized calls: one ``Problem`` dataclass per calling convention (DESIGN.md section 3).
+"""The normalized calls: one ``Problem`` dataclass per calling convention (docs/calling_convention.md).
 
 ``ssmc.signature.bind`` builds them; every backend reads them. The fields of each are the
 keyword names of its convention's signature, in the order the signature takes them

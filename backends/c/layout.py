@@ -1,6 +1,6 @@
 """The C entry point's parameters: which tensors a plan takes, their logical dims and indexing.
 
-One table per calling convention (DESIGN.md section 3) says, for every tensor, its logical
+One table per calling convention (docs/calling_convention.md) says, for every tensor, its logical
 dimensions; the family's IR picks the variant (selective or constant Δ/A/B/C, B/C shared per
 group or per head). The same ``Param`` list drives the C signature, the ctypes call, the
 cross-target test driver's argument file and the example ``main.c``, so they cannot disagree.

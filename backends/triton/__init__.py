@@ -1,8 +1,8 @@
 """The Triton backend (target ``cuda``): one kernel generator per algorithm.
 
-The backend interface (DESIGN.md, PREAMBLE): ``supports``, ``default_config``, ``candidates``,
-``lower`` (the generated module's source), ``build`` (a callable ``kernel(problem) -> (y,
-final_state_or_None)``) and ``write_artifact``. Each algorithm lives in its own module:
+The backend interface (each folder of backends/ implements it): ``supports``,
+``default_config``, ``candidates``, ``lower`` (the generated module's source), ``build`` (a
+callable ``kernel(problem) -> (y, final_state_or_None)``) and ``write_artifact``. Each algorithm lives in its own module:
 
 - ``scan``    SCAN: selective scan, diagonal / complex-diagonal A (selective_scan_fn convention)
 - ``step``    STEP: decode step, state updated in place (selective_state_update convention)
