@@ -11,6 +11,11 @@ Hugging Face's Mamba models (``backbone.embeddings``, ``backbone.layers.N.{norm,
 Recurrent inference: ``state = model.allocate_state(batch)``; ``model(prompt, state)`` runs the
 prompt and fills the state; ``model.step(tokens, state)`` advances one token per sequence with
 the SSM decode-step kernels and the attention KV caches.
+
+Every public entry point checks its input first (``modules.check_input``): tokens must be an
+integer (b, l) tensor for ``forward`` and (b,) for ``step`` on the model's device, a mixer's
+input (b, l, d_model) / (b, d_model) in its parameters' dtype and device, and a state must be of
+the input's batch; otherwise ``ssmc.CallError`` names the argument and the expected shape.
 """
 from __future__ import annotations
 
@@ -21,10 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmc.errors import SSMCError
+from ssmc.errors import CallError, SSMCError
 from ssmc.ir import AttentionBlock, MLPBlock, ModelSpec, MoEBlock, SpecFile, SSMBlock, SSMFamily
 
-from .modules import RMSNorm, SSMLayer
+from .modules import FLOATING, RMSNorm, SSMLayer, check_input
+
+TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+_MIXER_HINTS = ("forward takes (batch, seqlen, d_model); one token per sequence, "
+                "(batch, d_model), goes through step",
+                "step takes one token per sequence, (batch, d_model); a sequence, "
+                "(batch, seqlen, d_model), goes through forward")
+
+
+def _check_mixer_input(module: nn.Module, x, weight: torch.Tensor, step: bool):
+    """x (b, l, d_model) for forward, (b, d_model) for step, in the parameters' dtype/device."""
+    model = ("d_model", module.d_model)
+    dims = (("batch", None), model) if step else (("batch", None), ("seqlen", None), model)
+    check_input("x", x, dims, weight.dtype, weight.device, hint=_MIXER_HINTS[step])
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +107,7 @@ class Attention(nn.Module):
         if heads % kv_heads:
             raise SSMCError(f"attention: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         self.heads, self.kv_heads = heads, kv_heads
+        self.d_model = d_model
         self.head_dim = head_dim or d_model // heads
         self.window = window
         self.rope_theta = rope_theta
@@ -110,7 +131,32 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         return proj(x).reshape(b, s, count, self.head_dim).transpose(1, 2)
 
+    def _check_cache(self, cache, batch: int, required: bool):
+        if cache is None and not required:
+            return
+        if not isinstance(cache, KVCache):
+            got = "is missing" if cache is None else f"is a {type(cache).__name__}"
+            raise CallError(f"argument 'cache' {got}; expected a KVCache of batch {batch}",
+                            hint="allocate_state(batch) gives the cache this layer expects")
+        dims = (("batch", batch, "the batch of 'x'"), ("kv_heads", self.kv_heads),
+                ("capacity", None), ("head_dim", self.head_dim))
+        check_input("cache", cache.k, dims, FLOATING, self.o_proj.weight.device, field="k",
+                    why="keys are floating",
+                    hint="allocate_state(batch) gives the cache this layer expects")
+
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x (b, l, d_model) -> (b, l, d_model); with ``cache``: attend to it too, then append."""
+        _check_mixer_input(self, x, self.q_proj.weight, False)
+        self._check_cache(cache, x.shape[0], required=False)
+        return self._attend(x, cache)
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x (b, d_model) -> (b, d_model), one token per sequence."""
+        _check_mixer_input(self, x, self.q_proj.weight, True)
+        self._check_cache(cache, x.shape[0], required=True)
+        return self._attend(x[:, None, :], cache)[:, 0]
+
+    def _attend(self, x: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
         b, s, _ = x.shape
         start = cache.length if cache is not None else 0
         q_pos = torch.arange(start, start + s, device=x.device)
@@ -142,9 +188,6 @@ class Attention(nn.Module):
             cache.append(k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.forward(x[:, None, :], cache)[:, 0]
-
 
 # --------------------------------------------------------------------------------------------
 # MLP and MoE
@@ -155,6 +198,7 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str = "silu", device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
         self.activation = activation
         self.gated = activation in ("silu", "swiglu")
         if self.gated:
@@ -165,12 +209,20 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False, **factory)
 
     def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        """x (b, l, d_model) -> (b, l, d_model)."""
+        _check_mixer_input(self, x, self.up_proj.weight, False)
+        return self.ffn(x)
+
+    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        """x (b, d_model) -> (b, d_model)."""
+        _check_mixer_input(self, x, self.up_proj.weight, True)
+        return self.ffn(x)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward on (..., d_model), unchecked (MoE runs its experts on token rows)."""
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(getattr(F, self.activation)(self.up_proj(x)))
-
-    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
-        return self.forward(x)
 
     def allocate_state(self, batch, device=None, dtype=None):
         return None
@@ -184,11 +236,22 @@ class MoE(nn.Module):
         if not 1 <= top_k <= experts:
             raise SSMCError(f"moe: top_k ({top_k}) must be between 1 and experts ({experts})")
         self.top_k = top_k
+        self.d_model = d_model
         self.router = nn.Linear(d_model, experts, bias=False, device=device, dtype=dtype)
         self.experts = nn.ModuleList(MLP(d_model, hidden, device=device, dtype=dtype)
                                      for _ in range(experts))
 
     def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        """x (b, l, d_model) -> (b, l, d_model)."""
+        _check_mixer_input(self, x, self.router.weight, False)
+        return self._route(x)
+
+    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        """x (b, d_model) -> (b, d_model)."""
+        _check_mixer_input(self, x, self.router.weight, True)
+        return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
@@ -201,17 +264,14 @@ class MoE(nn.Module):
             # (zero where not chosen): the same sum without data-dependent shapes, so the graph
             # stays whole; eager mode gathers each expert's tokens instead.
             gate = torch.zeros_like(probs).scatter(-1, chosen, weights.to(probs.dtype))
-            outs = torch.stack([expert(tokens) for expert in self.experts], dim=1)
+            outs = torch.stack([expert.ffn(tokens) for expert in self.experts], dim=1)
             return (outs * gate.to(x.dtype)[..., None]).sum(1).reshape(shape)
         out = torch.zeros_like(tokens)
         for index, expert in enumerate(self.experts):
             rows, slot = torch.nonzero(chosen == index, as_tuple=True)
             if rows.numel():
-                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
+                out.index_add_(0, rows, expert.ffn(tokens[rows]) * weights[rows, slot, None])
         return out.reshape(shape)
-
-    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
-        return self.forward(x)
 
     def allocate_state(self, batch, device=None, dtype=None):
         return None
@@ -375,8 +435,39 @@ class Model(nn.Module):
                 states.append(mixer.allocate_state(batch, device, dtype))
         return ModelState(states, 0, batch)
 
+    _FORWARD_HINT = ("forward takes token ids (batch, seqlen); one token per sequence, "
+                     "(batch,), goes through step(tokens, state)")
+    _STEP_HINT = ("step takes one token id per sequence, (batch,); a sequence, "
+                  "(batch, seqlen), goes through forward(tokens, state)")
+
+    def _check(self, tokens, state, step: bool):
+        """Token ids' rank, dtype and device (never their values: no sync), and the state's
+        batch and layer count; each layer then checks its own part of the state."""
+        dims = (("batch", None),) if step else (("batch", None), ("seqlen", None))
+        check_input("tokens", tokens, dims, TOKEN_DTYPES, self.backbone.embeddings.weight.device,
+                    owner="the model's parameters", why="token ids",
+                    hint=self._STEP_HINT if step else self._FORWARD_HINT)
+        if state is None and not step:
+            return
+        batch = tokens.shape[0]
+        if not isinstance(state, ModelState):
+            got = "is missing" if state is None else f"is a {type(state).__name__}"
+            problem = f"{got}; expected a ModelState of batch {batch}"
+        elif state.batch and state.batch != batch:
+            problem = (f"holds batch {state.batch}; expected batch = {batch} "
+                       "(the batch of 'tokens')")
+        elif len(state.layers) != len(self.layers):
+            problem = (f"holds {len(state.layers)} layer states; expected layers = "
+                       f"{len(self.layers)} (one per layer of {self.spec.name})")
+        else:
+            return
+        raise CallError(f"argument 'state' {problem}",
+                        hint=f"allocate_state({batch}) gives a state for this batch")
+
     def forward(self, tokens: torch.Tensor, state: Optional[ModelState] = None) -> torch.Tensor:
-        """tokens (b, l) int -> logits (b, l, vocab). With ``state``: continue from it (prefill)."""
+        """tokens (b, l) int -> logits (b, l, vocab). With ``state``: continue from it (prefill).
+        Raises ``CallError`` for tokens or a state that do not fit (before anything runs)."""
+        self._check(tokens, state, step=False)
         h = self.backbone.embeddings(tokens)
         for index, layer in enumerate(self.layers):
             h = layer(h, state.layers[index] if state is not None else None)
@@ -386,6 +477,7 @@ class Model(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: ModelState) -> torch.Tensor:
         """tokens (b,) int -> logits (b, vocab) for the next position; updates ``state``."""
+        self._check(tokens, state, step=True)
         h = self.backbone.embeddings(tokens)
         for index, layer in enumerate(self.layers):
             h = layer.step(h, state.layers[index])
@@ -395,6 +487,7 @@ class Model(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding: prompt (b, l) -> (b, l + max_new_tokens)."""
+        self._check(prompt, None, step=False)
         state = self.allocate_state(prompt.shape[0], device=prompt.device)
         logits = self.forward(prompt, state)[:, -1]
         out = [prompt]

@@ -21,6 +21,11 @@ so (``ASpec.log_param``), else the parameter is ``A`` itself.
 Recurrent inference: ``allocate_state(batch)`` gives an ``SSMState`` (the last ``d_conv`` conv
 inputs and the SSM state); ``forward(h, state)`` runs a prompt and leaves the state after it,
 ``step(h, state)`` advances one token with the family's decode-step kernel.
+
+Inputs are checked like kernel calls (``check_input``): a hidden of the wrong d_model, rank,
+dtype or device, or a state of another batch, raises ``ssmc.CallError`` naming the argument and
+its expected shape before anything runs. The checks read shapes, dtypes and devices only (never
+values), so they cost a few comparisons per call and trace under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -32,10 +37,91 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmc.errors import SSMCError
+from ssmc.errors import CallError, SSMCError
 from ssmc.ir import Algorithm, AStructure, Sharing, SSMFamily
 
 _COMPILED = {}
+
+FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dims_text(dims) -> str:
+    comma = "," if len(dims) == 1 else ""
+    words = ", ".join(d[0] for d in dims)
+    sizes = ", ".join(d[0] if d[1] is None else str(d[1]) for d in dims)
+    return f"({words}{comma}) = ({sizes}{comma})"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_input(name: str, t, dims, dtype=None, device=None, *, field: Optional[str] = None,
+                owner: str = "the layer's parameters", why: Optional[str] = None,
+                hint: Optional[str] = None) -> None:
+    """Raise a ``CallError`` naming argument ``name`` unless tensor ``t`` has the form asked for.
+
+    ``dims``: one ``(word, size)`` per axis, size None where any size goes, optionally a third
+    item saying where the size comes from ("the batch of 'hidden'"). ``dtype``: the dtype of
+    ``owner`` (a ``torch.dtype``; inside ``torch.autocast`` its dtype is accepted too), or a tuple
+    of the dtypes allowed (``why`` says why). ``device``: ``owner``'s device. ``field`` names the
+    tensor inside the argument (``state.ssm``); ``hint`` is shown with a shape error. Reads only
+    shape, dtype and device, never values: a few comparisons, no sync, traceable by dynamo.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise CallError(f"{_subject(name, field)} must be a torch tensor, got {type(t).__name__}")
+    shape = t.shape
+    ok = len(shape) == len(dims)
+    if ok:
+        for d, size in zip(dims, shape):
+            if d[1] is not None and d[1] != size:
+                ok = False
+                break
+    if not ok:
+        raise _shape_error(name, field, tuple(shape), dims, hint)
+    if dtype is not None and t.dtype != dtype and not _dtype_allowed(t, dtype):
+        raise _dtype_error(name, field, t, dtype, owner, why)
+    if device is not None and t.device != device:
+        raise CallError(f"{_subject(name, field)} is on {t.device} but {owner} are on {device}; "
+                        "all tensors must be on one device",
+                        hint=f"move it with {_path(name, field)}.to({str(device)!r})")
+
+
+def _path(name, field) -> str:
+    return f"{name}.{field}" if field else name
+
+
+def _subject(name, field) -> str:
+    return f"argument {name!r}" + (f" ({name}.{field})" if field else "")
+
+
+def _dtype_allowed(t, dtype) -> bool:
+    if isinstance(dtype, tuple):
+        return t.dtype in dtype
+    kind = t.device.type   # torch.autocast runs a layer of fp32 parameters on its dtype
+    return (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            and t.dtype == torch.get_autocast_dtype(kind))
+
+
+def _shape_error(name, field, shape, dims, hint) -> CallError:
+    msg = f"{_subject(name, field)} has shape {shape}; expected {_dims_text(dims)}"
+    if len(shape) != len(dims):
+        msg += f": {len(shape)} dims instead of {len(dims)}"
+    else:
+        i, d = next((i, d) for i, d in enumerate(dims) if d[1] not in (None, shape[i]))
+        msg += f": dim {i} ({d[0]}) is {shape[i]}, expected {d[1]}"
+        msg += f" ({d[2]})" if len(d) > 2 else ""
+    return CallError(msg, hint=hint)
+
+
+def _dtype_error(name, field, t, dtype, owner, why) -> CallError:
+    if isinstance(dtype, tuple):
+        want = dtype[0]
+        expected = " or ".join(_dtype_name(d) for d in dtype) + (f" ({why})" if why else "")
+    else:
+        want, expected = dtype, f"{_dtype_name(dtype)}, {why or 'the dtype of ' + owner}"
+    return CallError(f"{_subject(name, field)} has dtype {_dtype_name(t.dtype)}; expected "
+                     f"{expected}", hint=f"convert it with {_path(name, field)}.to({want})")
 
 
 def compiled_kernel(family: SSMFamily, target: str):
@@ -134,6 +220,13 @@ class SSMLayer(nn.Module):
         di, n, g = self.d_inner, self.d_state, self.groups
         units = fam.dims.heads if self.is_ssd else di    # what Δ, A, D are indexed by
         self.units = units
+        # What a state must look like after its batch (check_input's dims), and its ssm dtype.
+        if self.is_ssd:
+            self._ssm_dims = (("heads", fam.dims.heads), ("head_dim", fam.dims.head_dim),
+                              ("state", self.d_state))
+        else:
+            self._ssm_dims = (("channels", di), ("state", n))
+        self.state_dtype = torch.complex64 if self.is_complex else torch.float32
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
         bc_width = g * n * (int(fam.B.selective) + int(fam.C.selective))
@@ -251,12 +344,37 @@ class SSMLayer(nn.Module):
         device = device or weight.device
         dtype = dtype or weight.dtype
         conv = torch.zeros(batch, self.conv_dim, max(self.d_conv, 1), device=device, dtype=dtype)
-        state_dtype = torch.complex64 if self.is_complex else torch.float32
-        if self.is_ssd:
-            shape = (batch, self.family.dims.heads, self.family.dims.head_dim, self.d_state)
-        else:
-            shape = (batch, self.d_inner, self.d_state)
-        return SSMState(conv, torch.zeros(shape, device=device, dtype=state_dtype))
+        shape = (batch,) + tuple(size for _, size in self._ssm_dims)
+        return SSMState(conv, torch.zeros(shape, device=device, dtype=self.state_dtype))
+
+    # -- input checks (before anything runs; see check_input) ----------------------------------
+
+    _FORWARD_HINT = ("forward takes (batch, seqlen, d_model); one token per sequence, "
+                     "(batch, d_model), goes through step(hidden, state)")
+    _STEP_HINT = ("step takes one token per sequence, (batch, d_model); a sequence, "
+                  "(batch, seqlen, d_model), goes through forward(hidden, state)")
+    _STATE_HINT = "allocate_state(batch) gives the state this layer expects"
+
+    def _check(self, hidden, state, step: bool):
+        weight = self.in_proj.weight
+        model = ("d_model", self.d_model)
+        dims = (("batch", None), model) if step else (("batch", None), ("seqlen", None), model)
+        check_input("hidden", hidden, dims, weight.dtype, weight.device,
+                    hint=self._STEP_HINT if step else self._FORWARD_HINT)
+        if state is None and not step:
+            return
+        if not isinstance(state, SSMState):
+            got = "is missing" if state is None else f"is a {type(state).__name__}"
+            raise CallError(f"argument 'state' {got}; expected an SSMState of batch "
+                            f"{hidden.shape[0]}", hint=self._STATE_HINT)
+        batch = ("batch", hidden.shape[0], "the batch of 'hidden'")
+        check_input("state", state.ssm, (batch,) + self._ssm_dims, (self.state_dtype,),
+                    weight.device, field="ssm", why="the dtype of the SSM state",
+                    hint=self._STATE_HINT)
+        check_input("state", state.conv, (batch, ("conv_dim", self.conv_dim),
+                                          ("d_conv", max(self.d_conv, 1))),
+                    FLOATING, weight.device, field="conv", why="conv inputs are floating",
+                    hint=self._STATE_HINT)
 
     def _conv(self, x: torch.Tensor, state: Optional[SSMState]) -> torch.Tensor:
         """Causal depthwise conv + silu over (b, c, l); the state supplies the left context and
@@ -285,13 +403,16 @@ class SSMLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: Optional[SSMState] = None) -> torch.Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With ``state``: continue from it and leave
-        the state after the last token (prefill)."""
+        the state after the last token (prefill). Raises ``CallError`` for a hidden or state
+        that does not fit (see ``check_input``)."""
+        self._check(hidden, state, step=False)
         if self.is_ssd:
             return self._forward_mamba2(hidden, state)
         return self._forward_mamba1(hidden, state)
 
     def step(self, hidden: torch.Tensor, state: SSMState) -> torch.Tensor:
         """hidden (b, d_model) -> (b, d_model), one token, using the decode-step kernel."""
+        self._check(hidden, state, step=True)
         if self.is_ssd:
             return self._step_mamba2(hidden, state)
         return self._step_mamba1(hidden, state)
@@ -405,4 +526,4 @@ class SSMLayer(nn.Module):
         return self.out_proj(y)
 
 
-__all__ = ["SSMLayer", "SSMState", "RMSNorm", "compiled_kernel", "resolve_family"]
+__all__ = ["SSMLayer", "SSMState", "RMSNorm", "check_input", "compiled_kernel", "resolve_family"]
