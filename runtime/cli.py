@@ -64,6 +64,10 @@ def cmd_tune(args) -> int:
     return status
 
 
+# What every `cache ls` row names; each backend records them in the entry's description.
+_LS_COLUMNS = ("family", "algorithm", "target")
+
+
 def cmd_cache(args) -> int:
     from .cache import ArtifactCache
     from .tuning_db import TuningDB
@@ -71,12 +75,20 @@ def cmd_cache(args) -> int:
     if args.action == "ls":
         entries = cache.ls()
         total = 0
+        rows = [("key", "bytes", "created", "family", "algorithm", "target", "details")]
         for e in entries:
             total += e.bytes
-            what = " ".join(f"{k}={v}" for k, v in sorted(e.description.items())
-                            if not isinstance(v, (dict, list)))
-            age = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))
-            print(f"{e.key[:16]}  {e.bytes:>10} B  {age}  {what}")
+            shown = {k: v for k, v in e.description.items() if k not in _LS_COLUMNS}
+            details = " ".join(f"{k}={v}" for k, v in sorted(shown.items())
+                               if not isinstance(v, (dict, list)))
+            rows.append((e.key[:16], str(e.bytes),
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)),
+                         *(str(e.description.get(k, "-")) for k in _LS_COLUMNS), details))
+        if entries:
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+            for r in rows:
+                print("  ".join(c.rjust(w) if i == 1 else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1])
         tuned = TuningDB(cache.root).entries()
         print(f"{len(entries)} kernel entries, {total} bytes, in {cache.root / 'kernels'}")
         for key, entry in sorted(tuned.items()):

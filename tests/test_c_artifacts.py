@@ -23,6 +23,8 @@ from ssmc.backends.c.layout import make_layout  # noqa: E402
 from ssmc.backends.c.programs import EXAMPLE_BATCH, EXAMPLE_SEQLEN, value_range  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (apt-get install gcc)")
+needs_make = pytest.mark.skipif(shutil.which("make") is None,
+                                reason="needs make for the Makefile (apt-get install make)")
 
 STRICT_CFLAGS = "-std=c99 -O2 -pedantic -Wall -Wextra -Werror"
 
@@ -104,6 +106,7 @@ def assert_checksums_match_oracle(plan, stdout: str):
 
 # --------------------------------------------------------------------------------------------
 
+@needs_make
 @pytest.mark.parametrize("name", list(EXAMPLE_PLANS))
 def test_example_main_builds_strictly_and_prints_the_oracle_checksum(name, tmp_path):
     plan = EXAMPLE_PLANS[name]()
@@ -118,6 +121,7 @@ def test_example_main_builds_strictly_and_prints_the_oracle_checksum(name, tmp_p
     assert_checksums_match_oracle(plan, proc.stdout)
 
 
+@needs_make
 def test_makefile_compiler_is_overridable(tmp_path):
     plan = EXAMPLE_PLANS["mamba1-scan"]()
     c_backend.write_artifact(plan, {}, tmp_path)
@@ -169,6 +173,19 @@ def test_build_cache_respects_ssmc_cache_dir(tmp_path, monkeypatch):
     assert second.source == c_backend.lower(plan, {})  # the cached source is kept beside it
     other = c_backend.build(plan, {"opt": "-O1"})       # flags are part of the key
     assert other.library != first.library
+
+
+def test_cache_entries_name_family_algorithm_and_target(tmp_path, monkeypatch):
+    """What `ssmc cache ls` shows of a C entry; the key's parts are kept beside it."""
+    from ssmc.runtime.cache import ArtifactCache
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
+    plan = make_plan(mamba1(channels=6, state=3, name="LsProbe"), Algorithm.STEP)
+    kernel = c_backend.build(plan, {})
+    [entry] = ArtifactCache(tmp_path).ls()
+    described = entry.description
+    assert (described["family"], described["algorithm"], described["target"]) == \
+        ("LsProbe", "step", "c")
+    assert described["backend"] == "c" and described["output"] == kernel.library.name
 
 
 def test_generated_c_with_a_compile_error_is_reported(monkeypatch, tmp_path):

@@ -80,13 +80,18 @@ def test_cross_artifact_and_example(target, tmp_path):
     assert_checksums_match_oracle(plan, proc.stdout)
 
 
-def test_config_triple_selects_the_cross_build(tmp_path):
-    """`ssmc compile --target aarch64` hands the backend config {"triple": ...}."""
+def test_config_triple_selects_the_cross_build(tmp_path, monkeypatch):
+    """`ssmc compile --target aarch64` hands the backend config {"triple": ...}; the cache
+    entries it builds name that target for `ssmc cache ls`."""
+    from ssmc.runtime.cache import ArtifactCache
     triple = TRIPLES["aarch64"]
     if cross.missing_tools(triple):
         pytest.skip(cross.missing_tools(triple))
-    paths = c_backend.write_artifact(make_plan(s4d()), {"triple": triple}, tmp_path)
-    assert (tmp_path / "libs4d.so") in paths
+    monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path / "cache"))
+    paths = c_backend.write_artifact(make_plan(s4d()), {"triple": triple}, tmp_path / "out")
+    assert (tmp_path / "out" / "libs4d.so") in paths
+    described = [e.description for e in ArtifactCache(tmp_path / "cache").ls()]
+    assert {(d["family"], d["target"]) for d in described} == {("S4D", "aarch64")}
 
 
 def test_missing_tools_name_the_apt_packages(monkeypatch):

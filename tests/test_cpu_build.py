@@ -2,7 +2,12 @@
 cache, artifacts (host and cross), LLVM target strings, and what it refuses."""
 from __future__ import annotations
 
+import ast
+import os
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +20,19 @@ from ssmc.ir import Algorithm
 from ssmc.plan import make_plan
 from test_cpu_helpers import CONFIG, check, problem
 
-from conftest import TOL, rel_err
+from conftest import EXAMPLES, TOL, rel_err
+
+# ELF e_machine of the cross triples (TVM's LLVM has both targets).
+ELF_MACHINE = {"aarch64-linux-gnu": 183, "riscv64-linux-gnu": 243}
+ET_REL, ET_DYN = 1, 3
+
+
+def elf_header(path):
+    """(e_type, e_machine) of a little-endian ELF file."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return struct.unpack("<HH", head[16:20])
 
 
 def test_lower_is_readable_tvmscript_that_parses():
@@ -61,6 +78,11 @@ def test_disk_cache_reload(tmp_path, seed):
     assert first.path.parent.parent.parent == tmp_path / "kernels"
     entries = ArtifactCache(tmp_path).ls()
     assert [e.path for e in entries] == [first.path.parent]
+    # `ssmc cache ls` names what an entry is; the resolved LLVM target is kept beside it.
+    described = entries[0].description
+    assert (described["family"], described["algorithm"], described["target"]) == \
+        (plan.family.name, plan.algorithm.value, "cpu")
+    assert described["llvm_target"] == tvmbuild.target_dict("cpu")
     tvmbuild._MEMO.clear()   # a new process: only the disk cache is left
     second = cpu.build(plan, config)
     assert second.cached and second.path == first.path
@@ -84,16 +106,63 @@ def test_write_artifact_host(tmp_path):
     assert module["ssmc_step"] is not None
 
 
-def test_write_artifact_cross_aarch64(tmp_path):
+def test_write_artifact_again_copies_the_cache_entry(tmp_path, monkeypatch):
+    """A host plan written before is copied from its cache entry: no TIR is generated (and so
+    no TVM is needed) the second time, and the files are the same."""
+    plan = make_plan(mamba1(channels=8, state=4, name="CopyProbe"))
+    config = {"cache_dir": str(tmp_path / "cache")}
+    first = cpu.write_artifact(plan, config, tmp_path / "a")
+    monkeypatch.setattr(cpu, "lower", lambda *a: pytest.fail("TIR generated for a cached plan"))
+    second = cpu.write_artifact(plan, config, tmp_path / "b")
+    for a, b in zip(first, second):
+        assert open(a, "rb").read() == open(b, "rb").read()
+
+
+@pytest.mark.parametrize("triple", list(ELF_MACHINE))
+def test_write_artifact_cross_without_a_linker_writes_the_object(triple, tmp_path, monkeypatch,
+                                                                capsys):
+    """Without a cross gcc (forced here, so that this runs everywhere) the object file is the
+    artifact, and one line says why and what to install for the shared object."""
+    monkeypatch.setattr(tvmbuild, "cross_linker", lambda triple: None)
+    plan = make_plan(mamba1(channels=16, state=8))
+    cfg = dict(CONFIG, llvm_target=f"llvm -mtriple={triple}")
+    text, lib = cpu.write_artifact(plan, cfg, tmp_path)
+    assert text.endswith(".tir.py") and lib.endswith("_cpu.o")
+    assert elf_header(lib) == (ET_REL, ELF_MACHINE[triple])
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and f"no cross linker {triple}-gcc" in note[0]
+    assert f"apt-get install gcc-{triple}" in note[0]
+    with pytest.raises(TargetError, match="does not run on this machine"):
+        cpu.build(plan, cfg)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the cross linker aarch64-linux-gnu-gcc "
+                           "(Debian: apt-get install gcc-aarch64-linux-gnu)")
+def test_write_artifact_cross_aarch64_links_a_shared_object(tmp_path):
     plan = make_plan(mamba1(channels=16, state=8))
     cfg = dict(CONFIG, llvm_target="llvm -mtriple=aarch64-linux-gnu")
     text, lib = cpu.write_artifact(plan, cfg, tmp_path)
-    with open(lib, "rb") as f:
-        head = f.read(20)
-    assert head[:4] == b"\x7fELF"
-    assert struct.unpack("<H", head[18:20])[0] == 183, "not an AArch64 object"
-    with pytest.raises(TargetError, match="does not run on this machine"):
-        cpu.build(plan, cfg)
+    assert lib.endswith("_cpu.so")
+    assert elf_header(lib) == (ET_DYN, ELF_MACHINE["aarch64-linux-gnu"])
+
+
+def test_cached_cli_compile_imports_neither_torch_nor_tvm(tmp_path):
+    """A repeated `ssmc compile --target cpu` copies the cached library: importing torch and
+    TVM (seconds) would be most of its time."""
+    code = ("import sys; from ssmc.cli import main\n"
+            f"status = main(['compile', {str(EXAMPLES / 'mamba1.ssm')!r}, '--target', 'cpu', "
+            f"'-o', sys.argv[1]])\n"
+            "assert status == 0, status\n"
+            "print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))")
+    env = dict(os.environ, SSMC_CACHE_DIR=str(tmp_path / "cache"))
+    cold, warm = (subprocess.run([sys.executable, "-c", code, str(tmp_path / out)], env=env,
+                                 capture_output=True, text=True, check=True) for out in "ab")
+    assert "tvm" in ast.literal_eval(cold.stdout.splitlines()[-1]), "the first run compiles"
+    assert ast.literal_eval(warm.stdout.splitlines()[-1]) == [], warm.stdout + warm.stderr
+    for name in ("Mamba1_scan_cpu.so", "Mamba1_scan_cpu.tir.py"):
+        a, b = (tmp_path / out / "Mamba1" / "scan" / name for out in "ab")
+        assert a.read_bytes() == b.read_bytes(), name
 
 
 def test_target_strings():

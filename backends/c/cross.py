@@ -23,7 +23,7 @@ from .artifact import source_files, write_sources
 from .calling import Call, float_strides, marshal, results
 from .layout import make_layout
 from .programs import TAG_IN, TAG_INOUT, TAG_NULL, TAG_OUT
-from .toolchain import ERRORS, compile_cached
+from .toolchain import ERRORS, compile_cached, describe
 
 APT_PACKAGES = {"aarch64-linux-gnu": "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user",
                 "riscv64-linux-gnu": "gcc-riscv64-linux-gnu libc6-dev-riscv64-cross qemu-user"}
@@ -75,10 +75,12 @@ def _cross_build(plan: KernelPlan, config: dict, triple: str,
         "driver": (f"{prefix}_driver",
                    dict(kernel, **{f"{prefix}_driver.c": files[f"{prefix}_driver.c"]}), static),
     }
+    # The target as `ssmc compile --target` names it: the triple's architecture.
+    about = describe(plan, triple.split("-")[0])
     built = {}
     for what in which:
         name, sources, flags = recipes[what]
-        built[what] = compile_cached(sources, name, flags, cc)
+        built[what] = compile_cached(sources, name, flags, cc, about=about)
     return built
 
 

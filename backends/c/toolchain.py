@@ -62,10 +62,18 @@ def host_flags(config: dict) -> List[str]:
     return flags + list(config.get("cflags", ()))
 
 
+def describe(plan: KernelPlan, target: str) -> dict:
+    """What ``ssmc cache ls`` shows of an entry built for ``plan``: recorded, not keyed (the
+    sources name the family and the algorithm, the compiler's version line the target)."""
+    return {"family": plan.family.name, "algorithm": plan.algorithm.value, "target": target}
+
+
 def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cc: str = HOST_CC,
-                   libs: Sequence[str] = ("-lm",), root: Optional[Path] = None) -> Path:
+                   libs: Sequence[str] = ("-lm",), root: Optional[Path] = None,
+                   about: Optional[dict] = None) -> Path:
     """Compile the ``.c`` files of ``files`` into ``output`` in the ssmc artifact cache (atomic,
-    locked, verified: ssmc.runtime.cache); returns its path."""
+    locked, verified: ssmc.runtime.cache); returns its path. ``about`` (``describe``) is added
+    to the entry's description."""
     from ssmc.runtime.cache import ArtifactCache, default_cache
     cache = ArtifactCache(root) if root is not None else default_cache()
     sources_sha = hashlib.sha256()
@@ -87,7 +95,8 @@ def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cc:
                               f"{proc.stderr.strip()}")
         os.chmod(folder / output, 0o755)
 
-    return cache.get_or_build(cache.key(**parts), build) / output
+    description = dict(parts, **(about or {}))
+    return cache.get_or_build(cache.key(**parts), build, description) / output
 
 
 def _argtypes(params) -> List[object]:
@@ -151,5 +160,5 @@ def build_host(plan: KernelPlan, config: dict) -> CKernel:
     layout = make_layout(plan)
     files = lower_files(plan, config)
     flags = host_flags(config) + ["-shared"]
-    library = compile_cached(files, f"lib{layout.prefix}.so", flags)
+    library = compile_cached(files, f"lib{layout.prefix}.so", flags, about=describe(plan, "c"))
     return CKernel(plan, layout, library)

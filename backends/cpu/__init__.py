@@ -8,12 +8,15 @@ One generator per algorithm: ``scan`` (diagonal, complex-diagonal and scalar A),
 (CHUNKED plans, computed by the scan: see chunked.py for why), ``conv`` (LTI: K in TIR, the
 FFT in torch) and ``step`` (the decode step). Everything that differs between families comes
 from the IR: the Δ map, Abar/Bbar printed from ``plan.disc``, groups, D, gate. Compiled
-modules are cached on disk (``build.py``: $SSMC_CACHE_DIR/cpu, else ~/.cache/ssmc/cpu) keyed by
-the TIR text, the LLVM target and the TVM version.
+modules are cached on disk (``tvmbuild.py``: the ssmc artifact cache under $SSMC_CACHE_DIR, else
+~/.cache/ssmc) keyed by the TIR text, the LLVM target and the TVM version. The generators write
+text; ``launch.py`` (torch) binds a problem to a compiled kernel, and is imported only by
+``build``, so that writing an artifact imports neither torch nor (when cached) TVM.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -79,10 +82,31 @@ def candidates(plan: KernelPlan) -> List[dict]:
     return out or [base]
 
 
+def _target_spec(config: dict):
+    """The LLVM target as the config gives it (unresolved)."""
+    return config.get("llvm_target") or config.get("target") or _build.DEFAULT_LLVM_TARGET
+
+
 def _target(config: Optional[dict]) -> dict:
-    config = config or {}
-    return _build.target_dict(config.get("llvm_target") or config.get("target")
-                              or _build.DEFAULT_LLVM_TARGET)
+    return _build.target_dict(_target_spec(config or {}))
+
+
+def _shown(config: dict) -> dict:
+    """The config keys the TIR depends on (the header prints them; the plan key hashes them)."""
+    return {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS and k != "cache_dir"}
+
+
+def _plan_key(plan: KernelPlan, config: dict) -> str:
+    from ssmc.plan import ir_hash
+    return _build.plan_key(ir_hash(plan), _shown(config), _target_spec(config))
+
+
+def _about(plan: KernelPlan, config: dict) -> dict:
+    """What ``ssmc cache ls`` shows of an entry: the target as the user names it (``cpu`` is
+    ssmc's name for the default ``llvm -mcpu=native``)."""
+    spec = _target_spec(config)
+    target = "cpu" if spec == _build.DEFAULT_LLVM_TARGET else str(spec)
+    return {"family": plan.family.name, "algorithm": plan.algorithm.value, "target": target}
 
 
 def _describe(plan: KernelPlan) -> str:
@@ -99,7 +123,7 @@ def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
     config = dict(default_config(plan), **(config or {}))
     from ssmc.plan import ir_hash
     body = _GENERATORS[plan.algorithm].generate(plan, config)
-    shown = {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS and k != "cache_dir"}
+    shown = _shown(config)
     header = [f"# ssmc cpu kernel: {plan.family.name}, algorithm {plan.algorithm.value}, "
               f"plan {ir_hash(plan)}",
               f"# config: {json.dumps(shown, sort_keys=True)}",
@@ -141,19 +165,26 @@ def build(plan: KernelPlan, config: Optional[dict] = None) -> CpuKernel:
     if not _build.runs_here(tdict):
         raise TargetError(f"the CPU target {tdict.get('mtriple')} does not run on this machine",
                           hint="use write_artifact (ssmc compile -o DIR) to get the shared object")
-    from ssmc.plan import ir_hash
-    shown = {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS and k != "cache_dir"}
-    pkey = _build.plan_key(ir_hash(plan), shown, tdict)
+    pkey = _plan_key(plan, config)
     source = _build.cached_source(pkey, config) or lower(plan, config)
-    built = _build.load(source, tdict, config)
+    built = _build.load(source, tdict, config, _about(plan, config))
     _build.remember_source(pkey, built.path.parent, config)
-    gen = _GENERATORS[plan.algorithm]
-    if plan.algorithm is Algorithm.CONV:
-        runner = gen.Runner(plan, built.module)
-    else:
-        name = "ssmc_step" if plan.algorithm is Algorithm.STEP else "ssmc_scan"
-        runner = gen.Runner(plan, built.module[name])
-    return CpuKernel(plan, config, source, built, runner)
+    from . import launch  # deferred: torch is needed to call a kernel, not to write one
+    return CpuKernel(plan, config, source, built, launch.runner(plan, built.module))
+
+
+def _host_entry(plan: KernelPlan, config: dict) -> Path:
+    """The artifact-cache entry (kernel.so, kernel.tir.py) of a plan for this machine: through
+    the plan key when it was built before (no TIR generated, TVM not imported, nothing loaded),
+    else generated and compiled into the cache."""
+    pkey = _plan_key(plan, config)
+    entry = _build.cached_entry(pkey, config)
+    if entry is None:
+        library, _ = _build.library(lower(plan, config), _target(config), config,
+                                    _about(plan, config))
+        entry = library.parent
+        _build.remember_source(pkey, entry, config)
+    return entry
 
 
 def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[str]:
@@ -163,11 +194,16 @@ def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{plan.family.name}_{plan.algorithm.value}_cpu"
+    text_path, lib_path = out / f"{stem}.tir.py", out / f"{stem}.so"
+    if _build.runs_here(_build.parse_target(_target_spec(config))):
+        # A host library is the cached one: copying it keeps a repeated `ssmc compile` fast.
+        entry = _host_entry(plan, config)
+        shutil.copyfile(entry / "kernel.tir.py", text_path)
+        shutil.copyfile(entry / "kernel.so", lib_path)
+        return [str(text_path), str(lib_path)]
     source = lower(plan, config)
-    text_path = out / f"{stem}.tir.py"
     text_path.write_text(source)
-    lib = _build.export(source, _target(config), out / f"{stem}.so")
-    return [str(text_path), str(lib)]
+    return [str(text_path), str(_build.export_cross(source, _target(config), lib_path))]
 
 
 __all__ = ["NAME", "supports", "default_config", "candidates", "lower", "build",

@@ -23,6 +23,3 @@ def default_config(plan: KernelPlan) -> dict:
 
 def generate(plan: KernelPlan, config: dict) -> str:
     return scan.generate(plan, config)
-
-
-Runner = scan.Runner

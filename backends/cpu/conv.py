@@ -17,18 +17,19 @@ Matrix A (DPLR, dense): Ā and B̄ B are formed per call on the host in float64 
 expressions (``ssmc.lti.host_coefficients``, shared with the C target), and
 both TIR functions take them in place of Δ, A, B: K by power iteration (h_k = Ā h_{k-1},
 K_k = C h_k, one task per channel), the boundary pass with n x n products.
+
+This module generates the TIR; the call (step 2 and the arguments of 1 and 3) is
+``launch.ConvRunner``.
 """
 from __future__ import annotations
 
 from typing import List
 
-import torch
-
 from ssmc.ir import AStructure, KernelPlan, Sharing
-from ssmc.lti import has_prev_term, host_coefficients, is_matrix_conv
+from ssmc.lti import has_prev_term, is_matrix_conv
 
 from . import coeffs as co
-from . import launch, scan
+from . import scan
 from .fastmath import MathOptions
 from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer
 
@@ -292,77 +293,3 @@ def generate(plan: KernelPlan, config: dict) -> str:
 
     return ("# ssmc CPU convolution: K generator + boundary pass (generated; backends/cpu/conv.py)\n"
             "@I.ir_module\nclass Module:\n" + indent(kernel) + "\n\n" + indent(boundary) + "\n")
-
-
-def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """y[..., t] = sum_k K[..., k] x[..., t - k] along the last axis (float64 FFT)."""
-    L = x.shape[-1]
-    nfft = 1
-    while nfft < 2 * L:
-        nfft *= 2
-    xf = torch.fft.rfft(x.to(torch.float64), n=nfft)
-    kf = torch.fft.rfft(K[..., :L].to(torch.float64), n=nfft)
-    return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
-
-
-class Runner:
-    def __init__(self, plan: KernelPlan, module):
-        self.plan = plan
-        self.matrix = is_matrix_conv(plan)
-        self.fam = plan.family
-        self.ssd = self.fam.A.structure is AStructure.SCALAR
-        self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
-        self.kernel_fn = module["ssmc_conv_kernel"]
-        self.boundary_fn = module["ssmc_conv_boundary"]
-        self.placeholders = launch.Placeholders()
-
-    def __call__(self, p):
-        fam = self.fam
-        x, dt, bias, init, want, batch, seqlen, state_shape = launch.unpack(p, fam, self.ssd,
-                                                                            self.cplx)
-        launch.check_cpu(x)
-        seg = launch.segments(p, batch, seqlen)
-        lengths = (seg[:, 2] - seg[:, 1])
-        longest = max(int(lengths.max()) if lengths.numel() else 0, 1)
-        units = fam.dims.heads if self.ssd else fam.dims.d_inner
-        x32, dt32, A, B, C = (launch.f32(t) for t in (x, dt, p.A, p.B, p.C))
-        K = launch.empty((units, longest))
-        if self.matrix:   # the host's float64 Abar, Bbar B (Bbar_prev B) replace dt, A, B
-            host = host_coefficients(self.plan, p)
-            coefs = [host[k] for k in ("abar", "bbar_B", "bbar_prev_B", "C") if k in host]
-            self.kernel_fn(*coefs, K)
-        else:
-            kargs = [dt32, A, B, C] + ([launch.f32(bias)] if fam.delta.bias else []) + [K]
-            self.kernel_fn(*kargs)
-        # the convolution runs along time: (b, d, L) as is; SSD's (b, L, h, p) as (b, h, p, L)
-        xt = x32.permute(0, 2, 3, 1) if self.ssd else x32
-        Kt = K[:, None, :] if self.ssd else K
-        if p.cu_seqlens is None:
-            ylin_t = causal_conv(xt, Kt)
-        else:
-            ylin_t = launch.empty(xt.shape)
-            for start, end in seg[:, 1:].tolist():
-                if end > start:
-                    ylin_t[..., start:end] = causal_conv(xt[..., start:end], Kt)
-        ylin = ylin_t.permute(0, 3, 1, 2).contiguous() if self.ssd else ylin_t
-        if self.matrix:
-            args = [x32] + coefs
-        else:
-            if not self.ssd:   # the boundary pass (scan generator) reads B/C token-major
-                B = launch.f32(launch.token_major(p.B, fam.B.selective))
-                C = launch.f32(launch.token_major(p.C, fam.C.selective))
-            args = [x32, dt32, A, B, C]
-        if fam.D is not None:
-            args.append(launch.f32(p.D))
-        if fam.gate is not None:
-            args.append(launch.f32(p.z))
-        if fam.delta.bias and not self.matrix:
-            args.append(launch.f32(bias))
-        h0 = launch.f32(init) if init is not None else self.placeholders(state_shape)
-        y = launch.empty(x32.shape)
-        hT = launch.empty((seg.shape[0],) + state_shape) if want else \
-            self.placeholders(state_shape)
-        args += [h0, seg, y, hT, ylin, int(init is not None), int(bool(want))]
-        self.boundary_fn(*args)
-        final = launch.state_out(hT, self.cplx) if want else None
-        return launch.output(y, x), final

@@ -4,6 +4,9 @@ Tensors reach TVM zero-copy (the FFI takes torch CPU tensors through DLPack) whe
 already fp32 and contiguous; bf16/fp16 inputs are converted to fp32 here, once, because the
 kernels compute and keep state in fp32 (the convert is O(tokens), the scan O(tokens * n)).
 Complex tensors travel as their real view (..., 2).
+
+One runner per algorithm (``runner`` picks it); this is the only module of the backend that
+imports torch, and ``build`` imports it only when a kernel is built to be called.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from ssmc.errors import CallError
-from ssmc.ir import AStructure
+from ssmc.ir import Algorithm, AStructure, KernelPlan
+from ssmc.lti import host_coefficients, is_matrix_conv
 
 _SEG_CACHE: dict = {}
 # Tests set this: outputs are then allocated full of NaN, so an element the kernel never
@@ -145,3 +149,125 @@ class ScanRunner:
         self.fn(*args)
         final = state_out(hT, self.cplx) if want else None
         return output(y, x), final
+
+
+# --------------------------------------------------------------------------------------------
+# The decode step's call
+
+class StepRunner:
+    """Binds a StateUpdateProblem to ``ssmc_step``; ``problem.state`` is updated in place."""
+
+    def __init__(self, plan: KernelPlan, function):
+        self.fam = plan.family
+        self.fn = function
+
+    def __call__(self, p):
+        fam = self.fam
+        check_cpu(p.x, p.state)
+        state = f32(p.state)
+        args = [state, f32(p.x), f32(p.dt), f32(p.A), f32(p.B), f32(p.C)]
+        if fam.D is not None:
+            args.append(f32(p.D))
+        if fam.gate is not None:
+            args.append(f32(p.z))
+        if fam.delta.bias:
+            args.append(f32(p.dt_bias))
+        y = empty(args[1].shape)
+        args.append(y)
+        self.fn(*args)
+        if p.state.is_complex():
+            shares = torch.view_as_real(p.state).data_ptr() == state.data_ptr() if \
+                p.state.dtype == torch.complex64 else False
+            if not shares:
+                p.state.copy_(torch.view_as_complex(state))
+        elif state.data_ptr() != p.state.data_ptr():
+            p.state.copy_(state)
+        return output(y, p.x), None
+
+
+# --------------------------------------------------------------------------------------------
+# The convolution's call
+
+def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_k K[..., k] x[..., t - k] along the last axis (float64 FFT)."""
+    L = x.shape[-1]
+    nfft = 1
+    while nfft < 2 * L:
+        nfft *= 2
+    xf = torch.fft.rfft(x.to(torch.float64), n=nfft)
+    kf = torch.fft.rfft(K[..., :L].to(torch.float64), n=nfft)
+    return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
+
+
+class ConvRunner:
+    """Binds a Problem to the convolution's two TIR functions and the FFT between them
+    (conv.py says how the three steps divide the work)."""
+
+    def __init__(self, plan: KernelPlan, module):
+        self.plan = plan
+        self.matrix = is_matrix_conv(plan)
+        self.fam = plan.family
+        self.ssd = self.fam.A.structure is AStructure.SCALAR
+        self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
+        self.kernel_fn = module["ssmc_conv_kernel"]
+        self.boundary_fn = module["ssmc_conv_boundary"]
+        self.placeholders = Placeholders()
+
+    def __call__(self, p):
+        fam = self.fam
+        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, fam, self.ssd, self.cplx)
+        check_cpu(x)
+        seg = segments(p, batch, seqlen)
+        lengths = (seg[:, 2] - seg[:, 1])
+        longest = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        units = fam.dims.heads if self.ssd else fam.dims.d_inner
+        x32, dt32, A, B, C = (f32(t) for t in (x, dt, p.A, p.B, p.C))
+        K = empty((units, longest))
+        if self.matrix:   # the host's float64 Abar, Bbar B (Bbar_prev B) replace dt, A, B
+            host = host_coefficients(self.plan, p)
+            coefs = [host[k] for k in ("abar", "bbar_B", "bbar_prev_B", "C") if k in host]
+            self.kernel_fn(*coefs, K)
+        else:
+            kargs = [dt32, A, B, C] + ([f32(bias)] if fam.delta.bias else []) + [K]
+            self.kernel_fn(*kargs)
+        # the convolution runs along time: (b, d, L) as is; SSD's (b, L, h, p) as (b, h, p, L)
+        xt = x32.permute(0, 2, 3, 1) if self.ssd else x32
+        Kt = K[:, None, :] if self.ssd else K
+        if p.cu_seqlens is None:
+            ylin_t = causal_conv(xt, Kt)
+        else:
+            ylin_t = empty(xt.shape)
+            for start, end in seg[:, 1:].tolist():
+                if end > start:
+                    ylin_t[..., start:end] = causal_conv(xt[..., start:end], Kt)
+        ylin = ylin_t.permute(0, 3, 1, 2).contiguous() if self.ssd else ylin_t
+        if self.matrix:
+            args = [x32] + coefs
+        else:
+            if not self.ssd:   # the boundary pass (scan generator) reads B/C token-major
+                B = f32(token_major(p.B, fam.B.selective))
+                C = f32(token_major(p.C, fam.C.selective))
+            args = [x32, dt32, A, B, C]
+        if fam.D is not None:
+            args.append(f32(p.D))
+        if fam.gate is not None:
+            args.append(f32(p.z))
+        if fam.delta.bias and not self.matrix:
+            args.append(f32(bias))
+        h0 = f32(init) if init is not None else self.placeholders(state_shape)
+        y = empty(x32.shape)
+        hT = empty((seg.shape[0],) + state_shape) if want else \
+            self.placeholders(state_shape)
+        args += [h0, seg, y, hT, ylin, int(init is not None), int(bool(want))]
+        self.boundary_fn(*args)
+        final = state_out(hT, self.cplx) if want else None
+        return output(y, x), final
+
+
+def runner(plan: KernelPlan, module):
+    """``runner(problem) -> (y, final_state_or_None)`` for the plan's compiled module."""
+    if plan.algorithm is Algorithm.CONV:
+        return ConvRunner(plan, module)
+    if plan.algorithm is Algorithm.STEP:
+        return StepRunner(plan, module["ssmc_step"])
+    return ScanRunner(plan, module["ssmc_scan"])   # SCAN, and CHUNKED (chunked.py says why)

@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Tuple
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
 from . import coeffs as co
-from . import launch
 from .fastmath import LOG2E, MathOptions, f32
 from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer, scalar_temporaries
 
@@ -609,6 +608,3 @@ def generate(plan: KernelPlan, config: dict, mode: str = "scan") -> str:
     """TVMScript text of the scan kernel ``ssmc_scan`` for ``plan`` (mode "conv": the
     convolution's boundary pass ``ssmc_conv_boundary``)."""
     return _Scan(plan, config, mode).generate()
-
-
-Runner = launch.ScanRunner

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import torch
-
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
 from . import coeffs as co
-from . import launch
 from .fastmath import LOG2E, MathOptions, f32
 from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer, scalar_temporaries
 
@@ -259,35 +256,3 @@ class _Step:
 
 def generate(plan: KernelPlan, config: dict) -> str:
     return _Step(plan, config).generate()
-
-
-class Runner:
-    """Binds a StateUpdateProblem to ``ssmc_step``; ``problem.state`` is updated in place."""
-
-    def __init__(self, plan: KernelPlan, function):
-        self.fam = plan.family
-        self.fn = function
-
-    def __call__(self, p):
-        fam = self.fam
-        launch.check_cpu(p.x, p.state)
-        state = launch.f32(p.state)
-        args = [state, launch.f32(p.x), launch.f32(p.dt), launch.f32(p.A), launch.f32(p.B),
-                launch.f32(p.C)]
-        if fam.D is not None:
-            args.append(launch.f32(p.D))
-        if fam.gate is not None:
-            args.append(launch.f32(p.z))
-        if fam.delta.bias:
-            args.append(launch.f32(p.dt_bias))
-        y = launch.empty(args[1].shape)
-        args.append(y)
-        self.fn(*args)
-        if p.state.is_complex():
-            shares = torch.view_as_real(p.state).data_ptr() == state.data_ptr() if \
-                p.state.dtype == torch.complex64 else False
-            if not shares:
-                p.state.copy_(torch.view_as_complex(state))
-        elif state.data_ptr() != p.state.data_ptr():
-            p.state.copy_(state)
-        return launch.output(y, p.x), None

@@ -4,17 +4,26 @@ The generated TIR text is the cache key (with the resolved target and the TVM ve
 plans that print the same kernel share one shared object. A warm hit is a dlopen (~ms); a cold
 miss is TVMScript parsing + LLVM (~0.1-1 s per kernel). Compiled modules are also memoized in
 process, keyed the same way.
+
+A plan's key (``plan_key``) points at the entry its TIR text was compiled into. It is computed
+without importing TVM (the target string as written, a host CPU fingerprint, TVM's version from
+package metadata), so that a repeated ``ssmc compile`` copies the cached files without
+generating TIR, importing TVM or loading the library.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
 import shlex
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -40,11 +49,11 @@ def _tvm():
     return tvm
 
 
-def target_dict(spec) -> dict:
-    """An LLVM target as TVM 0.27's JSON form, from a CLI-style string or a dict.
+def parse_target(spec) -> dict:
+    """An LLVM target as TVM 0.27's JSON form, from a CLI-style string or a dict, as written:
+    ``-mcpu=native`` (or no CPU at all) is kept for ``target_dict`` to resolve. Needs no TVM.
 
-    TVM 0.27 no longer parses ``llvm -mcpu=x``; we do: ``cpu``/``native`` and ``-mcpu=native``
-    resolve to the host CPU name (so that the cache key names the real microarchitecture).
+    TVM 0.27 no longer parses ``llvm -mcpu=x``; we do.
     """
     if spec is None or spec in ("cpu", "native", "llvm"):
         spec = DEFAULT_LLVM_TARGET if spec != "llvm" else "llvm"
@@ -67,12 +76,23 @@ def target_dict(spec) -> dict:
                                       hint="options look like -mcpu=znver4 or -mattr=+avx2,+fma")
                 key, value = w.lstrip("-").split("=", 1)
                 out[key] = value.split(",") if key == "mattr" else value
-    from tvm.target import codegen
-    if out.get("mcpu") == "native":
-        if "mtriple" in out and not is_host_triple(out["mtriple"]):
-            raise TargetError(f"-mcpu=native makes no sense for the cross target {out['mtriple']}")
-        out["mcpu"] = codegen.llvm_get_system_cpu()
-    if "mtriple" not in out and "mcpu" not in out:
+    if out.get("mcpu") == "native" and not runs_here(out):
+        raise TargetError(f"-mcpu=native makes no sense for the cross target {out['mtriple']}")
+    return out
+
+
+def names_host_cpu(parsed: dict) -> bool:
+    """Whether a parsed target means "this machine's CPU" (resolved differently per host)."""
+    return parsed.get("mcpu") == "native" or ("mtriple" not in parsed and "mcpu" not in parsed)
+
+
+def target_dict(spec) -> dict:
+    """``parse_target`` with the host CPU filled in: ``cpu``/``native`` and ``-mcpu=native``
+    resolve to the host CPU's name, so that the cache key names the real microarchitecture."""
+    out = parse_target(spec)
+    if names_host_cpu(out):
+        _tvm()  # first: it sets TVM's thread-pool environment before TVM is imported
+        from tvm.target import codegen
         out["mcpu"] = codegen.llvm_get_system_cpu()
     return out
 
@@ -80,7 +100,6 @@ def target_dict(spec) -> dict:
 def is_host_triple(triple: Optional[str]) -> bool:
     if not triple:
         return True
-    import platform
     return triple.split("-")[0] == platform.machine()
 
 
@@ -121,6 +140,29 @@ def cache_key(source: str, tdict: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+@lru_cache(maxsize=1)
+def tvm_version() -> str:
+    """TVM's version from package metadata (importing TVM to ask costs seconds); a TVM built
+    from source, with no apache-tvm distribution, is asked directly."""
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        return _tvm().__version__
+
+
+@lru_cache(maxsize=1)
+def host_cpu() -> str:
+    """What LLVM reads to name the host CPU (x86: the model and feature flags; AArch64: the
+    implementer, part and features), for keys of targets that say "this machine's CPU"."""
+    keys = ("model name", "flags", "isa", "CPU implementer", "CPU part", "Features")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: the processor's name is all there is
+        return f"{platform.machine()}\n{platform.processor()}"
+    return platform.machine() + "\n" + "\n".join(sorted({ln for ln in lines
+                                                         if ln.startswith(keys)}))
+
+
 _GENERATOR_VERSION: Optional[str] = None
 
 
@@ -143,23 +185,32 @@ def generator_version() -> str:
     return _GENERATOR_VERSION
 
 
-def plan_key(plan_hash: str, config: dict, tdict: dict) -> str:
-    text = json.dumps([plan_hash, config, tdict, generator_version(), _tvm().__version__],
+def plan_key(plan_hash: str, config: dict, spec) -> str:
+    """The key of a plan's TIR text for ``config`` and the target ``spec`` as written (not
+    resolved: that needs TVM); a target naming the host CPU adds the host's fingerprint."""
+    parsed = parse_target(spec)
+    host = host_cpu() if names_host_cpu(parsed) else None
+    text = json.dumps([plan_hash, config, parsed, host, generator_version(), tvm_version()],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cached_entry(pkey: str, config: Optional[dict] = None) -> Optional[Path]:
+    """The artifact-cache entry (kernel.so, kernel.tir.py) this plan key points at, if it is
+    still there and matches its manifest."""
+    try:
+        entry = Path((cache_dir(config) / f"{pkey}.plan").read_text().strip())
+    except OSError:
+        return None
+    # An entry's directory is named by its key; the cache verifies it against its manifest.
+    return entry if _artifact_cache(config).get(entry.name) == entry else None
 
 
 def cached_source(pkey: str, config: Optional[dict] = None) -> Optional[str]:
     """The TIR text generated earlier for this plan/config/target, if its library is on disk:
     a warm build then skips the (sympy) generation and costs a file read and a dlopen."""
-    directory = cache_dir(config)
-    try:
-        entry = Path((directory / f"{pkey}.plan").read_text().strip())
-        if (entry / "kernel.so").exists():
-            return (entry / "kernel.tir.py").read_text()
-    except OSError:
-        pass
-    return None
+    entry = cached_entry(pkey, config)
+    return (entry / "kernel.tir.py").read_text() if entry is not None else None
 
 
 def remember_source(pkey: str, entry: Path, config: Optional[dict] = None) -> None:
@@ -183,19 +234,6 @@ class Built:
     cached: bool             # True when it came from disk or the in-process memo
 
 
-def _fcompile(tdict: dict):
-    from tvm.support import cc
-    triple = tdict.get("mtriple")
-    if is_host_triple(triple):
-        return None
-    gcc = f"{triple}-gcc"
-    import shutil
-    if shutil.which(gcc) is None:
-        raise TargetError(f"no cross linker {gcc} for the CPU target {triple}",
-                          hint="install a cross gcc, or take the object file from write_artifact")
-    return cc.cross_compiler(gcc)
-
-
 def compile_source(source: str, tdict: dict, config: Optional[dict] = None) -> Tuple[object, float]:
     """TVMScript text -> tvm Executable (not cached). Returns (executable, seconds)."""
     tvm = _tvm()
@@ -217,18 +255,15 @@ def _artifact_cache(config: Optional[dict]):
     return ArtifactCache(root) if root else default_cache()
 
 
-def load(source: str, tdict: dict, config: Optional[dict] = None) -> Built:
-    """The compiled module for ``source``: in-process memo, else the ssmc artifact cache (atomic,
-    locked, verified: ssmc.runtime.cache), else compile into it."""
-    tvm = _tvm()
-    key = cache_key(source, tdict)
-    with _LOCK:
-        if key in _MEMO:
-            module, path = _MEMO[key]
-            return Built(module, key, path, 0.0, True)
-    t0 = time.perf_counter()
+def library(source: str, tdict: dict, config: Optional[dict] = None,
+            about: Optional[dict] = None) -> Tuple[Path, bool]:
+    """The shared object compiled from ``source`` in the ssmc artifact cache (atomic, locked,
+    verified: ssmc.runtime.cache), compiled into it on a miss; not loaded. Returns (path,
+    whether it was compiled now). ``about`` (family, algorithm, target as written) is recorded
+    for ``ssmc cache ls`` but not keyed: the TIR text's header already names the family, the
+    algorithm and the target."""
+    parts = {"backend": "cpu", "tir_sha256": cache_key(source, tdict), "target": tdict}
     cache = _artifact_cache(config)
-    entry_key = cache.key(backend="cpu", tir_sha256=key, target=tdict)
     built_now = []
 
     def build(folder: Path) -> None:
@@ -237,37 +272,52 @@ def load(source: str, tdict: dict, config: Optional[dict] = None) -> Built:
         (folder / "kernel.tir.py").write_text(source)
         built_now.append(True)
 
-    path = cache.get_or_build(entry_key, build) / "kernel.so"
+    description = dict(parts, llvm_target=tdict, **(about or {}))
+    entry = cache.get_or_build(cache.key(**parts), build, description)
+    return entry / "kernel.so", bool(built_now)
+
+
+def load(source: str, tdict: dict, config: Optional[dict] = None,
+         about: Optional[dict] = None) -> Built:
+    """The compiled module for ``source``: in-process memo, else ``library`` (the artifact
+    cache, compiling into it on a miss), loaded."""
+    tvm = _tvm()
+    key = cache_key(source, tdict)
+    with _LOCK:
+        if key in _MEMO:
+            module, path = _MEMO[key]
+            return Built(module, key, path, 0.0, True)
+    t0 = time.perf_counter()
+    path, built_now = library(source, tdict, config, about)
     module = tvm.runtime.load_module(str(path))
     with _LOCK:
         _MEMO[key] = (module, path)
     return Built(module, key, path, time.perf_counter() - t0, not built_now)
 
 
-def export(source: str, tdict: dict, out_path: Path) -> Path:
-    """Compile ``source`` for ``tdict`` (host or cross) into a shared object at ``out_path``.
+def cross_linker(triple: str) -> Optional[str]:
+    """The cross gcc that links a shared object for ``triple``, if it is on PATH."""
+    return shutil.which(f"{triple}-gcc")
 
-    Without a cross linker for a foreign triple the object file (.o) is written instead.
-    """
-    out_path = Path(out_path)
-    if runs_here(tdict):
-        # A host library is the cached one: copying it keeps a repeated `ssmc compile` fast.
-        cached = load(source, tdict).path
-        if cached is not None and cached.exists():
-            shutil.copyfile(cached, out_path)
-            return out_path
+
+def export_cross(source: str, tdict: dict, out_path: Path) -> Path:
+    """Compile ``source`` for a foreign ``tdict`` into a shared object at ``out_path``; without a
+    cross linker here, into the object file (.o) beside it instead, saying so on stderr."""
+    triple = tdict["mtriple"]
     exe, _ = compile_source(source, tdict)
-    try:
-        fcompile = _fcompile(tdict)
-    except TargetError:
-        obj = out_path.with_suffix(".o")
-        exe.mod.save(str(obj))
+    linker = cross_linker(triple)
+    if linker is None:
+        obj = Path(out_path).with_suffix(".o")
+        # Not exe.mod.save: tvm_ffi's Module has no save, and the attribute lookup falls back to
+        # a packed function, which loads the module: a foreign one fails ("architecture
+        # mismatch"). write_to_file only writes it.
+        exe.mod.write_to_file(str(obj))
+        print(f"note: no cross linker {triple}-gcc on PATH, so wrote the object file {obj.name}; "
+              f"for a shared library: apt-get install gcc-{triple} (Debian)", file=sys.stderr)
         return obj
-    if fcompile is None:
-        exe.export_library(str(out_path))
-    else:
-        exe.export_library(str(out_path), fcompile=fcompile)
-    return out_path
+    from tvm.support import cc
+    exe.export_library(str(out_path), fcompile=cc.cross_compiler(linker))
+    return Path(out_path)
 
 
 # --------------------------------------------------------------------------------------------
