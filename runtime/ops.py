@@ -70,9 +70,15 @@ def op_name(kernel) -> str:
     return f"{family}_{kernel.plan.algorithm.value}_{target}_{digest}"
 
 
-def _final_state_shape(kernel, main: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+def _final_state_shape(kernel, bound: dict):
+    """(s, h, p, n) or (s, d, n), with the sizes of this call's tensors (the family compiles for
+    any size consistent with its structure)."""
+    from ssmc.signature import sizes_from_shapes
+    main = next(iter(bound.values()))
+    cu_seqlens = bound["cu_seqlens"]
     nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else main.shape[0]
-    n = kernel.family.dims.state
+    shapes = {k: tuple(v.shape) for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    n = sizes_from_shapes(kernel.family, kernel.convention, shapes)["n"]
     if kernel.convention is Convention.SSD:
         return (nseq, main.shape[2], main.shape[3], n)
     return (nseq, main.shape[1], n)
@@ -117,8 +123,7 @@ def _register(name: str, kernel):
         main = args[0]
         y = main.new_empty(main.shape)
         if bound[flag]:
-            final = main.new_empty(_final_state_shape(kernel, main, bound["cu_seqlens"]),
-                                   dtype=state_dtype)
+            final = main.new_empty(_final_state_shape(kernel, bound), dtype=state_dtype)
         else:
             final = main.new_empty((0,), dtype=state_dtype)
         return y, final

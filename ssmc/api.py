@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -145,15 +146,25 @@ _MAIN_INPUT = {Convention.SSD: "x", Convention.SELECTIVE_SCAN: "u", Convention.S
 
 
 class CompiledKernel:
-    """A compiled family: call it like the mamba_ssm function of its convention."""
+    """A compiled family: call it like the mamba_ssm function of its convention.
 
-    def __init__(self, plan: KernelPlan, target: Target, config: dict, kernel):
+    Sizes come from the tensors: a call whose heads, head_dim, channels, state or groups differ
+    from the spec's ``dims`` runs a kernel specialized for them, built on first use and kept
+    per size (the backends' artifact caches keep it across processes, keyed by the IR).
+    ``plan``, ``config`` and ``source`` describe the kernel at the spec's sizes.
+    """
+
+    def __init__(self, plan: KernelPlan, target: Target, config: dict, kernel,
+                 user_config: Optional[dict] = None):
         self.plan = plan
         self.family: SSMFamily = plan.family
         self.target = target
         self.config = config
         self.convention = convention_of(plan)
         self._kernel = kernel
+        self._user_config = user_config
+        self._sized: Dict[object, Any] = {}
+        self._lock = threading.Lock()
         self._step: Optional[CompiledKernel] = None
 
     def __repr__(self):
@@ -165,15 +176,16 @@ class CompiledKernel:
         problem = signature.bind(self.family, self.convention, args, kwargs)
         self._check_device(problem)
         from ssmc.runtime import gradients
+        kernel = self._kernel if problem.family is self.family else self.kernel_for(problem.family)
         sources = gradients.sources_of((*args, *kwargs.values()))
         if sources:
             # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
             # would record a partial graph, a silently wrong gradient.
             import torch
             with torch.no_grad():
-                y, final = self._kernel(problem)
+                y, final = kernel(problem)
         else:
-            y, final = self._kernel(problem)
+            y, final = kernel(problem)
         if self.convention is Convention.STATE_UPDATE:
             out = y
         else:
@@ -181,6 +193,21 @@ class CompiledKernel:
                                or getattr(problem, "return_last_state", False))
             out = (y, final) if wants_state else y
         return gradients.no_backward(gradients.message_for(self), out, sources)
+
+    def kernel_for(self, family: SSMFamily):
+        """The backend kernel for ``family`` (this family at other sizes), built on first use."""
+        if family is self.family:
+            return self._kernel
+        kernel = self._sized.get(family.dims)
+        if kernel is None:
+            with self._lock:
+                kernel = self._sized.get(family.dims)
+                if kernel is None:
+                    plan = make_plan(family, self.plan.algorithm)
+                    config = resolve_config(plan, self.target, self._user_config)
+                    kernel = backend_module(self.target).build(plan, config)
+                    self._sized[family.dims] = kernel
+        return kernel
 
     def _check_device(self, problem):
         name = _MAIN_INPUT[self.convention]
@@ -195,12 +222,17 @@ class CompiledKernel:
 
     def example_inputs(self, batch: int = 2, seqlen: int = 64, dtype: str = "float32",
                        device: Optional[str] = None, seed: int = 0, **options) -> dict:
-        """Random, valid keyword arguments for this callable's own signature."""
+        """Random, valid keyword arguments for this callable's own signature; sizes other than
+        the spec's as keywords (``heads=``, ``head_dim=``, ``channels=``, ``state=``,
+        ``groups=``, ``rank=``), besides ``with_state`` and ``varlen``."""
         from . import signature
         if device is None:
             self.target.require_device()
             device = self.target.device
-        return signature.example_inputs(self.family, self.convention, batch, seqlen, dtype=dtype,
+        sizes = {k: v for k, v in options.items() if k not in ("with_state", "varlen")}
+        options = {k: v for k, v in options.items() if k not in sizes}
+        family = signature.resized(self.family, **sizes) if sizes else self.family
+        return signature.example_inputs(family, self.convention, batch, seqlen, dtype=dtype,
                                         device=device, seed=seed, **options)
 
     @property
@@ -209,7 +241,8 @@ class CompiledKernel:
         if self.plan.algorithm is Algorithm.STEP:
             return self
         if self._step is None:
-            self._step = compile(self.family, target=self.target.name, algorithm=Algorithm.STEP)
+            self._step = compile(self.family, target=self.target.name, algorithm=Algorithm.STEP,
+                                 config=self._user_config)
         return self._step
 
     @property
@@ -241,7 +274,7 @@ def compile(spec_or_path, target: str = "reference", family: Optional[str] = Non
     if show:
         debug_stages.print_stages(plan, tgt.name, cfg, backend.lower(plan, cfg))
     kernel = backend.build(plan, cfg)
-    return CompiledKernel(plan, tgt, cfg, kernel)
+    return CompiledKernel(plan, tgt, cfg, kernel, user_config=config)
 
 
 __all__ = ["parse", "compile", "parse_target", "Target", "CompiledKernel", "resolve_config",

@@ -13,6 +13,7 @@ mamba_ssm-style expanded dt (b,h,p), A (h,p,n), dt_bias (h,p), D (h,p) become (b
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,6 +43,7 @@ class _Form:
     dims: Tuple[str, ...]
     expanded: Tuple[int, ...] = ()   # axes that must be broadcasts (mamba_ssm's expanded step forms)
     insert: Optional[int] = None     # axis inserted to reach the normalized form: (b,n,l) -> (b,1,n,l)
+    implies: Tuple[Tuple[str, int], ...] = ()   # sizes the form fixes without an axis: (b,n,l) is g=1
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _slots(fam: SSMFamily, conv: Convention) -> Dict[str, _Slot]:
     ssd_like = st is AStructure.SCALAR
     step = conv is Convention.STATE_UPDATE
     unit = "h" if ssd_like else "d"          # what Δ, D, bias and per-head B/C are indexed by
-    g1 = fam.dims.groups == 1
+    one_group = (("g", 1),)
 
     def sel(selective, sel_forms, const_forms, what, complex_=False):
         forms, other = (sel_forms, const_forms) if selective else (const_forms, sel_forms)
@@ -76,9 +78,10 @@ def _slots(fam: SSMFamily, conv: Convention) -> Dict[str, _Slot]:
         if ssd_like:
             tok = _forms(("b", "g", "n") if step else ("b", "l", "g", "n"))
         elif step:
-            tok = _forms(("b", "g", "n")) + ((_Form(("b", "n"), insert=1),) if g1 else ())
+            tok = _forms(("b", "g", "n")) + (_Form(("b", "n"), insert=1, implies=one_group),)
         else:
-            tok = _forms(("b", "g", "n", "l")) + ((_Form(("b", "n", "l"), insert=1),) if g1 else ())
+            tok = _forms(("b", "g", "n", "l")) + (_Form(("b", "n", "l"), insert=1,
+                                                         implies=one_group),)
         const = _forms(("g", "n") if spec.sharing is Sharing.GROUP else (unit, "n"))
         per = "group" if spec.sharing is Sharing.GROUP else ("head" if ssd_like else "channel")
         return sel(spec.selective, tok, const, f"{name} is per {per}", cplx)
@@ -146,8 +149,12 @@ def _err(msg, hint=None):
 def _dims_text(form: _Form, env) -> str:
     comma = "," if len(form.dims) == 1 else ""
     sym = ", ".join(form.dims)
+    if not form.dims:
+        return "a scalar"
+    if not any(d in env for d in form.dims):
+        return f"({sym}{comma})"
     val = ", ".join(str(env.get(d, d)) for d in form.dims)
-    return f"({sym}{comma}) = ({val}{comma})" if form.dims else "a scalar"
+    return f"({sym}{comma}) = ({val}{comma})"
 
 
 def _as_tensor(name, v):
@@ -164,12 +171,12 @@ def _as_tensor(name, v):
 class _Binder:
     def __init__(self, family: SSMFamily, ref_name: str):
         self.fam, self.ref_name = family, ref_name
-        d = family.dims
-        self.env = {"h": d.heads, "p": d.head_dim, "d": d.d_inner, "n": d.state, "g": d.groups,
-                    "r": d.rank}
-        # Who fixed each size, for messages: a size set by an earlier argument is that
-        # argument's, so a mismatch names both tensors instead of blaming the later one alone.
-        self.fixed_by = {k: f"the spec has {_DIM_WORDS[k]} {v}" for k, v in self.env.items()}
+        # Sizes come from the tensors (the spec's dims are defaults for example inputs and
+        # models): the first argument that has a dim fixes it for the rest of the call.
+        self.env: Dict[str, int] = {}
+        # Who fixed each size, for messages: a mismatch names both tensors instead of blaming
+        # the later one alone.
+        self.fixed_by: Dict[str, str] = {}
         self.inputs = {TORCH_DTYPE[t] for t in family.dtypes.inputs}
         self.state_dtype = TORCH_DTYPE[family.dtypes.state]
         self.ref = None   # the primary input (x / u): fixes dtype and device
@@ -177,9 +184,9 @@ class _Binder:
     def shape(self, name, t, slot: _Slot) -> _Form:
         shape = tuple(t.shape)
         for form in slot.forms:
-            if len(shape) == len(form.dims) and all(
-                    self.env.get(d) in (None, v) for d, v in zip(form.dims, shape)):
-                for dsym, v in zip(form.dims, shape):
+            sizes = tuple(zip(form.dims, shape)) + form.implies
+            if len(shape) == len(form.dims) and all(self.env.get(d) in (None, v) for d, v in sizes):
+                for dsym, v in sizes:
                     if dsym not in self.env:
                         self.env[dsym] = v
                         self.fixed_by[dsym] = f"argument {name!r} has {_DIM_WORDS[dsym]} {v}"
@@ -189,6 +196,11 @@ class _Binder:
         msg = f"argument {name!r} has shape {shape}; expected {expected}"
         wrong = [i for i, (dsym, v) in enumerate(zip(same_rank[0].dims, shape))
                  if self.env.get(dsym) not in (None, v)] if same_rank else []
+        implied = [(d, v) for d, v in (same_rank[0].implies if same_rank else ())
+                   if self.env.get(d) not in (None, v)]
+        if implied and not wrong:
+            dsym, v = implied[0]
+            msg += (f": that form has {v} {_DIM_WORDS[dsym]}, but {self.fixed_by[dsym]}")
         if wrong:
             i, dsym = wrong[0], same_rank[0].dims[wrong[0]]
             word = _DIM_WORDS.get(dsym, dsym)
@@ -401,6 +413,7 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
         if name not in fields and name != "seq_idx" and values.get(name) is not None:
             fields[name] = binder.tensor(name, values[name], slot)
 
+    fam = _sized_family(fam, binder)
     pos = POSITIONAL[conv]
     softplus = "delta_softplus" if conv is Convention.SELECTIVE_SCAN else "dt_softplus"
     fields.update(family=fam, nseq=nseq, dt_limit=_limit(values.get("dt_limit"), fam))
@@ -414,6 +427,74 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     if conv is Convention.SSD:
         fields.update(seq_idx=seq_idx, chunk_size=_chunk(values.get("chunk_size"), fam))
     return PROBLEMS[conv](**fields)
+
+
+def sizes_from_shapes(family: SSMFamily, convention, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:
+    """The sizes a call's tensors show, from their shapes alone (no values, no checks): what a
+    fake implementation under torch.compile needs to state output shapes. The first form of
+    each argument's rank decides, as ``bind`` would for a valid call."""
+    slots = _slots(family, Convention(convention))
+    env: Dict[str, int] = {}
+    for name, shape in shapes.items():
+        slot = slots.get(name)
+        form = next((f for f in slot.forms if len(f.dims) == len(shape)), None) if slot else None
+        if form is not None:
+            for dsym, v in tuple(zip(form.dims, shape)) + form.implies:
+                env.setdefault(dsym, int(v))
+    return env
+
+
+def _sized_family(fam: SSMFamily, binder: _Binder) -> SSMFamily:
+    """``fam`` with the sizes this call's tensors have (the same object when they are the
+    spec's): the kernel that runs is specialized for them. Checks what the structure needs of
+    sizes no single tensor shows (groups dividing the heads or channels)."""
+    env, dims = binder.env, fam.dims
+    ssd_like = fam.A.structure is AStructure.SCALAR
+    unit = "h" if ssd_like else "d"
+    # No tensor of the call has a groups axis (B and C per head, or a (b, n, l) form): the
+    # spec's groups if they still divide, else one; nothing reads it.
+    groups = env.get("g", dims.groups if env[unit] % dims.groups == 0 else 1)
+    if env[unit] % groups:
+        raise _err(f"{binder.fixed_by['g']}, which does not divide the {env[unit]} "
+                   f"{_DIM_WORDS[unit]} ({binder.fixed_by[unit]})",
+                   "each group of B/C is shared by an equal number of "
+                   + ("heads" if ssd_like else "channels"))
+    return resized(fam, **_size_words(env, ssd_like, groups, dims))
+
+
+def _size_words(env, ssd_like: bool, groups: int, dims) -> dict:
+    if ssd_like:
+        return dict(heads=env["h"], head_dim=env["p"], state=env["n"], groups=groups)
+    return dict(channels=env["d"], state=env["n"], groups=groups, rank=env.get("r", dims.rank))
+
+
+SIZE_NAMES = ("heads", "head_dim", "channels", "state", "groups", "rank")
+
+
+@lru_cache(maxsize=256)
+def _resized(fam: SSMFamily, sizes: Tuple[int, ...]) -> SSMFamily:
+    return dataclasses.replace(fam, dims=dataclasses.replace(fam.dims, **dict(zip(SIZE_NAMES,
+                                                                                  sizes))))
+
+
+def resized(fam: SSMFamily, **sizes: int) -> SSMFamily:
+    """``fam`` with other sizes (``heads``, ``head_dim``, ``channels``, ``state``, ``groups``,
+    ``rank``); one object per (family, sizes), so that kernels specialized for a size are found
+    by it. A scalar-A family's channels follow heads x head_dim."""
+    unknown = set(sizes) - set(SIZE_NAMES)
+    if unknown:
+        raise _err(f"unknown size {sorted(unknown)[0]!r}; sizes are {', '.join(SIZE_NAMES)}")
+    for name, value in sizes.items():
+        if not (isinstance(value, (int, np.integer)) and value > 0) and not (name == "rank"
+                                                                              and value == 0):
+            raise _err(f"size {name}={value!r} must be a positive int")
+    if fam.A.structure is AStructure.SCALAR and fam.dims.channels:
+        heads = sizes.get("heads", fam.dims.heads)
+        sizes["channels"] = heads * sizes.get("head_dim", fam.dims.head_dim)
+    if all(getattr(fam.dims, k) == v for k, v in sizes.items()):
+        return fam          # the spec's sizes: the caller's own object (kernels compare by identity)
+    full = dict({k: getattr(fam.dims, k) for k in SIZE_NAMES}, **sizes)
+    return _resized(fam, tuple(int(full[k]) for k in SIZE_NAMES))
 
 
 def _chunk(chunk, fam):

@@ -62,8 +62,11 @@ def test_tune_for_the_cpu_target_works(tmp_path):
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the message on a machine without a GPU")
 def test_example_inputs_of_a_cuda_kernel_without_a_gpu(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # Built under the interpreter, as every Triton kernel of this test process: a kernel module
+    # imported with TRITON_INTERPRET unset holds compiled-mode functions that break every
+    # interpreted kernel run after it.
     kernel = ssmc.compile(TINY_SCAN, target="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(TargetError, match="NVIDIA GPU"):
         kernel.example_inputs(batch=1, seqlen=8)
     # an explicit device is the user's choice and still works (e.g. to build inputs on the CPU)
@@ -175,3 +178,16 @@ def test_compiled_layer_forward_works_outside_no_grad_and_backward_refuses():
     torch.testing.assert_close(out.detach(), expected)
     with pytest.raises(SSMCError, match=GRADIENT_MESSAGE):
         out.sum().backward()
+
+
+def test_cache_ls_names_family_algorithm_and_target(tmp_path):
+    spec = tmp_path / "tiny.ssm"
+    spec.write_text(TINY_SCAN)
+    env = {"SSMC_CACHE_DIR": str(tmp_path / "cache")}
+    assert ssmc_cli("compile", spec, "--target", "cpu", "-o", tmp_path / "out",
+                    env=env).returncode == 0
+    out = ssmc_cli("cache", "ls", env=env)
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split()[3:6] == ["family", "algorithm", "target"]
+    assert row.split()[4:7] == ["Tiny", "scan", "cpu"], out.stdout   # created is a date and a time

@@ -10,7 +10,8 @@ import torch
 import families as F
 from ssmc.errors import CallError
 from ssmc.ir import Convention, Method, Sharing
-from ssmc.signature import (SelectiveScanProblem, SSDProblem, StateUpdateProblem, bind,
+from ssmc.signature import (SelectiveScanProblem, SSDProblem, StateUpdateProblem, bind, resized,
+                            sizes_from_shapes,
                             example_inputs)
 
 ALL_FAMILIES = [F.mamba1(), F.mamba2(), F.s4d(), F.s5(), F.s4_dplr(), F.dense(),
@@ -176,7 +177,9 @@ def test_wrong_shapes_name_the_tensor_and_the_dim():
     fam = F.mamba2()
     kw = ssd_kw()
     raises(fam, "ssd", "x", dict(kw, x=kw["x"][0]), "expected (b, l, h, p)")
-    raises(fam, "ssd", "x", dict(kw, x=torch.zeros(2, 10, 4, 7)), "head_dim", "is 7, but the spec has head_dim 8")
+    # sizes come from the tensors: x fixes head_dim 7 for the call, so z is the one that differs
+    raises(fam, "ssd", "z", dict(kw, x=torch.zeros(2, 10, 4, 7)), "head_dim",
+           "is 8, but argument 'x' has head_dim 7")
     raises(fam, "ssd", "dt", dict(kw, dt=kw["dt"][:1]), "batch", "is 1, but argument 'x' has batch 2")
     raises(fam, "ssd", "B", dict(kw, B=kw["B"][:, :9]), "seqlen", "is 9, but argument 'x' has seqlen 10")
     raises(fam, "ssd", "C", dict(kw, C=torch.zeros(2, 10, 2, 16)), "groups")
@@ -295,3 +298,36 @@ def test_call_form_errors():
     fam_t = F.mamba1(method=Method.TRAPEZOIDAL)
     with pytest.raises(CallError, match="previous"):
         bind(fam_t, "state_update", (), example_inputs(F.mamba1(), "state_update", 1, 0))
+
+
+@pytest.mark.parametrize("make, conv, sizes", [
+    (F.mamba1, "selective_scan", dict(channels=20, state=6)),
+    (F.mamba1, "state_update", dict(channels=12, state=5, groups=3)),
+    (F.mamba2, "ssd", dict(heads=3, head_dim=10, state=12, groups=3)),
+    (F.mamba2, "state_update", dict(heads=6, head_dim=5, state=7, groups=2)),
+], ids=["scan", "scan-step", "ssd", "ssd-step"])
+def test_sizes_the_spec_does_not_name_are_taken_from_the_tensors(make, conv, sizes, seed):
+    fam = make()
+    kw = example_inputs(resized(fam, **sizes), conv, 2, 9, seed=seed)
+    problem = bind(fam, conv, (), kw)
+    assert problem.family is resized(fam, **sizes)          # one object per size: a cache key
+    for name, value in sizes.items():
+        assert getattr(problem.family.dims, name) == value
+    assert bind(fam, conv, (), example_inputs(fam, conv, 2, 9, seed=seed)).family is fam
+
+
+def test_groups_that_do_not_divide_the_heads_are_refused():
+    fam = F.mamba2()
+    kw = example_inputs(resized(fam, heads=6, groups=3), "ssd", 1, 5)
+    kw = dict(kw, x=kw["x"][:, :, :4].contiguous(), dt=kw["dt"][..., :4].contiguous(),
+              A=kw["A"][:4], z=kw["z"][:, :, :4].contiguous(), D=kw["D"][:4],
+              dt_bias=kw["dt_bias"][:4])
+    raises(fam, "ssd", "B", kw, "groups 3, which does not divide the 4 heads")
+
+
+def test_sizes_from_shapes_reads_shapes_only():
+    fam = F.mamba1()
+    kw = example_inputs(resized(fam, channels=10, state=3), "selective_scan", 2, 7)
+    shapes = {k: tuple(v.shape) for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    env = sizes_from_shapes(fam, "selective_scan", shapes)
+    assert (env["d"], env["n"], env["l"], env["b"]) == (10, 3, 7, 2)
