@@ -115,21 +115,33 @@ def unpack(p, fam, ssd: bool, cplx: bool):
             x.shape[-1], (fam.dims.d_inner, fam.dims.state) + ((2,) if cplx else ()))
 
 
-class ScanRunner:
-    """Binds a Problem (SSD or selective-scan convention) to ``ssmc_scan``'s arguments."""
+class _SequenceRunner:
+    """What the scan and the conv runners share: the family's layout, and the start of a call
+    (the problem unpacked for either convention, checked, its sequences as segments)."""
 
-    def __init__(self, plan, function):
+    def __init__(self, plan):
         self.fam = plan.family
-        self.fn = function
         self.ssd = self.fam.A.structure is AStructure.SCALAR
         self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
         self.placeholders = Placeholders()
 
+    def _begin(self, p):
+        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, self.fam, self.ssd,
+                                                                     self.cplx)
+        check_cpu(x)
+        return x, dt, bias, init, want, batch, seqlen, state_shape, segments(p, batch, seqlen)
+
+
+class ScanRunner(_SequenceRunner):
+    """Binds a Problem (SSD or selective-scan convention) to ``ssmc_scan``'s arguments."""
+
+    def __init__(self, plan, function):
+        super().__init__(plan)
+        self.fn = function
+
     def __call__(self, p):
         fam = self.fam
-        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, fam, self.ssd, self.cplx)
-        check_cpu(x)
-        seg = segments(p, batch, seqlen)
+        x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
         nseq = seg.shape[0]
         B, C = p.B, p.C
         if not self.ssd:
@@ -199,25 +211,20 @@ def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
 
 
-class ConvRunner:
+class ConvRunner(_SequenceRunner):
     """Binds a Problem to the convolution's two TIR functions and the FFT between them
     (conv.py says how the three steps divide the work)."""
 
     def __init__(self, plan: KernelPlan, module):
+        super().__init__(plan)
         self.plan = plan
         self.matrix = is_matrix_conv(plan)
-        self.fam = plan.family
-        self.ssd = self.fam.A.structure is AStructure.SCALAR
-        self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
         self.kernel_fn = module["ssmc_conv_kernel"]
         self.boundary_fn = module["ssmc_conv_boundary"]
-        self.placeholders = Placeholders()
 
     def __call__(self, p):
         fam = self.fam
-        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, fam, self.ssd, self.cplx)
-        check_cpu(x)
-        seg = segments(p, batch, seqlen)
+        x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
         lengths = (seg[:, 2] - seg[:, 1])
         longest = max(int(lengths.max()) if lengths.numel() else 0, 1)
         units = fam.dims.heads if self.ssd else fam.dims.d_inner
