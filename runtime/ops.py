@@ -1,10 +1,10 @@
 """Compiled kernels as ``torch.library`` custom ops, so models using them compile with dynamo.
 
-``as_op(kernel)`` returns a function with the kernel's own signature (docs/calling_convention.md) that
-calls one registered op. The op's fake implementation states output shapes and dtypes from the
-input shapes and the family alone, which is all ``torch.compile(fullgraph=True)`` needs; the real
-implementation is the kernel (Triton, TVM, C or the float64 reference, whose numpy inside would
-otherwise break the graph).
+``as_op(kernel)`` returns a function with the kernel's own signature
+(docs/calling_convention.md) that calls one registered op. The op's fake implementation states
+output shapes and dtypes from the input shapes and the family alone, which is all
+``torch.compile(fullgraph=True)`` needs; the real implementation is the kernel (Triton, TVM, C
+or the float64 reference, whose numpy inside would otherwise break the graph).
 
 One op exists per kernel identity (family, algorithm, target, config); building the same kernel
 again rebinds the op to the new callable instead of registering a second op.

@@ -1,6 +1,8 @@
 """The Python entry points: parse a spec, compile a family for a target, get a callable.
 
-A compiled family is a ``CompiledKernel``: call it with mamba_ssm's arguments (docs/calling_convention.md). Arguments are validated by ``ssmc.signature.bind`` before any kernel launches.
+A compiled family is a ``CompiledKernel``: call it with mamba_ssm's arguments
+(docs/calling_convention.md). Arguments are validated by ``ssmc.signature.bind`` before any
+kernel launches.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The normalized calls: one ``Problem`` dataclass per calling convention (docs/calling_convention.md).
+"""The normalized calls: one ``Problem`` dataclass per calling convention
+(docs/calling_convention.md).
 
 ``ssmc.signature.bind`` builds them; every backend reads them. The fields of each are the
 keyword names of its convention's signature, in the order the signature takes them
