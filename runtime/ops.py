@@ -11,7 +11,9 @@ again rebinds the op to the new callable instead of registering a second op.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import re
 from typing import Callable, Dict, Optional, Sequence
@@ -19,30 +21,37 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ssmc.ir import AStructure, Convention, DType
+from ssmc.problems import FINAL_STATE_FLAG, KEYWORD_ONLY, MUTATED, POSITIONAL, PROBLEMS
 
 from . import gradients
 
 _NAMESPACE = "ssmc"
 
-# Every argument of each convention in the order the op's schema lists them. The op always
-# returns (y, final_state); final_state is an empty tensor when the caller did not ask for it,
-# because an op's number of outputs cannot depend on a flag.
-_SCHEMAS = {
-    Convention.SSD: (
-        "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, SymInt? chunk_size, Tensor? D, "
-        "Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, "
-        "bool? dt_softplus, float[]? dt_limit, bool return_final_states) -> (Tensor, Tensor)"),
-    Convention.SELECTIVE_SCAN: (
-        "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool? delta_softplus, bool return_last_state, Tensor? initial_state, "
-        "Tensor? cu_seqlens, Tensor? P, Tensor? Q, float[]? dt_limit) -> (Tensor, Tensor)"),
-    Convention.STATE_UPDATE: (
-        "(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? z, Tensor? dt_bias, bool? dt_softplus, Tensor? P, Tensor? Q, float[]? dt_limit) -> Tensor"),
-}
+# Problem field types (ssmc/problems.py) as op schema types. A field with a default is optional
+# in the op too: None means the term is absent, or the spec's value.
+_SCHEMA_TYPES = {"torch.Tensor": "Tensor", "Optional[torch.Tensor]": "Tensor",
+                 "Optional[int]": "SymInt", "bool": "bool", "Tuple[float, float]": "float[]"}
 
-_ARG_NAMES = {conv: re.findall(r"(\w+)(?=[,)])", schema.split("->")[0])
-              for conv, schema in _SCHEMAS.items()}
+
+def schema_of(convention: Convention) -> str:
+    """The op schema of a convention, read off its Problem dataclass (the one statement of its
+    arguments, their order and their optionality). The op always returns (y, final_state) where
+    the convention has a final state (empty when not asked for: an op's number of outputs
+    cannot depend on a flag), and y alone for the decode step, which updates its state."""
+    problem = PROBLEMS[convention]
+    names = set(problem.argument_names())
+    parts = []
+    for f in dataclasses.fields(problem):
+        if f.name not in names:
+            continue
+        kind = _SCHEMA_TYPES[f.type] + ("(a!)" if f.name in MUTATED[convention] else "")
+        optional = f.default is not dataclasses.MISSING
+        parts.append(f"{kind}{'?' if optional else ''} {f.name}")
+    outputs = "(Tensor, Tensor)" if convention in FINAL_STATE_FLAG else "Tensor"
+    return f"({', '.join(parts)}) -> {outputs}"
+
+
+ARGUMENT_NAMES = {conv: problem.argument_names() for conv, problem in PROBLEMS.items()}
 
 # name -> the CompiledKernel the op currently runs
 _KERNELS: Dict[str, object] = {}
@@ -98,16 +107,16 @@ def _register(name: str, kernel):
             x = args[1]
             return x.new_empty(x.shape)
 
-        op = torch.library.custom_op(qualname, real, mutates_args=("state",),
-                                     schema=_SCHEMAS[convention])
+        op = torch.library.custom_op(qualname, real, mutates_args=MUTATED[convention],
+                                     schema=schema_of(convention))
         op.register_fake(fake)
         return op
 
-    flag = "return_final_states" if convention is Convention.SSD else "return_last_state"
+    flag = FINAL_STATE_FLAG[convention]
 
     def real(*args):
         call = _call_kwargs(convention, args)
-        wants_state = bool(call[flag])
+        wants_state = bool(call.get(flag))
         out = _KERNELS[name](**call)
         y, final = out if wants_state else (out, None)
         main = args[0]
@@ -119,7 +128,7 @@ def _register(name: str, kernel):
         return _fresh(y, args), _fresh(final, args)
 
     def fake(*args):
-        bound = dict(zip(_ARG_NAMES[convention], args))
+        bound = dict(zip(ARGUMENT_NAMES[convention], args))
         main = args[0]
         y = main.new_empty(main.shape)
         if bound[flag]:
@@ -128,14 +137,34 @@ def _register(name: str, kernel):
             final = main.new_empty((0,), dtype=state_dtype)
         return y, final
 
-    op = torch.library.custom_op(qualname, real, mutates_args=(), schema=_SCHEMAS[convention])
+    op = torch.library.custom_op(qualname, real, mutates_args=(), schema=schema_of(convention))
     op.register_fake(fake)
     return op
 
 
+def _op_value(value):
+    """A call's value as the op schema takes it (a pair such as dt_limit as a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _python_signature(convention: Convention) -> inspect.Signature:
+    """The wrapper's signature as help() and IDEs show it: the convention's arguments, the
+    keyword-only ones last, every optional one defaulting to None."""
+    problem = PROBLEMS[convention]
+    positional, keyword_only = POSITIONAL[convention], KEYWORD_ONLY[convention]
+    required = {f.name for f in dataclasses.fields(problem)
+                if f.default is dataclasses.MISSING and f.name in positional}
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=inspect.Parameter.empty if n in required else None)
+              for n in positional]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for n in keyword_only]
+    return inspect.Signature(params)
+
+
 def _call_kwargs(convention, args) -> dict:
     """The op's positional arguments as the kernel's keyword arguments (None = omitted)."""
-    call = {k: v for k, v in zip(_ARG_NAMES[convention], args) if v is not None}
+    call = {k: v for k, v in zip(ARGUMENT_NAMES[convention], args) if v is not None}
     if isinstance(call.get("dt_limit"), list):
         call["dt_limit"] = tuple(call["dt_limit"])
     return call
@@ -172,40 +201,24 @@ def as_op(kernel) -> Callable:
     convention = kernel.convention
     refusal = gradients.message_for(kernel)
 
-    def call(*args):
+    names = ARGUMENT_NAMES[convention]
+    flag = FINAL_STATE_FLAG.get(convention)
+
+    def fn(*args, **kwargs):
+        from ssmc.signature import collect
+        values = collect(convention, args, kwargs)   # a CallError for an unknown argument
+        op_args = tuple(_op_value(values.get(name)) for name in names)
         # No backward kernel yet: the op runs on detached inputs and its outputs get a grad_fn
         # that raises (runtime/gradients.py), so a forward with trainable parameters works and
         # loss.backward() says why it cannot.
-        sources = gradients.sources_of(args)
-        if not sources:
-            return op(*args)
-        return gradients.no_backward(refusal, op(*gradients.detached(args)), sources)
+        sources = gradients.sources_of(op_args)
+        out = op(*gradients.detached(op_args)) if sources else op(*op_args)
+        out = gradients.no_backward(refusal, out, sources)
+        if flag is None:
+            return out
+        return out if values.get(flag) else out[0]
 
-    if convention is Convention.SSD:
-        def ssd(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, initial_states=None,
-                seq_idx=None, cu_seqlens=None, dt_softplus=None, dt_limit=None,
-                return_final_states=False):
-            y, final = call(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                            cu_seqlens, dt_softplus, None if dt_limit is None else list(dt_limit),
-                            bool(return_final_states))
-            return (y, final) if return_final_states else y
-        fn = ssd
-    elif convention is Convention.SELECTIVE_SCAN:
-        def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=None,
-                           return_last_state=False, initial_state=None, cu_seqlens=None, *,
-                           P=None, Q=None, dt_limit=None):
-            y, last = call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                           bool(return_last_state), initial_state, cu_seqlens, P, Q,
-                           None if dt_limit is None else list(dt_limit))
-            return (y, last) if return_last_state else y
-        fn = selective_scan
-    else:
-        def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=None, *,
-                         P=None, Q=None, dt_limit=None):
-            return call(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, P, Q,
-                        None if dt_limit is None else list(dt_limit))
-        fn = state_update
-
+    fn.__signature__ = _python_signature(convention)
     fn.__name__ = f"{kernel.family.name}_{kernel.plan.algorithm.value}"
     fn.__qualname__ = fn.__name__
     fn.__doc__ = f"{kernel!r} through the custom op {_NAMESPACE}::{op_name(kernel)}"

@@ -148,6 +148,12 @@ PROBLEMS = {Convention.SSD: SSDProblem, Convention.SELECTIVE_SCAN: SelectiveScan
 # For annotations and isinstance checks alike.
 Problem = Union[SSDProblem, SelectiveScanProblem, StateUpdateProblem]
 
+# Arguments a convention updates in place (the decode step's state).
+MUTATED = {Convention.SSD: (), Convention.SELECTIVE_SCAN: (), Convention.STATE_UPDATE: ("state",)}
+# The flag that asks for the final state as a second output, where the convention has one.
+FINAL_STATE_FLAG = {Convention.SSD: "return_final_states",
+                    Convention.SELECTIVE_SCAN: "return_last_state"}
+
 KEYWORD_ONLY = {Convention.SSD: (), Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
                 Convention.STATE_UPDATE: ("P", "Q", "dt_limit")}
 POSITIONAL = {conv: tuple(name for name in cls.argument_names() if name not in KEYWORD_ONLY[conv])

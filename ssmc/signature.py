@@ -317,7 +317,8 @@ def _seq_idx_of(offsets, seqlen, device):
     return idx.to(torch.int32).reshape(1, seqlen).to(device)
 
 
-def _collect(conv, args, kwargs):
+def collect(conv, args, kwargs):
+    """A call's arguments by name; a CallError for too many, unknown or doubled ones."""
     pos, kwo = POSITIONAL[conv], KEYWORD_ONLY[conv]
     if len(args) > len(pos):
         raise _err(f"{conv.value} takes at most {len(pos)} positional arguments "
@@ -395,7 +396,7 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
         raise _err(f"{fam.name} uses the trapezoidal method, whose decode step needs the previous "
                    "token's B x; the state_update convention carries only the state",
                    "run the scan/chunked form, or ask for a convention with a previous-input cache")
-    values = _collect(conv, args, kwargs)
+    values = collect(conv, args, kwargs)
     slots = _slots(fam, conv)
     primary = "u" if conv is Convention.SELECTIVE_SCAN else "x"
     binder = _Binder(fam, primary)

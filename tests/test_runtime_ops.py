@@ -51,15 +51,15 @@ def test_fake_implementations_agree_with_the_kernels(family, seed):
     kernel = _kernel(family)
     op = get_op(kernel)
     inputs = kernel.example_inputs(batch=2, seqlen=5, seed=seed)
-    from ssmc.runtime.ops import _ARG_NAMES
+    from ssmc.runtime.ops import ARGUMENT_NAMES
     for wants_state in (False, True):
         call = dict(inputs, **{_flag(family): wants_state})
-        args = tuple(call.get(name) for name in _ARG_NAMES[kernel.convention])
+        args = tuple(call.get(name) for name in ARGUMENT_NAMES[kernel.convention])
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                      "test_aot_dispatch_static"))
     step = kernel.step
     step_inputs = step.example_inputs(batch=2, seed=seed)
-    args = tuple(step_inputs.get(name) for name in _ARG_NAMES[step.convention])
+    args = tuple(step_inputs.get(name) for name in ARGUMENT_NAMES[step.convention])
     torch.library.opcheck(get_op(step), args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -113,3 +113,27 @@ def test_hybrid_model_compiles_fullgraph(seed):
         eager = model(tokens)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(tokens)
     assert_rel_close("compiled hybrid model", compiled, eager, "float32")
+
+
+def test_op_schemas_and_wrappers_are_read_off_the_problem_dataclasses():
+    """One statement of each convention's arguments (ssmc/problems.py): the op schema lists
+    them in order with their optionality, and the wrapper takes exactly them."""
+    import dataclasses
+    import inspect
+    from ssmc.ir import Convention
+    from ssmc.problems import PROBLEMS
+    from ssmc.runtime.ops import schema_of
+    for convention, problem in PROBLEMS.items():
+        schema = schema_of(convention)
+        listed = [part.split()[-1] for part in schema.split(") ->")[0].strip("(").split(", ")]
+        assert listed == list(problem.argument_names())
+        for f in dataclasses.fields(problem):
+            if f.name in listed:
+                optional = f.default is not dataclasses.MISSING
+                assert (f"? {f.name}," in schema or f"? {f.name})" in schema) == optional, f.name
+    assert "Tensor(a!) state" in schema_of(Convention.STATE_UPDATE)
+    fn = as_op(_kernel(SCAN))
+    assert list(inspect.signature(fn).parameters) == list(PROBLEMS[Convention.SELECTIVE_SCAN]
+                                                          .argument_names())
+    with pytest.raises(ssmc.CallError, match="unexpected keyword argument 'delta_bias_'"):
+        fn(**_kernel(SCAN).example_inputs(batch=1, seqlen=3), delta_bias_=None)
