@@ -1,7 +1,7 @@
 """The autotuner: every candidate config is checked against the oracle, then timed.
 
 For one plan, target and shape: the backend lists ``candidates(plan)``; each is built, run at a
-small odd shape and compared with the float64 reference (``ssmc.backends.reference``) — a
+small odd shape and compared with the float64 reference (the ``reference`` backend) — a
 candidate that errors or disagrees is reported and recorded as failed, and can never become the
 best — then timed at the requested shape (GPU: ``triton.testing.do_bench`` median; CPU: wall
 clock median after warm-up). Each result is written to the tuning database at once, so an
@@ -95,8 +95,8 @@ class Oracle:
     """Expected outputs of the float64 reference at the check shape, for each dtype."""
 
     def __init__(self, plan, convention: Convention, shape: Dict[str, int], seed: int = 0):
-        from ssmc import signature
-        from ssmc.backends import reference
+        from ssmc import backends, signature
+        reference = backends.get("reference")
         self.plan, self.convention, self.shape, self.seed = plan, convention, shape, seed
         self._signature = signature
         self._reference = reference.build(plan, reference.default_config(plan))

@@ -58,9 +58,11 @@ def cpu_name() -> str:
 @lru_cache(maxsize=4)
 def device_name(backend: str) -> str:
     """The device a backend's kernels run on, as the key of the database."""
-    if backend == "triton":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return f"triton-interpreter on {cpu_name()}"
+    from ssmc import backends
+    caps = backends.get(backend).CAPABILITIES
+    if caps.device == "cuda":
+        if caps.interpreter and os.environ.get(caps.interpreter) == "1":
+            return f"{backend}-interpreter on {cpu_name()}"
         import torch
         return torch.cuda.get_device_name()
     return cpu_name()

@@ -6,12 +6,13 @@ kernel launches.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
+
+from ssmc import backends
 
 from .errors import CallError, SSMCError, TargetError
 from .ir import Algorithm, Convention, KernelPlan, SpecFile, SSMFamily
@@ -65,11 +66,18 @@ class Target:
         return "triple" not in self.options
 
     @property
+    def capabilities(self):
+        """What this target's backend compiles and where its kernels run (ssmc.backends)."""
+        return backends.get(self.backend).CAPABILITIES
+
+    @property
     def device(self) -> str:
-        """Where this target's kernels take their tensors: Triton kernels on a CUDA device,
-        unless Triton's own TRITON_INTERPRET=1 runs them on the CPU; every other target on the
-        CPU."""
-        if self.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        """Where this target's kernels take their tensors now, ``cuda`` or ``cpu``: a cuda
+        backend's interpreter (TRITON_INTERPRET=1) runs its kernels on the CPU, and a backend
+        that takes tensors anywhere (the reference) is given them on the CPU."""
+        caps = self.capabilities
+        if caps.device == "cuda" and not (caps.interpreter
+                                          and os.environ.get(caps.interpreter) == "1"):
             return "cuda"
         return "cpu"
 
@@ -112,7 +120,8 @@ def parse_target(name: str) -> Target:
 
 
 def backend_module(target: Target):
-    return importlib.import_module(f"ssmc.backends.{target.backend}")
+    """The backend that compiles for ``target`` (ssmc.backends.get)."""
+    return backends.get(target.backend)
 
 
 def resolve_config(plan: KernelPlan, target: Target, config: Optional[dict] = None) -> dict:
@@ -218,7 +227,7 @@ class CompiledKernel:
         if self.target.device == "cuda" and not is_cuda:
             raise CallError(f"{name} is on {tensor.device}, but target {self.target.name} runs on a "
                             "CUDA device (or set TRITON_INTERPRET=1 to run the kernels on the CPU)")
-        if self.target.backend in ("cpu", "c") and is_cuda:
+        if self.target.capabilities.device == "cpu" and is_cuda:
             raise CallError(f"{name} is on {tensor.device}, but target {self.target.name} runs on "
                             "the CPU; move the tensors with .cpu()")
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
 from ssmc.errors import TargetError
-from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
 
 from .kernels import GENERATORS
@@ -24,22 +25,16 @@ from .source import header_file, source_file
 CROSS_TARGETS = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
 
 
+# A matrix A (DPLR, dense) would need matrix exponentials or solves per step: only conv, which
+# discretizes it once on the host. Chunked is SSD's, for scalar A. State and accumulation fp32.
+CAPABILITIES = Capabilities("c", ((Algorithm.SCAN, ELEMENTWISE), (Algorithm.STEP, ELEMENTWISE),
+                                  (Algorithm.CHUNKED, frozenset({AStructure.SCALAR})),
+                                  (Algorithm.CONV, ALL_STRUCTURES)), device="cpu")
+
+
 def supports(plan: KernelPlan) -> Optional[str]:
     """None when the C target can compile ``plan``, else the reason in words."""
-    fam = plan.family
-    structure = fam.A.structure
-    if structure in (AStructure.DPLR, AStructure.DENSE) and plan.algorithm is not Algorithm.CONV:
-        return (f"{structure.value} A needs matrix exponentials/solves per step; the C target "
-                "generates scan/step for scalar, diagonal and complex-diagonal A (use conv: "
-                "it discretizes a matrix A once, on the host)")
-    if plan.algorithm is Algorithm.CHUNKED and structure is not AStructure.SCALAR:
-        return "the chunked algorithm is SSD's, for scalar A; use scan"
-    limit = plan_limits(plan)
-    if limit:
-        return limit
-    if fam.dtypes.state is not DType.FLOAT32 or fam.dtypes.accum is not DType.FLOAT32:
-        return "the C target keeps state and accumulation in fp32"
-    return None
+    return CAPABILITIES.refuses(plan) or plan_limits(plan)
 
 
 def default_config(plan: KernelPlan) -> dict:

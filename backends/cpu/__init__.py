@@ -20,8 +20,9 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
+from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
 from ssmc.errors import TargetError
-from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
 
 from . import tvmbuild as _build
@@ -34,20 +35,15 @@ _CONFIG_KEYS = {"llvm_target", "target", "cache_dir", "num_threads", "lanes", "u
                 "kernel_lanes", "tile", "exp_degree", "row_tiles", "scalef", "readout_split"}
 
 
+# A matrix A (DPLR, dense) only by conv, which forms Abar once on the host; state and
+# accumulation in fp32.
+CAPABILITIES = Capabilities("cpu", ((Algorithm.SCAN, ELEMENTWISE), (Algorithm.CHUNKED, ELEMENTWISE),
+                                    (Algorithm.STEP, ELEMENTWISE),
+                                    (Algorithm.CONV, ALL_STRUCTURES)), device="cpu")
+
+
 def supports(plan: KernelPlan) -> Optional[str]:
-    fam = plan.family
-    st = fam.A.structure
-    if st in (AStructure.DPLR, AStructure.DENSE) and plan.algorithm is not Algorithm.CONV:
-        return (f"{st.value} A (a matrix per channel) is implemented by the CPU backend's conv "
-                f"algorithm only (Abar formed once on the host), not {plan.algorithm.value}")
-    if plan.algorithm not in _GENERATORS:
-        return f"unknown algorithm {plan.algorithm}"
-    limit = plan_limits(plan)
-    if limit:
-        return limit
-    if fam.dtypes.state is not DType.FLOAT32 or fam.dtypes.accum is not DType.FLOAT32:
-        return "the CPU kernels keep state and accumulation in fp32"
-    return None
+    return CAPABILITIES.refuses(plan) or plan_limits(plan)
 
 
 def _check(plan: KernelPlan) -> None:

@@ -19,9 +19,10 @@ from typing import List, Optional
 
 import torch
 
+from ssmc.backends import ALL_STRUCTURES, Capabilities
 from ssmc.discretize import discretize
 from ssmc.errors import CallError
-from ssmc.ir import Algorithm, KernelPlan, SSMFamily
+from ssmc.ir import Algorithm, DType, KernelPlan, SSMFamily
 from ssmc.plan import plan_limits
 from ssmc.signature import COMPLEX_OF, TORCH_DTYPE, StateUpdateProblem
 
@@ -29,10 +30,14 @@ from . import layout
 from .codegen import generate
 
 NAME = "reference"
+# Every family, in float64 whatever the spec's dtypes; tensors on any device (moved to the CPU
+# and back).
+CAPABILITIES = Capabilities("reference", tuple((a, ALL_STRUCTURES) for a in Algorithm),
+                            state_dtypes=frozenset(DType), device="any")
 
 
 def supports(plan: KernelPlan) -> Optional[str]:
-    return plan_limits(plan)
+    return CAPABILITIES.refuses(plan) or plan_limits(plan)
 
 
 def default_config(plan: KernelPlan) -> dict:

@@ -18,9 +18,19 @@ import importlib
 import os
 from typing import Callable, List, Optional
 
-from ssmc.ir import Algorithm, KernelPlan
+from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
+from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
 
 from . import codegen
+
+# Tensors on a CUDA device (on the CPU under TRITON_INTERPRET=1). The generators add their own
+# limits (the largest state, Abar > 0 for chunked).
+CAPABILITIES = Capabilities(
+    "cuda", ((Algorithm.SCAN, frozenset({AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL})),
+             (Algorithm.STEP, ELEMENTWISE),
+             (Algorithm.CHUNKED, frozenset({AStructure.SCALAR})),
+             (Algorithm.CONV, ALL_STRUCTURES - {AStructure.SCALAR})),
+    state_dtypes=frozenset(DType), device="cuda", interpreter="TRITON_INTERPRET")
 
 _MODULES = {Algorithm.SCAN: "scan", Algorithm.STEP: "step", Algorithm.CONV: "conv"}
 
@@ -49,6 +59,9 @@ def _module(plan: KernelPlan):
 
 def supports(plan: KernelPlan) -> Optional[str]:
     """None when this backend can compile ``plan``, else the reason in words."""
+    refused = CAPABILITIES.refuses(plan)
+    if refused:
+        return refused
     if plan.algorithm is Algorithm.CHUNKED:
         mod = _chunked()
         if mod is None:
