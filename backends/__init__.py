@@ -9,8 +9,10 @@ A backend is a package of this folder that provides::
     build(plan, config) -> kernel         kernel(problem) -> (y, final_state or None)
     write_artifact(plan, config, out_dir) -> the paths it wrote
 
-``get(name)`` is the one way in: the API, the autotuner, the artifact loader and the CLI name no
-backend module, and a new target is one folder plus one line of ``_LOADERS``.
+Optionally ``load_artifact(plan, config, kernel_dir)`` opens what ``write_artifact`` wrote
+(``ssmc.load``). ``get(name)`` is the one way in: the API, the autotuner, the artifact loader
+and the CLI name no backend module; a new backend is one folder, one line of ``_LOADERS`` and
+its target names in ``ssmc.api.parse_target``.
 """
 from __future__ import annotations
 

@@ -16,10 +16,11 @@ import hashlib
 import inspect
 import json
 import re
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 
+from ssmc.errors import CallError
 from ssmc.ir import AStructure, Convention, DType
 from ssmc.problems import FINAL_STATE_FLAG, KEYWORD_ONLY, MUTATED, POSITIONAL, PROBLEMS
 
@@ -202,11 +203,17 @@ def as_op(kernel) -> Callable:
     refusal = gradients.message_for(kernel)
 
     names = ARGUMENT_NAMES[convention]
+    required = [f.name for f in dataclasses.fields(PROBLEMS[convention])
+                if f.name in names and f.default is dataclasses.MISSING]
     flag = FINAL_STATE_FLAG.get(convention)
 
     def fn(*args, **kwargs):
         from ssmc.signature import collect
         values = collect(convention, args, kwargs)   # a CallError for an unknown argument
+        missing = [name for name in required if values.get(name) is None]
+        if missing:
+            raise CallError(f"argument {missing[0]!r} is missing: the {convention.value} "
+                            f"convention needs {', '.join(required)}")
         op_args = tuple(_op_value(values.get(name)) for name in names)
         # No backward kernel yet: the op runs on detached inputs and its outputs get a grad_fn
         # that raises (runtime/gradients.py), so a forward with trainable parameters works and

@@ -161,7 +161,7 @@ class CompiledKernel:
 
     Sizes come from the tensors: a call whose heads, head_dim, channels, state or groups differ
     from the spec's ``dims`` runs a kernel specialized for them, built on first use and kept
-    per size (the backends' artifact caches keep it across processes, keyed by the IR).
+    per size (across processes in the backends' caches, keyed by the IR, which holds the sizes).
     ``plan``, ``config`` and ``source`` describe the kernel at the spec's sizes.
     """
 
@@ -187,7 +187,7 @@ class CompiledKernel:
         problem = signature.bind(self.family, self.convention, args, kwargs)
         self._check_device(problem)
         from ssmc.runtime import gradients
-        kernel = self._kernel if problem.family is self.family else self.kernel_for(problem.family)
+        kernel = self.kernel_for(problem.family)
         sources = gradients.sources_of((*args, *kwargs.values()))
         if sources:
             # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
@@ -197,12 +197,7 @@ class CompiledKernel:
                 y, final = kernel(problem)
         else:
             y, final = kernel(problem)
-        if self.convention is Convention.STATE_UPDATE:
-            out = y
-        else:
-            wants_state = bool(getattr(problem, "return_final_states", False)
-                               or getattr(problem, "return_last_state", False))
-            out = (y, final) if wants_state else y
+        out = (y, final) if problem.wants_final_state else y
         return gradients.no_backward(gradients.message_for(self), out, sources)
 
     def kernel_for(self, family: SSMFamily):

@@ -147,8 +147,6 @@ def test_backward_through_a_compiled_kernel_names_the_family(seed):
     y = kernel(**inputs)
     with pytest.raises(SSMCError, match=GRADIENT_MESSAGE):
         y.sum().backward()
-    with torch.no_grad():
-        assert kernel(**inputs).grad_fn is None
 
 
 def _layer():

@@ -175,7 +175,7 @@ def generator_version() -> str:
         import ssmc
         core = Path(ssmc.__file__).resolve().parent
         files = sorted(here.glob("*.py")) + [core / "printers.py", core / "discretize.py",
-                                              core / "ir.py"]
+                                              core / "ir.py", core / "lti.py"]
         h = hashlib.sha256()
         for f in files:
             if f.exists():
