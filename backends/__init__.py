@@ -16,6 +16,7 @@ its target names in ``ssmc.api.parse_target``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
@@ -37,6 +38,15 @@ class Capabilities:
     device: str = "cpu"
     # The environment variable that, set to 1, runs a cuda backend's kernels on the CPU.
     interpreter: Optional[str] = None
+
+    def interpreted(self) -> bool:
+        """Whether this cuda backend's interpreter switch is set (its kernels run on the CPU)."""
+        return bool(self.interpreter) and os.environ.get(self.interpreter) == "1"
+
+    def device_now(self) -> str:
+        """Where the kernels take their tensors now, ``cuda`` or ``cpu`` (a backend that takes
+        them anywhere, the reference, is given them on the CPU)."""
+        return "cuda" if self.device == "cuda" and not self.interpreted() else "cpu"
 
     def structures(self, algorithm: Algorithm) -> FrozenSet[AStructure]:
         return dict(self.algorithms).get(algorithm, frozenset())

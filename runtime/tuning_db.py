@@ -60,12 +60,10 @@ def device_name(backend: str) -> str:
     """The device a backend's kernels run on, as the key of the database."""
     from ssmc import backends
     caps = backends.get(backend).CAPABILITIES
-    if caps.device == "cuda":
-        if caps.interpreter and os.environ.get(caps.interpreter) == "1":
-            return f"{backend}-interpreter on {cpu_name()}"
+    if caps.device_now() == "cuda":
         import torch
         return torch.cuda.get_device_name()
-    return cpu_name()
+    return f"{backend}-interpreter on {cpu_name()}" if caps.interpreted() else cpu_name()
 
 
 def bucket(shape: Dict[str, int]) -> str:

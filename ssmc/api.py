@@ -75,11 +75,7 @@ class Target:
         """Where this target's kernels take their tensors now, ``cuda`` or ``cpu``: a cuda
         backend's interpreter (TRITON_INTERPRET=1) runs its kernels on the CPU, and a backend
         that takes tensors anywhere (the reference) is given them on the CPU."""
-        caps = self.capabilities
-        if caps.device == "cuda" and not (caps.interpreter
-                                          and os.environ.get(caps.interpreter) == "1"):
-            return "cuda"
-        return "cpu"
+        return self.capabilities.device_now()
 
     def require_device(self) -> None:
         """A TargetError, before anything is built or drawn, when this target's device is not
