@@ -81,17 +81,17 @@ def op_name(kernel) -> str:
 
 
 def _final_state_shape(kernel, bound: dict):
-    """(s, h, p, n) or (s, d, n), with the sizes of this call's tensors (the family compiles for
-    any size consistent with its structure)."""
+    """The final state's shape, read off the operand table with the sizes of this call's
+    tensors (the family compiles for any size consistent with its structure)."""
+    from ssmc.operands import Role, shape_of
     from ssmc.signature import sizes_from_shapes
-    main = next(iter(bound.values()))
+    table = kernel.plan.operands
     cu_seqlens = bound["cu_seqlens"]
-    nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else main.shape[0]
     shapes = {k: tuple(v.shape) for k, v in bound.items() if isinstance(v, torch.Tensor)}
-    n = sizes_from_shapes(kernel.family, kernel.convention, shapes)["n"]
-    if kernel.convention is Convention.SSD:
-        return (nseq, main.shape[2], main.shape[3], n)
-    return (nseq, main.shape[1], n)
+    sizes = sizes_from_shapes(kernel.family, kernel.convention, shapes)
+    sizes["s"] = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else sizes["b"]
+    final = next(op for op in table.outputs if op.role is Role.FINAL_STATE)
+    return shape_of(final, sizes)
 
 
 def _register(name: str, kernel):

@@ -306,8 +306,25 @@ class Discretized:
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """One kernel to generate: a family, the algorithm, and its discretized expressions."""
+    """One kernel to generate: a family, the algorithm, its discretized expressions, and the
+    operand table of its calling convention (``ssmc.operands``: every argument's dims as size
+    letters, role, need and dtypes), which validation, op schemas and every backend's
+    parameters are read from."""
     family: SSMFamily
     algorithm: Algorithm
     disc: Discretized
     chunk_size: Optional[int] = None
+    # Derived from (family, algorithm) when the plan is made: equal plans have equal tables.
+    operands: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def convention(self) -> Convention:
+        """The mamba_ssm signature this plan's callable follows (docs/calling_convention.md)."""
+        if self.algorithm is Algorithm.STEP:
+            return Convention.STATE_UPDATE
+        return self.family.convention
+
+    def __post_init__(self):
+        if self.operands is None:
+            from .operands import operand_table
+            object.__setattr__(self, "operands", operand_table(self.family, self.convention))

@@ -44,9 +44,7 @@ def plan_limits(plan: KernelPlan) -> Optional[str]:
 
 def convention_of(plan: KernelPlan) -> Convention:
     """The mamba_ssm signature a plan's callable follows (docs/calling_convention.md)."""
-    if plan.algorithm is Algorithm.STEP:
-        return Convention.STATE_UPDATE
-    return plan.family.convention
+    return plan.convention
 
 
 def _canonical(node):

@@ -10,11 +10,12 @@ instead of being a second list that has to agree with it. ``family``, ``nseq`` a
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Tuple, Union
-
-import torch
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 from .ir import Convention, SSMFamily
+
+if TYPE_CHECKING:   # the annotations only: planning (ssmc.operands) reads this without torch
+    import torch
 
 INF = float("inf")
 _NOT_ARGUMENTS = ("family", "nseq", "convention")

@@ -24,6 +24,8 @@ import torch
 
 from .errors import CallError
 from .ir import AStructure, Convention, DType, Method, Sharing, SSMFamily
+from .operands import DIM_WORDS as _DIM_WORDS
+from .operands import Form, Need, Operand, Role, operand_table
 # The problems live in ssmc.problems; importing them from here keeps working.
 from .problems import (INF, KEYWORD_ONLY, POSITIONAL, PROBLEMS, Problem,  # noqa: F401
                        SelectiveScanProblem, SSDProblem, StateUpdateProblem)
@@ -31,112 +33,6 @@ from .problems import (INF, KEYWORD_ONLY, POSITIONAL, PROBLEMS, Problem,  # noqa
 TORCH_DTYPE = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
                DType.FLOAT32: torch.float32, DType.FLOAT64: torch.float64}
 COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-_DIM_WORDS = {"b": "batch", "l": "seqlen", "h": "heads", "p": "head_dim", "d": "channels",
-              "n": "state", "g": "groups", "r": "rank", "s": "sequences"}
-
-
-# --------------------------------------------------------------------------------------------
-# What each tensor argument must look like, from the family
-
-@dataclass(frozen=True)
-class _Form:
-    dims: Tuple[str, ...]
-    expanded: Tuple[int, ...] = ()   # axes that must be broadcasts (mamba_ssm's expanded step forms)
-    insert: Optional[int] = None     # axis inserted to reach the normalized form: (b,n,l) -> (b,1,n,l)
-    implies: Tuple[Tuple[str, int], ...] = ()   # sizes the form fixes without an axis: (b,n,l) is g=1
-
-
-@dataclass(frozen=True)
-class _Slot:
-    forms: Tuple[_Form, ...]
-    kind: str                        # act (per token) | param | state (initial) | cache (step state)
-    complex: bool = False
-    what: str = ""                   # how the spec defines it, for messages
-    other: Tuple[_Form, ...] = ()    # forms of the opposite selectivity, for a hint
-
-
-def _forms(*dims_list):
-    return tuple(_Form(tuple(d)) for d in dims_list)
-
-
-@lru_cache(maxsize=256)
-def _slots(fam: SSMFamily, conv: Convention) -> Dict[str, _Slot]:
-    st = fam.A.structure
-    cplx = st is AStructure.COMPLEX_DIAGONAL
-    matrix = st is AStructure.DENSE
-    ssd_like = st is AStructure.SCALAR
-    step = conv is Convention.STATE_UPDATE
-    unit = "h" if ssd_like else "d"          # what Δ, D, bias and per-head B/C are indexed by
-    one_group = (("g", 1),)
-
-    def sel(selective, sel_forms, const_forms, what, complex_=False):
-        forms, other = (sel_forms, const_forms) if selective else (const_forms, sel_forms)
-        what += ", selective (one per token)" if selective else ", a learned constant"
-        return _Slot(forms, "act" if selective else "param", complex_, what, other)
-
-    def bc(spec, name):
-        if ssd_like:
-            tok = _forms(("b", "g", "n") if step else ("b", "l", "g", "n"))
-        elif step:
-            tok = _forms(("b", "g", "n")) + (_Form(("b", "n"), insert=1, implies=one_group),)
-        else:
-            tok = _forms(("b", "g", "n", "l")) + (_Form(("b", "n", "l"), insert=1,
-                                                         implies=one_group),)
-        const = _forms(("g", "n") if spec.sharing is Sharing.GROUP else (unit, "n"))
-        per = "group" if spec.sharing is Sharing.GROUP else ("head" if ssd_like else "channel")
-        return sel(spec.selective, tok, const, f"{name} is per {per}", cplx)
-
-    s: Dict[str, _Slot] = {}
-    if ssd_like:
-        if step:
-            s["state"] = _Slot(_forms(("b", "h", "p", "n")), "cache")
-            s["x"] = _Slot(_forms(("b", "h", "p")), "act")
-            s["dt"] = sel(fam.delta.selective,
-                          (_Form(("b", "h")), _Form(("b", "h", "p"), expanded=(2,))),
-                          (_Form(("h",)), _Form(("h", "p"), expanded=(1,))), "Δ is one per head")
-            s["A"] = sel(fam.A.selective,
-                         (_Form(("b", "h")), _Form(("b", "h", "p", "n"), expanded=(2, 3))),
-                         (_Form(("h",)), _Form(("h", "p", "n"), expanded=(1, 2))),
-                         "A is scalar per head")
-            s["z"] = _Slot(_forms(("b", "h", "p")), "act")
-            bias = (_Form(("h",)), _Form(("h", "p"), expanded=(1,)))
-        else:
-            s["x"] = _Slot(_forms(("b", "l", "h", "p")), "act")
-            s["dt"] = sel(fam.delta.selective, _forms(("b", "l", "h")), _forms(("h",)),
-                          "Δ is one per head")
-            s["A"] = sel(fam.A.selective, _forms(("b", "l", "h")), _forms(("h",)),
-                         "A is scalar per head")
-            s["z"] = _Slot(_forms(("b", "l", "h", "p")), "act")
-            s["initial_states"] = _Slot(_forms(("s", "h", "p", "n")), "state")
-            s["seq_idx"] = _Slot(_forms(("b", "l")), "index")
-            bias = _forms(("h",))
-        if fam.D is not None and fam.D.sharing is Sharing.HEAD_DIM:
-            d_forms = _forms(("h", "p"))
-        else:
-            d_forms = (_Form(("h",)),) + ((_Form(("h", "p"), expanded=(1,)),) if step else ())
-        per_dim = fam.D is not None and fam.D.sharing is Sharing.HEAD_DIM
-        s["D"] = _Slot(d_forms, "param",
-                       what="D is per head x head_dim" if per_dim else "D is per head")
-        s["dt_bias"] = _Slot(bias, "param", what="the Δ bias is one per head")
-    else:
-        names = (("state", "x", "dt", "z", "dt_bias") if step else
-                 ("initial_state", "u", "delta", "z", "delta_bias"))
-        state_, x_, dt_, z_, bias_ = names
-        tok = ("b", "d") if step else ("b", "d", "l")
-        s[state_] = _Slot(_forms(("b" if step else "s", "d", "n")), "cache" if step else "state",
-                          cplx)
-        s[x_] = _Slot(_forms(tok), "act")
-        s[dt_] = sel(fam.delta.selective, _forms(tok), _forms(("d",)), "Δ is one per channel")
-        a_const = ("d", "n", "n") if matrix else ("d", "n")
-        a_tok = ("b",) + a_const + (() if step else ("l",))
-        s["A"] = sel(fam.A.selective, _forms(a_tok), _forms(a_const),
-                     f"A is {st.value} per channel", cplx)
-        s[z_] = _Slot(_forms(tok), "act")
-        s[bias_] = _Slot(_forms(("d",)), "param", what="the Δ bias is one per channel")
-        s["D"] = _Slot(_forms(("d",)), "param", what="D is per channel")
-        s["P"] = s["Q"] = _Slot(_forms(("d", "r", "n")), "param", what="low-rank factor")
-    s["B"], s["C"] = bc(fam.B, "B"), bc(fam.C, "C")
-    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +42,7 @@ def _err(msg, hint=None):
     return CallError(msg, hint=hint)
 
 
-def _dims_text(form: _Form, env) -> str:
+def _dims_text(form: Form, env) -> str:
     comma = "," if len(form.dims) == 1 else ""
     sym = ", ".join(form.dims)
     if not form.dims:
@@ -181,7 +77,7 @@ class _Binder:
         self.state_dtype = TORCH_DTYPE[family.dtypes.state]
         self.ref = None   # the primary input (x / u): fixes dtype and device
 
-    def shape(self, name, t, slot: _Slot) -> _Form:
+    def shape(self, name, t, slot: Operand) -> Form:
         shape = tuple(t.shape)
         for form in slot.forms:
             sizes = tuple(zip(form.dims, shape)) + form.implies
@@ -210,31 +106,23 @@ class _Binder:
             hint = f"that rank fits the other selectivity, but the spec says {slot.what}"
         raise _err(msg, hint)
 
-    def dtype(self, name, t, slot: _Slot):
-        if slot.kind == "index":
-            ok = {torch.int32, torch.int64}
-        elif slot.complex:
-            base = set(self.inputs) | {self.state_dtype} if slot.kind in ("param", "act") \
-                else {self.state_dtype}
-            ok = {COMPLEX_OF[b] for b in base if b in COMPLEX_OF}
-        elif slot.kind == "act":
-            ok = {self.ref.dtype}
-        elif slot.kind == "param":
-            ok = self.inputs | {torch.float32}
-        elif slot.kind == "state":
-            ok = {self.state_dtype}
-        else:
-            ok = self.inputs | {self.state_dtype}
+    def dtype(self, name, t, op: Operand):
+        ok = {getattr(torch, d) for d in op.dtypes}
+        if op.same_as is not None:
+            ok &= {self.ref.dtype}
         if t.dtype not in ok:
             names = ", ".join(sorted(str(o).replace("torch.", "") for o in ok))
-            why = {"act": f" (per-token inputs share the dtype of {self.ref_name})",
-                   "state": " (states are kept in the spec's state dtype)"}.get(slot.kind, "")
-            if slot.complex:
+            why = ""
+            if op.same_as is not None:
+                why = f" (per-token inputs share the dtype of {self.ref_name})"
+            elif op.role is Role.INITIAL_STATE:
+                why = " (states are kept in the spec's state dtype)"
+            if op.complex:
                 why = f" ({self.fam.name}'s A is complex diagonal)"
             raise _err(f"argument {name!r} has dtype {str(t.dtype).replace('torch.', '')}; "
                        f"expected {names}{why}")
 
-    def tensor(self, name, v, slot: _Slot):
+    def tensor(self, name, v, slot: Operand):
         t = _as_tensor(name, v)
         if self.ref is not None and t.device != self.ref.device:
             raise _err(f"argument {name!r} is on {t.device} but {self.ref_name} is on "
@@ -334,34 +222,25 @@ def collect(conv, args, kwargs):
     return values
 
 
-def _presence(fam: SSMFamily, conv: Convention, values, slots, primary, env):
-    """Tensors the spec needs must be given; tensors the spec does not have must not be."""
-    st = fam.A.structure
-    bias = "delta_bias" if conv is Convention.SELECTIVE_SCAN else "dt_bias"
-    required = {primary, "A", "B", "C", "delta" if conv is Convention.SELECTIVE_SCAN else "dt"}
-    if conv is Convention.STATE_UPDATE:
-        required.add("state")
-    not_dplr = None if st is AStructure.DPLR else "has no low-rank part in A (it is not DPLR)"
-    lacks = {"D": None if fam.D else "has no D skip", "z": None if fam.gate else "has no output gate",
-             bias: None if fam.delta.bias else "adds no bias to Δ", "P": not_dplr, "Q": not_dplr}
-    for name, why in lacks.items():
-        if why is None and name in slots:
-            required.add(name)
-        elif why is not None and values.get(name) is not None:
-            raise _err(f"argument {name!r} was given but {fam.name} {why}")
-    for name in sorted(required, key=lambda k: (k != primary, k)):
+def _presence(fam: SSMFamily, table, values, env):
+    """Tensors the family needs must be given; tensors it does not have must not be."""
+    for op in table.arguments:
+        if op.need is Need.ABSENT and values.get(op.name) is not None:
+            raise _err(f"argument {op.name!r} was given but {fam.name} {op.why}")
+    required = sorted(table.required(), key=lambda k: (k != table.primary, k))
+    for name in required:
         if values.get(name) is None:
             raise _err(f"argument {name!r} is missing: {fam.name} needs it, shaped "
-                       f"{_dims_text(slots[name].forms[0], env)}")
+                       f"{_dims_text(table[name].forms[0], env)}")
 
 
-def _varlen(binder: _Binder, values, slots, conv, batch, seqlen, device):
+def _varlen(binder: _Binder, values, table, conv, batch, seqlen, device):
     """(cu_seqlens int64 or None, seq_idx (1, l) int32 or None, nseq), checked and derived."""
     cu, seq_idx, offsets = values.get("cu_seqlens"), values.get("seq_idx"), None
     if cu is not None:
         cu, offsets = _offsets(cu, batch, seqlen, device)
     if seq_idx is not None:
-        seq_idx = binder.tensor("seq_idx", seq_idx, slots["seq_idx"])
+        seq_idx = binder.tensor("seq_idx", seq_idx, table["seq_idx"])
         if batch != 1:
             raise _err(f"argument 'seq_idx' describes sequences packed along l and needs batch 1; "
                        f"got batch {batch}")
@@ -397,22 +276,23 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
                    "token's B x; the state_update convention carries only the state",
                    "run the scan/chunked form, or ask for a convention with a previous-input cache")
     values = collect(conv, args, kwargs)
-    slots = _slots(fam, conv)
-    primary = "u" if conv is Convention.SELECTIVE_SCAN else "x"
+    table = operand_table(fam, conv)
+    primary = table.primary
     binder = _Binder(fam, primary)
-    _presence(fam, conv, values, slots, primary, binder.env)
+    _presence(fam, table, values, binder.env)
 
     # The primary input fixes batch, seqlen, dtype and device.
-    x = binder.ref = binder.tensor(primary, values[primary], slots[primary])
+    x = binder.ref = binder.tensor(primary, values[primary], table[primary])
     batch, seqlen = x.shape[0], binder.env.setdefault("l", 1)
-    cu, seq_idx, nseq = _varlen(binder, values, slots, conv, batch, seqlen, x.device)
+    cu, seq_idx, nseq = _varlen(binder, values, table, conv, batch, seqlen, x.device)
     binder.env["s"] = nseq
     binder.fixed_by["s"] = (f"'cu_seqlens' holds {nseq} sequences" if cu is not None
                             else f"argument {primary!r} has batch {nseq}")
     fields = {primary: x}
-    for name, slot in slots.items():
-        if name not in fields and name != "seq_idx" and values.get(name) is not None:
-            fields[name] = binder.tensor(name, values[name], slot)
+    for op in table.tensors():
+        name = op.name
+        if name not in fields and op.role is not Role.INDEX and values.get(name) is not None:
+            fields[name] = binder.tensor(name, values[name], op)
 
     fam = _sized_family(fam, binder)
     pos = POSITIONAL[conv]
@@ -434,11 +314,11 @@ def sizes_from_shapes(family: SSMFamily, convention, shapes: Dict[str, Tuple[int
     """The sizes a call's tensors show, from their shapes alone (no values, no checks): what a
     fake implementation under torch.compile needs to state output shapes. The first form of
     each argument's rank decides, as ``bind`` would for a valid call."""
-    slots = _slots(family, Convention(convention))
+    table = operand_table(family, Convention(convention))
     env: Dict[str, int] = {}
     for name, shape in shapes.items():
-        slot = slots.get(name)
-        form = next((f for f in slot.forms if len(f.dims) == len(shape)), None) if slot else None
+        op = table[name] if name in table else None
+        form = next((f for f in op.forms if len(f.dims) == len(shape)), None) if op else None
         if form is not None:
             for dsym, v in tuple(zip(form.dims, shape)) + form.implies:
                 env.setdefault(dsym, int(v))

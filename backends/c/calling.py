@@ -109,10 +109,10 @@ def _offsets(problem, batch: int):
 
 
 def marshal(L: Layout, problem) -> Call:
-    names = tensor_names(L.convention)
+    names = tensor_names(L)
     call = Call(L)
     step = L.plan.algorithm is Algorithm.STEP
-    main_name = "x" if step else names["x"]
+    main_name = names["x"]
     main = _get(problem, main_name)
     if main is None:
         raise CallError(f"{main_name} is required")
@@ -147,8 +147,8 @@ def marshal(L: Layout, problem) -> Call:
             if work.data_ptr() != user.data_ptr() or work.dtype != user.dtype:
                 call.state_writeback = (user, work)
             call.values[p.name] = work
-        elif p.name == names["final"]:
-            wants = bool(_get(problem, "return_final_states") or _get(problem, "return_last_state"))
+        elif p.name == names.get("final"):
+            wants = problem.wants_final_state
             call.values[p.name] = _empty(L, p, batch, seqlen, nseq) if wants else None
         else:
             call.values[p.name] = _empty(L, p, batch, seqlen, nseq)
@@ -157,7 +157,7 @@ def marshal(L: Layout, problem) -> Call:
 
 def results(call: Call):
     """``(y, final_state_or_None)`` after the kernel ran; writes a converted state back."""
-    names = tensor_names(call.layout.convention)
+    names = tensor_names(call.layout)
     if call.state_writeback is not None:
         user, work = call.state_writeback
         user.copy_(work)

@@ -194,7 +194,7 @@ def _store_state(L: Layout, code: Code, name: str) -> None:
 
 
 def _tensor_names(L: Layout):
-    return tensor_names(L.convention)
+    return tensor_names(L)
 
 
 def _conv_entry_start(L: Layout, kname: str, kparams) -> Code:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from ssmc.ir import Algorithm, AStructure, KernelPlan, Sharing
+from ssmc.ir import Algorithm, AStructure, Convention, KernelPlan
 from ssmc.lti import is_matrix_conv
-from ssmc.plan import convention_of
-from ssmc.ir import Convention
+from ssmc.operands import Operand, Role
 
 from .matrix_conv import c_params
 
@@ -123,41 +122,42 @@ def c_identifier(name: str) -> str:
     return ident if ident and not ident[0].isdigit() else f"ssm_{ident}"
 
 
-def _bc_dims(plan: KernelPlan, which: str, conv: Convention) -> Tuple[str, ...]:
-    spec = getattr(plan.family, which)
-    per_row = "h" if conv_is_ssd(plan) else "d"
-    if spec.selective:
-        if conv is Convention.STATE_UPDATE:
-            return ("b", "g", "n")
-        return ("b", "l", "g", "n") if conv is Convention.SSD else ("b", "g", "n", "l")
-    return ("g", "n") if spec.sharing is Sharing.GROUP else (per_row, "n")
-
-
 def conv_is_ssd(plan: KernelPlan) -> bool:
     return plan.family.A.structure is AStructure.SCALAR
 
 
+# What a NULL pointer means, for the parameters a kernel runs without (the operand table's
+# ``nullable``), by role.
+_NULL_MEANS = {Role.INITIAL_STATE: "zeros", Role.FINAL_STATE: "not written (may be the same "
+               "buffer as the initial state)"}
+
+
+# C sources stay ASCII; the operand table's words are written for Python messages.
+_ASCII = str.maketrans({"Δ": "Delta", "×": "x"})
+
+
+def _tensor_param(op: Operand) -> Param:
+    role = {Role.CACHE: "inout", Role.OUTPUT: "out", Role.FINAL_STATE: "out"}.get(op.role, "in")
+    doc = op.what.translate(_ASCII)
+    assert doc.isascii(), doc
+    if op.nullable:
+        doc += f"; NULL: {_NULL_MEANS.get(op.role, 'the term is dropped')}"
+    return Param(op.name, "tensor", doc, op.dims, role=role, is_complex=op.complex,
+                 nullable=op.nullable)
+
+
 def make_layout(plan: KernelPlan) -> Layout:
+    """The entry point's parameters: sizes C needs passed, then the operand table's tensors
+    (their normalized dims), outputs last."""
     fam = plan.family
-    conv = convention_of(plan)
+    table = plan.operands
+    conv = table.convention
     ssd = conv_is_ssd(plan)
-    cplx = fam.A.structure is AStructure.COMPLEX_DIAGONAL
     prefix = c_identifier(fam.name)
     entry = f"{prefix}_{plan.algorithm.value}"
     step = plan.algorithm is Algorithm.STEP
     row = ("h", "p") if ssd else ("d",)
     coef = "h" if ssd else "d"
-    names = tensor_names(conv)
-
-    def x_dims():
-        if step:
-            return ("b",) + row
-        return ("b", "l") + row if ssd else ("b", "d", "l")
-
-    def per_token(sel_dims_scan, sel_dims_step, const_dims, selective):
-        if not selective:
-            return const_dims
-        return sel_dims_step if step else sel_dims_scan
 
     params: List[Param] = [Param("batch", "size", "batch size (number of sequences unless varlen)")]
     if not step:
@@ -166,42 +166,12 @@ def make_layout(plan: KernelPlan) -> Layout:
                             "must be 1; NULL: every batch row is one sequence", nullable=True))
         params.append(Param("nseq", "size", "number of sequences in cu_seqlens (ignored when it "
                             "is NULL)"))
-    if step:
-        params.append(Param("state", "tensor", "the state, updated in place", ("b",) + row + ("n",),
-                            role="inout", is_complex=cplx))
-    params.append(Param(names["x"], "tensor", "input", x_dims()))
-    # dt: SSD (b,l,h), selective scan (b,d,l), step (b,h) or (b,d); a constant Δ is (h,)/(d,).
-    params.append(Param(names["dt"], "tensor",
-                        "Delta before its parameterization (+ bias, softplus, clamp)",
-                        per_token(("b", "l", "h") if ssd else ("b", "d", "l"), ("b", coef),
-                                  (coef,), fam.delta.selective)))
-    a_const = ("h",) if ssd else ("d", "n")
-    a_sel_scan = ("b", "l", "h") if ssd else ("b", "d", "n", "l")
-    a_sel_step = ("b", "h") if ssd else ("b", "d", "n")
-    params.append(Param("A", "tensor", "A (continuous time, already -exp(A_log))",
-                        per_token(a_sel_scan, a_sel_step, a_const, fam.A.selective),
-                        is_complex=cplx))
-    for which in ("B", "C"):
-        params.append(Param(which, "tensor", f"{which} ({'selective' if getattr(fam, which).selective else 'learned constant'})",
-                            _bc_dims(plan, which, conv), is_complex=cplx))
-    if fam.D is not None:
-        d_dims = ("h", "p") if ssd and fam.D.sharing is Sharing.HEAD_DIM else (coef,)
-        params.append(Param("D", "tensor", "skip: y += D x; NULL: no skip", d_dims,
-                            nullable=True))
-    if fam.gate is not None:
-        params.append(Param("z", "tensor", "gate: y *= silu(z); NULL: no gate", x_dims(),
-                            nullable=True))
-    if fam.delta.bias:
-        params.append(Param(names["dt_bias"], "tensor", "added to Delta before softplus; "
-                            "NULL: 0", (coef,), nullable=True))
-    if not step:
-        params.append(Param(names["initial"], "tensor", "state before the first token; NULL: "
-                            "zeros", ("s",) + row + ("n",), is_complex=cplx, nullable=True))
-    params.append(Param(names["y"], "tensor", "output", x_dims(), role="out"))
-    if not step:
-        params.append(Param(names["final"], "tensor", "state after the last token; NULL: not "
-                            "written (may be the same buffer as the initial state)",
-                            ("s",) + row + ("n",), role="out", is_complex=cplx, nullable=True))
+    # seq_idx is another spelling of cu_seqlens (bind derives one from the other); the DPLR
+    # factors reach C only through the host's discretization (matrix_conv).
+    for op in table.tensors():
+        if op.role is not Role.INDEX and op.name not in ("P", "Q"):
+            params.append(_tensor_param(op))
+    params += [_tensor_param(op) for op in table.outputs]
     if plan.algorithm is Algorithm.CONV:
         params.append(Param("conv_kernel", "tensor", "workspace: the convolution kernel K, "
                             "(heads or channels, seqlen) floats", (coef, "k"), role="out"))
@@ -216,10 +186,6 @@ def make_layout(plan: KernelPlan) -> Layout:
     return Layout(plan, conv, prefix, entry, row, coef, tuple(params), sizes)
 
 
-def tensor_names(conv: Convention) -> Dict[str, str]:
-    """Tensor names as the convention's keyword arguments spell them."""
-    if conv is Convention.SELECTIVE_SCAN:
-        return {"x": "u", "dt": "delta", "dt_bias": "delta_bias", "initial": "initial_state",
-                "final": "last_state", "y": "out"}
-    return {"x": "x", "dt": "dt", "dt_bias": "dt_bias", "initial": "initial_states",
-            "final": "final_states", "y": "y"}
+def tensor_names(L: "Layout") -> Dict[str, str]:
+    """The convention's keyword for x, dt, dt_bias, initial, final and y (the operand table's)."""
+    return L.plan.operands.keyword

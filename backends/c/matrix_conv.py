@@ -39,7 +39,7 @@ def c_params(plan: KernelPlan, params: List, param_cls) -> List:
 
 def c_generator(L, helpers) -> List[Tuple[str, tuple, List[str], str]]:
     """The conv kernel K and the entry, in C. ``helpers``: kernels.py (its shared emitters)."""
-    Code, names = helpers.Code, helpers.tensor_names(L.convention)
+    Code, names = helpers.Code, helpers.tensor_names(L)
     prev = L.has("bbar_prev_B")
     n = L.macro("n")
     n_loop, m_loop = helpers._n_loop(L), f"for (int64_t mm = 0; mm < {L.macro('m')}; ++mm)"

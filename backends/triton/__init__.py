@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 
 from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
 from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.problems import FINAL_STATE_FLAG
 
 from . import codegen
 
@@ -34,12 +35,13 @@ CAPABILITIES = Capabilities(
 
 _MODULES = {Algorithm.SCAN: "scan", Algorithm.STEP: "step", Algorithm.CONV: "conv"}
 
-# The keyword arguments each generated ``forward`` takes, by algorithm (Problem field names).
-_SCAN_FIELDS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state",
-                "cu_seqlens", "return_last_state", "P", "Q")
-_STEP_FIELDS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-_FIELDS = {Algorithm.SCAN: _SCAN_FIELDS, Algorithm.CONV: _SCAN_FIELDS,
-           Algorithm.STEP: _STEP_FIELDS}
+
+def forward_arguments(plan: KernelPlan) -> List[str]:
+    """The keyword arguments a generated ``forward`` takes: the tensors the operand table says
+    the family has, and the flag asking for the final state."""
+    table = plan.operands
+    flag = FINAL_STATE_FLAG.get(table.convention)
+    return [op.name for op in table.tensors()] + ([flag] if flag else [])
 
 
 def _chunked():
@@ -123,7 +125,7 @@ def build(plan: KernelPlan, config: Optional[dict] = None) -> Callable:
             lower(plan, config)  # raises the TargetError
         return _chunked().build_chunked(plan, _full_config(plan, config))
     module = codegen.load_module(lower(plan, config), stem=f"ssmc_{plan.algorithm.value}")
-    fields = _FIELDS[plan.algorithm]
+    fields = forward_arguments(plan)
 
     def kernel(problem):
         kwargs = {name: getattr(problem, name, None) for name in fields}
