@@ -18,6 +18,8 @@ from ssmc.errors import CallError
 from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.lti import host_coefficients, is_matrix_conv
 
+from . import buffers
+
 _SEG_CACHE: dict = {}
 # Tests set this: outputs are then allocated full of NaN, so an element the kernel never
 # writes cannot pass the comparison by holding a stale value.
@@ -138,26 +140,25 @@ class ScanRunner(_SequenceRunner):
     def __init__(self, plan, function):
         super().__init__(plan)
         self.fn = function
+        self.inputs = buffers.inputs(plan)   # ssmc_scan's parameters, in its order
 
     def __call__(self, p):
         fam = self.fam
         x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
         nseq = seg.shape[0]
-        B, C = p.B, p.C
-        if not self.ssd:
-            B, C = token_major(B, fam.B.selective), token_major(C, fam.C.selective)
-        args = [f32(x), f32(dt), f32(p.A), f32(B), f32(C)]
-        if fam.D is not None:
-            args.append(f32(p.D))
-        if fam.gate is not None:
-            args.append(f32(p.z))
-        if fam.delta.bias:
-            args.append(f32(bias))
-        h0 = f32(init) if init is not None else self.placeholders(state_shape)
+        args = []
+        for name, op in self.inputs:
+            value = getattr(p, op.name)
+            if name == "h0":
+                args.append(f32(value) if value is not None else self.placeholders(state_shape))
+            elif op.name in ("B", "C") and not self.ssd:
+                args.append(f32(token_major(value, getattr(fam, op.name).selective)))
+            else:
+                args.append(f32(value))
         y = empty(args[0].shape)
         hT = empty((nseq,) + state_shape) if want else \
             self.placeholders(state_shape)
-        args += [h0, seg, y, hT, int(init is not None), int(bool(want))]
+        args += [seg, y, hT, int(init is not None), int(bool(want))]
         self.fn(*args)
         final = state_out(hT, self.cplx) if want else None
         return output(y, x), final
@@ -172,18 +173,12 @@ class StepRunner:
     def __init__(self, plan: KernelPlan, function):
         self.fam = plan.family
         self.fn = function
+        self.inputs = buffers.inputs(plan)   # ssmc_step's parameters, in its order
 
     def __call__(self, p):
-        fam = self.fam
         check_cpu(p.x, p.state)
         state = f32(p.state)
-        args = [state, f32(p.x), f32(p.dt), f32(p.A), f32(p.B), f32(p.C)]
-        if fam.D is not None:
-            args.append(f32(p.D))
-        if fam.gate is not None:
-            args.append(f32(p.z))
-        if fam.delta.bias:
-            args.append(f32(p.dt_bias))
+        args = [state] + [f32(getattr(p, op.name)) for _, op in self.inputs[1:]]
         y = empty(args[1].shape)
         args.append(y)
         self.fn(*args)

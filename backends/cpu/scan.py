@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
+from . import buffers
 from . import coeffs as co
 from .fastmath import LOG2E, MathOptions, f32
 from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer, scalar_temporaries
@@ -118,15 +119,10 @@ class _Scan:
 
     # ---- the text ---------------------------------------------------------------------------
     def signature(self) -> List[str]:
-        fam, w = self.fam, self.w
-        args = ["x_h", "dt_h", "A_h", "B_h", "C_h"]
-        if fam.D is not None:
-            args.append("D_h")
-        if fam.gate is not None:
-            args.append("z_h")
-        if fam.delta.bias:
-            args.append("bias_h")
-        args += ["h0_h", "seg_h", "y_h", "hT_h"] + (["ylin_h"] if self.mode == "conv" else [])
+        w = self.w
+        names = [n for n, _ in buffers.inputs(self.plan)] + ["seg"] + \
+            [n for n, _ in buffers.outputs(self.plan)] + (["ylin"] if self.mode == "conv" else [])
+        args = [f"{n}_h" for n in names]
         params = ", ".join(f"{a}: T.handle" for a in args) + ", has_init: T.int32, has_final: T.int32"
         name = self.func_name()
         w("@T.prim_func")
@@ -141,50 +137,14 @@ class _Scan:
         return "ssmc_conv_boundary" if self.mode == "conv" else "ssmc_scan"
 
     def buffers(self):
-        fam, w, n, g = self.fam, self.w, self.n, self.g
-        cx = (2,) if self.cplx else ()
-        if self.ssd:
-            H, P = fam.dims.heads, fam.dims.head_dim
-            act = ("nb", "L", H, P)
-            match_buffer(w, "x", "x_h", act)
-            match_buffer(w, "dt", "dt_h", ("nb", "L", H) if fam.delta.selective else (H,))
-            match_buffer(w, "A", "A_h", ("nb", "L", H) if fam.A.selective else (H,))
-            for name, spec in (("B", fam.B), ("C", fam.C)):
-                shape = (("nb", "L", g, n) if spec.selective else
-                          (g, n) if spec.sharing is Sharing.GROUP else (H, n))
-                match_buffer(w, name, f"{name}_h", shape)
-            if fam.D is not None:
-                match_buffer(w, "D", "D_h", (H, P) if fam.D.sharing is Sharing.HEAD_DIM else (H,))
-            if fam.gate is not None:
-                match_buffer(w, "z", "z_h", act)
-            if fam.delta.bias:
-                match_buffer(w, "bias", "bias_h", (H,))
-            match_buffer(w, "h0", "h0_h", ("ninit", H, P, n))
-            match_buffer(w, "hT", "hT_h", ("nfin", H, P, n))
-            match_buffer(w, "y", "y_h", act)
-            if self.mode == "conv":
-                match_buffer(w, "ylin", "ylin_h", act)
-        else:
-            d = fam.dims.d_inner
-            act = ("nb", d, "L")
-            match_buffer(w, "x", "x_h", act)
-            match_buffer(w, "dt", "dt_h", act if fam.delta.selective else (d,))
-            match_buffer(w, "A", "A_h", (("nb", d, n, "L") if fam.A.selective else (d, n)) + cx)
-            for name, spec in (("B", fam.B), ("C", fam.C)):
-                shape = (("nb", g, "L", n) if spec.selective else
-                         (g, n) if spec.sharing is Sharing.GROUP else (d, n)) + cx
-                match_buffer(w, name, f"{name}_h", shape)
-            if fam.D is not None:
-                match_buffer(w, "D", "D_h", (d,))
-            if fam.gate is not None:
-                match_buffer(w, "z", "z_h", act)
-            if fam.delta.bias:
-                match_buffer(w, "bias", "bias_h", (d,))
-            match_buffer(w, "h0", "h0_h", ("ninit", d, n) + cx)
-            match_buffer(w, "hT", "hT_h", ("nfin", d, n) + cx)
-            match_buffer(w, "y", "y_h", act)
-            if self.mode == "conv":
-                match_buffer(w, "ylin", "ylin_h", act)
+        fam, w = self.fam, self.w
+        sizes = {"b": "nb", "l": "L", "h": fam.dims.heads, "p": fam.dims.head_dim,
+                 "d": fam.dims.d_inner, "n": self.n, "g": self.g}
+        # selective-scan B/C arrive token-major, (b, g, l, n): see launch.py
+        buffers.buffers(w, self.plan, sizes, token_major=not self.ssd,
+                        state_rows={"h0": "ninit", "hT": "nfin"})
+        if self.mode == "conv":
+            match_buffer(w, "ylin", "ylin_h", buffers.shape(self.plan.operands.outputs[0], sizes))
         match_buffer(w, "seg", "seg_h", ("nseg", 3), "int64")
 
     def state_at(self, buf: str, part: Optional[int]) -> str:

@@ -12,6 +12,7 @@ from typing import Dict, List
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
+from . import buffers
 from . import coeffs as co
 from .fastmath import LOG2E, MathOptions, f32
 from .tir import Writer, delta_expr, epilogue, lanes_for, match_buffer, scalar_temporaries
@@ -28,6 +29,7 @@ def default_config(plan: KernelPlan) -> dict:
 
 class _Step:
     def __init__(self, plan: KernelPlan, config: dict):
+        self.plan = plan
         self.fam = fam = plan.family
         self.ssd = fam.A.structure is AStructure.SCALAR
         self.cplx = fam.A.structure is AStructure.COMPLEX_DIAGONAL
@@ -54,42 +56,15 @@ class _Step:
     def generate(self) -> str:
         fam, w, n, g = self.fam, self.w, self.n, self.g
         cx = (2,) if self.cplx else ()
-        args = ["state_h", "x_h", "dt_h", "A_h", "B_h", "C_h"]
-        args += [a for a, on in (("D_h", fam.D), ("z_h", fam.gate), ("bias_h", fam.delta.bias)) if on]
-        args.append("y_h")
+        args = [f"{name}_h" for name, _ in buffers.inputs(self.plan) + buffers.outputs(self.plan)]
         w("# ssmc CPU decode step (generated; see backends/cpu/step.py)")
         w("@T.prim_func")
         w(f"def ssmc_step({', '.join(a + ': T.handle' for a in args)}):")
         w.depth += 1
         w('T.func_attr({"global_symbol": "ssmc_step", "tir.noalias": True})')
         w("nb = T.int64()")
-        if self.ssd:
-            H, P = fam.dims.heads, fam.dims.head_dim
-            unit, act = (H,), ("nb", H, P)
-            match_buffer(w, "state", "state_h", ("nb", H, P, n))
-            match_buffer(w, "dt", "dt_h", ("nb", H) if fam.delta.selective else (H,))
-            match_buffer(w, "A", "A_h", ("nb", H) if fam.A.selective else (H,))
-            const_head = (H, n)
-        else:
-            d = fam.dims.d_inner
-            unit, act = (d,), ("nb", d)
-            match_buffer(w, "state", "state_h", ("nb", d, n) + cx)
-            match_buffer(w, "dt", "dt_h", act if fam.delta.selective else unit)
-            match_buffer(w, "A", "A_h", (("nb", d, n) if fam.A.selective else (d, n)) + cx)
-            const_head = (d, n)
-        match_buffer(w, "x", "x_h", act)
-        for name, spec in (("B", fam.B), ("C", fam.C)):
-            shape = ("nb", g, n) if spec.selective else (g, n) if spec.sharing is Sharing.GROUP \
-                else const_head
-            match_buffer(w, name, f"{name}_h", shape + cx)
-        if fam.D is not None:
-            hp = self.ssd and fam.D.sharing is Sharing.HEAD_DIM
-            match_buffer(w, "D", "D_h", (fam.dims.heads, fam.dims.head_dim) if hp else unit)
-        if fam.gate is not None:
-            match_buffer(w, "z", "z_h", act)
-        if fam.delta.bias:
-            match_buffer(w, "bias", "bias_h", unit)
-        match_buffer(w, "y", "y_h", act)
+        buffers.buffers(w, self.plan, {"b": "nb", "h": fam.dims.heads, "p": fam.dims.head_dim,
+                                       "d": fam.dims.d_inner, "n": n, "g": g})
         if self.ssd:
             self.heads()
         else:
