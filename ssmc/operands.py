@@ -119,6 +119,16 @@ class OperandTable:
         """The tensor arguments the family has (what a kernel's launcher takes)."""
         return tuple(op for op in self.arguments if op.is_tensor and op.present)
 
+    def key_of(self, name: str) -> str:
+        """What a generator calls an operand (x, dt, dt_bias, ...; else its keyword)."""
+        return next((k for k, v in self.keyword.items() if v == name), name)
+
+    def droppable_terms(self) -> Tuple[str, ...]:
+        """The keys of the terms the family has that a kernel can run without (D, z, dt_bias):
+        a kernel takes a flag for each saying whether the call passed it."""
+        return tuple(self.key_of(op.name) for op in self.tensors()
+                     if op.nullable and op.role in (Role.INPUT, Role.PARAMETER))
+
     def required(self) -> Tuple[str, ...]:
         return tuple(op.name for op in self.arguments if op.need is Need.REQUIRED)
 

@@ -163,7 +163,7 @@ class _ScanGen:
     def kernel(self, name: str) -> str:
         f, N, NS = self.f, self.N, self.NS
         o = Lines()
-        o.jit_def(name, kernel_params(f, self.sel, self.mode))
+        o.jit_def(name, kernel_params(self.plan, self.sel, self.mode))
         o("pid_d = tl.program_id(0)")
         if self.mode == "full":
             o("seq = tl.program_id(1)  # batch index, or sequence index when VARLEN")

@@ -17,7 +17,7 @@ the combine kernel and ``forward``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ssmc.ir import AStructure, KernelPlan, SSMFamily
 
@@ -103,13 +103,16 @@ def check_config(plan: KernelPlan, config: dict):
             raise ValueError(f"scan config {key} must be an int >= 0: {config}")
 
 
-def kernel_params(f: SSMFamily, sel: Dict[str, bool], mode: str) -> List[str]:
+def optional_inputs(plan: KernelPlan) -> List[Tuple[str, str]]:
+    """(pointer, constexpr saying whether the call passed it) of each term the operand table
+    says the family has and a kernel may run without, in the table's order."""
+    return [(f"{key}_ptr", f"HAS_{key.upper()}") for key in plan.operands.droppable_terms()]
+
+
+def kernel_params(plan: KernelPlan, sel: Dict[str, bool], mode: str) -> List[str]:
     """The scan kernels' parameters (``forward`` below passes its arguments in this order)."""
-    # the optional inputs the spec has: (pointer, constexpr saying whether the call passed it)
-    optional = [(ptr, flag) for has, ptr, flag in ((f.D, "D_ptr", "HAS_D"),
-                                                   (f.gate, "z_ptr", "HAS_Z"),
-                                                   (f.delta.bias, "dt_bias_ptr", "HAS_DT_BIAS"))
-                if has]
+    f = plan.family
+    optional = optional_inputs(plan)
     p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"] + [ptr for ptr, _ in optional]
     p += ["h0_ptr", "out_ptr", "hT_ptr", "cu_ptr", "n_channels", "seqlen", "cpg_B", "cpg_C",
           "stride_u_b", "stride_u_d"]

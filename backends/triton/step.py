@@ -23,6 +23,7 @@ from ssmc.plan import plan_limits
 
 from . import codegen
 from .codegen import Lines, as_text, cadd, cmul
+from .scan_launcher import optional_inputs
 
 WHAT = "decode step (state update)"
 
@@ -121,10 +122,9 @@ def _coefs(o: Lines, plan: KernelPlan, names):
     return (get("abar"), None), (get("bbar"), None)
 
 
-def _optional_ptrs(f) -> List[str]:
+def _optional_ptrs(plan: KernelPlan) -> List[str]:
     """Pointers of the optional inputs the spec has, in the launcher's argument order."""
-    return [ptr for has, ptr in ((f.D, "D_ptr"), (f.gate, "z_ptr"), (f.delta.bias, "dt_bias_ptr"))
-            if has]
+    return [ptr for ptr, _ in optional_inputs(plan)]
 
 
 def _barrier_if_replicated(o: Lines, replicated: bool):
@@ -139,7 +139,7 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     f = plan.family
     N = f.dims.state
     o = Lines()
-    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(f)]
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(plan)]
     params += ["y_ptr", "head_dim", "heads_per_group_B", "heads_per_group_C",
                "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
                "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
@@ -202,7 +202,7 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     NP = codegen.pow2_at_least(N)
     cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
     o = Lines()
-    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(f)]
+    params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(plan)]
     params += ["y_ptr", "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
                "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
                "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b",
