@@ -63,9 +63,9 @@ FAMILIES = {
     "mamba2-chunk16": lambda: Family(F.mamba2(chunk=16, D=Sharing.HEAD_DIM, clamp=(1e-3, 0.1)),
                                      dict(heads=2, head_dim=48, state=12, groups=2)),
     # S4D: LTI diagonal, zoh, the conv family.
-    "s4d": lambda: Family(_example("s4d.ssm"), dict(channels=40, state=24)),
+    "s4d": lambda: Family(_example("s4d.ssm"), dict(channels=20, state=12)),
     # S4: DPLR A (rank 2 here, 1 in the spec), bilinear, conv.
-    "s4-dplr": lambda: Family(_example("s4.ssm"), dict(channels=12, state=12, rank=2)),
+    "s4-dplr": lambda: Family(_example("s4.ssm"), dict(channels=6, state=10, rank=2)),
     # Dense A, LTI (tests/families.py).
     "dense": lambda: Family(F.dense(selective=False, algorithm=Algorithm.CONV),
                             dict(channels=6, state=6)),
@@ -120,6 +120,10 @@ def _cells():
                                        marks=pytest.mark.skip(reason=f"{target}: {reason}"))
                     continue
                 modes = STEP_MODES if algorithm is Algorithm.STEP else SEQUENCE_MODES
+                if target == "cuda" and algorithm is Algorithm.CONV:
+                    # The interpreter is slow: the conv's no-state path runs in test_triton_conv
+                    # (bf16, without states).
+                    modes = tuple(m for m in modes if m != "no-states")
                 if (target, algorithm, name) in BF16:
                     modes = modes + ("bf16",)
                 for mode in modes:
