@@ -83,13 +83,18 @@ def check_step(fam, dtype, seed, config=None):
     assert_rel_close("state (in place)", problem.state, state64, "float32")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The default mamba2, mamba1, s4d and complex s4d steps are test_oracle.py's cuda-step cells.
+IN_TEST_ORACLE = {"mamba2", "mamba1", "s4d", "s4d-complex"}
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - IN_TEST_ORACLE))
 def test_step_matches_oracle(case, seed):
     check_step(CASES[case](), "float32", seed)
 
 
-@pytest.mark.parametrize("case", ["mamba2", "mamba1", "complex"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case,dtype", [(c, d) for d in ("bfloat16", "float16")
+                                        for c in ("mamba2", "mamba1", "complex")
+                                        if (c, d) != ("mamba2", "bfloat16")])  # test_oracle's
 def test_step_16bit_inputs(case, dtype, seed):
     check_step(CASES[case](), dtype, seed)
 
