@@ -14,6 +14,8 @@ only evaluates them (``evaluate``).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from functools import lru_cache
 from typing import Callable, Dict, Tuple
 
@@ -22,7 +24,8 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .errors import TargetError
-from .ir import AStructure, Discretized, Method, SSMFamily
+from .functions import Clamp, Softplus
+from .ir import AStructure, DeltaSpec, Discretized, Method, SSMFamily
 from .printers import cse_print, stable_form
 
 # dt > 0 is Delta after softplus/bias/clamp. Real a is negative; complex a is declared complex,
@@ -36,6 +39,10 @@ A_IM = sp.Symbol("a_im", real=True)
 # Matrix forms: n is the state size, a the n x n matrix (for DPLR formed numerically first).
 N = sp.Symbol("n", integer=True, positive=True)
 A_MATRIX = sp.MatrixSymbol("a", N, N)
+
+# The Δ map's inputs: the raw dt element (the dt / delta tensor) and its bias.
+DT_RAW = sp.Symbol("dt_raw", real=True)
+DT_BIAS = sp.Symbol("dt_bias", real=True)
 
 _s = sp.Symbol("s", real=True)
 
@@ -159,8 +166,76 @@ def derive_elementwise(method: Method, complex_a: bool = False) -> Discretized:
     step = sp.expand(step)
     abar, bbar, bbar_prev = (sp.simplify(sp.diff(step, v)) for v in (al.h_prev, al.u_next, al.u_prev))
     structure = AStructure.COMPLEX_DIAGONAL if complex_a else AStructure.DIAGONAL
+    split = None
+    if complex_a:
+        split = tuple(split_complex(e) for e in (abar, bbar, bbar_prev))
     return Discretized(method=method, structure=structure, dt=DT, a=a,
-                       abar=abar, bbar=bbar, bbar_prev=bbar_prev)
+                       abar=abar, bbar=bbar, bbar_prev=bbar_prev,
+                       log_decay=log_decay(abar), prev_input=prev_input(abar, bbar_prev),
+                       split=split)
+
+
+def log_decay(abar):
+    """log(Abar) in closed form where sympy finds one (a*dt for every exp-type method), else
+    log(Abar) itself (a forced expansion of e.g. bilinear's log of a ratio would take logs of
+    negative factors).
+
+    Kernels that accumulate decays in log space (chunked SSD) print this, so that a product of
+    decays over long sequences cannot underflow.
+    """
+    expanded = sp.expand_log(sp.log(abar), force=True)
+    return sp.log(abar) if expanded.has(sp.log) else expanded
+
+
+def prev_input(abar, bbar_prev):
+    """Bbar_prev / Abar, or None when the method has no previous-input term.
+
+    The input B_{t-1} x_{t-1} enters the state at step t with Bbar_prev(t) and is then decayed
+    like everything else; seen from step t-1 its weight is Bbar_prev(t) / Abar(t). Simplified
+    symbolically so that exp(a dt) cancels instead of overflowing as exp(-a dt) for large dt.
+    """
+    if sp.simplify(bbar_prev) == 0:
+        return None
+    return sp.simplify(bbar_prev / abar)
+
+
+# --------------------------------------------------------------------------------------------
+# The Δ map
+
+@lru_cache(maxsize=None)
+def delta_map(spec: DeltaSpec):
+    """Δ from the raw dt, as the spec says: clamp(softplus(dt_raw + dt_bias), lo, hi).
+
+    Each term is there only when the spec has it (no bias: dt_raw alone). Backends print this
+    (``ssmc.printers``); a backend that knows the bias is absent at call time substitutes
+    DT_BIAS by 0.
+    """
+    x = DT_RAW + DT_BIAS if spec.bias else DT_RAW
+    if spec.softplus:
+        x = Softplus(x)
+    if spec.clamp is not None:
+        lo, hi = (float(v) for v in spec.clamp)
+        x = Clamp(x, sp.Float(lo), sp.oo if math.isinf(hi) else sp.Float(hi))
+    return x
+
+
+def without_bias(expr):
+    """The Δ map with the bias absent (a None dt_bias at call time)."""
+    return sp.sympify(expr).subs(DT_BIAS, 0)
+
+
+@lru_cache(maxsize=None)
+def _delta_fn(expr):
+    return sp.lambdify((DT_RAW, DT_BIAS), expr, modules="numpy")
+
+
+def evaluate_delta(disc: Discretized, dt_raw, dt_bias=None) -> np.ndarray:
+    """Δ as float64 numpy from the raw dt (and the bias, None = absent), from ``disc.delta``."""
+    dt_raw = np.asarray(dt_raw, dtype=np.float64)
+    bias = np.zeros(()) if dt_bias is None else np.asarray(dt_bias, dtype=np.float64)
+    out = _delta_fn(disc.delta)(dt_raw, bias)
+    return np.array(np.broadcast_to(out, np.broadcast_shapes(dt_raw.shape, bias.shape)),
+                    dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,17 +357,18 @@ def derive_matrix(method: Method) -> Tuple[object, object, object]:
 # The pass
 
 def discretize(family: SSMFamily) -> Discretized:
-    """The discretized system for a family's A structure and method."""
+    """The discretized system for a family's A structure and method, with its Δ map."""
     st = family.A.structure
     if st in (AStructure.SCALAR, AStructure.DIAGONAL):
-        d = derive_elementwise(family.method, complex_a=False)
-        return Discretized(family.method, st, d.dt, d.a, d.abar, d.bbar, d.bbar_prev)
-    if st is AStructure.COMPLEX_DIAGONAL:
-        return derive_elementwise(family.method, complex_a=True)
-    if st in (AStructure.DENSE, AStructure.DPLR):
+        d = dataclasses.replace(derive_elementwise(family.method, complex_a=False), structure=st)
+    elif st is AStructure.COMPLEX_DIAGONAL:
+        d = derive_elementwise(family.method, complex_a=True)
+    elif st in (AStructure.DENSE, AStructure.DPLR):
         abar, bbar, bbar_prev = derive_matrix(family.method)
-        return Discretized(family.method, st, DT, A_MATRIX, abar, bbar, bbar_prev)
-    raise ValueError(f"unknown A structure {st}")
+        d = Discretized(family.method, st, DT, A_MATRIX, abar, bbar, bbar_prev)
+    else:
+        raise ValueError(f"unknown A structure {st}")
+    return dataclasses.replace(d, delta=delta_map(family.delta), dt_raw=DT_RAW, dt_bias=DT_BIAS)
 
 
 def is_matrix(disc: Discretized) -> bool:
@@ -498,8 +574,9 @@ def describe(family: SSMFamily) -> str:
         try:
             if disc.structure is AStructure.COMPLEX_DIAGONAL and dialect != "numpy":
                 parts = {}
-                for k, e in exprs.items():
-                    parts[f"{k}_re"], parts[f"{k}_im"] = split_complex(e)
+                for k, (re, im) in zip(("abar", "bbar", "bbar_prev"), disc.split):
+                    if k in exprs:
+                        parts[f"{k}_re"], parts[f"{k}_im"] = re, im
                 lines, finals = cse_print(parts, dialect, names)
                 out.append("      (no complex numbers: a = a_re + i a_im, split)")
             else:

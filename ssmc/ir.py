@@ -294,6 +294,15 @@ class Discretized:
     ``bbar_prev`` is 0 except for the trapezoidal method.
     DPLR and dense A: the same three fields are matrix expressions in ``dt`` and the n x n
     MatrixSymbol ``a`` (for DPLR, a = diag(Lambda) - P^T Q is formed numerically first).
+
+    Derived once here, so that backends only print:
+    ``delta``: the Δ map, dt = clamp(softplus(dt_raw + dt_bias), lo, hi) with the terms the
+    spec has (``ssmc.functions.Softplus``/``Clamp``), in the symbols ``dt_raw`` and ``dt_bias``.
+    ``log_decay``: log(abar) (a*dt for every exp-type method; log(abar) itself where there is
+    no closed form); ``prev_input``: bbar_prev / abar simplified, or None when bbar_prev is 0.
+    Both None for matrix forms.
+    ``split``: complex-diagonal A only, ((abar_re, abar_im), (bbar_re, bbar_im),
+    (bbar_prev_re, bbar_prev_im)) in the real symbols ``a_re``, ``a_im``; None otherwise.
     """
     method: Method
     structure: AStructure
@@ -302,6 +311,12 @@ class Discretized:
     abar: object
     bbar: object
     bbar_prev: object
+    delta: object = None
+    dt_raw: object = None
+    dt_bias: object = None
+    log_decay: object = None
+    prev_input: object = None
+    split: object = None
 
 
 @dataclass(frozen=True)

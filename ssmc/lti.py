@@ -32,20 +32,15 @@ def has_prev_term(plan: KernelPlan) -> bool:
     return not (getattr(expr, "is_ZeroMatrix", False) or expr == 0)
 
 
-def _delta(family, delta: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Δ per channel in float64: + bias, softplus, clamp (the spec's order)."""
-    import math
-
+def _delta(plan: KernelPlan, delta: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Δ per channel, float64 numpy, from the pass's Δ map (a None bias drops its term)."""
     import torch
-    dt = delta.detach().to("cpu", torch.float64)
-    if family.delta.bias and bias is not None:
-        dt = dt + bias.detach().to("cpu", torch.float64)
-    if family.delta.softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if family.delta.clamp is not None:
-        lo, hi = (float(v) for v in family.delta.clamp)
-        dt = dt.clamp(min=lo, max=hi if math.isfinite(hi) else None)
-    return dt
+
+    from ssmc.discretize import evaluate_delta
+
+    def host(t):
+        return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+    return evaluate_delta(plan.disc, host(delta), host(bias) if plan.family.delta.bias else None)
 
 
 def _per_channel(t: torch.Tensor, spec, d: int) -> torch.Tensor:
@@ -76,8 +71,8 @@ def host_coefficients(plan: KernelPlan, problem) -> Dict[str, torch.Tensor]:
     from ssmc.discretize import evaluate
     fam = plan.family
     d = fam.dims.d_inner
-    dt = _delta(fam, problem.delta, problem.delta_bias)
-    abar, bbar, bbar_prev = evaluate(plan.disc, dt.numpy(), continuous_a(fam, problem).numpy())
+    dt = _delta(plan, problem.delta, problem.delta_bias)
+    abar, bbar, bbar_prev = evaluate(plan.disc, dt, continuous_a(fam, problem).numpy())
     B = _per_channel(problem.B, fam.B, d)
     out = {"abar": torch.from_numpy(abar),
            "bbar_B": torch.einsum("dij,dj->di", torch.from_numpy(bbar), B),

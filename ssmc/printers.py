@@ -6,6 +6,7 @@ code uses for them (a variable, ``dt[i]``, ``dt[..., None, None]``...).
 
 Dialects: ``numpy`` (``np.``), ``torch``, ``triton`` (``tl.``), ``c`` (C99 float math: ``expf``,
 ``0.5f``; nothing is promoted to double), ``tir`` (TVMScript: ``T.exp``, ``T.float32(...)``).
+The Δ map's ``Softplus`` and ``Clamp`` (``ssmc.functions``) print in every dialect.
 Complex and matrix expressions print only for numpy and torch; the other dialects raise a
 ``TargetError`` saying so (see ``ssmc.discretize.split_complex`` for complex-diagonal A there).
 """
@@ -158,6 +159,29 @@ class _Dialect:
     def _print_general_pow(self, base, e):
         return f"{self._fn('pow')}({self._print(base)}, {self._print(e)})"
 
+    # ---- the Δ map's functions (ssmc.functions): softplus and clamp
+    def _print_Softplus(self, expr):
+        # The threshold form (as torch and mamba_ssm): softplus(x) = x past 20, where
+        # log(1 + e^x) equals x in fp32 and e^x would overflow soon after.
+        x = self._print(expr.args[0])
+        return self._softplus(x, self._literal(20.0))
+
+    def _softplus(self, x: str, threshold: str) -> str:
+        raise NotImplementedError
+
+    def _print_Clamp(self, expr):
+        x, lo, hi = expr.args
+        out = f"{self._fn_max()}({self._print(x)}, {self._print(lo)})"
+        if hi != sp.oo:
+            out = f"{self._fn_min()}({out}, {self._print(hi)})"
+        return out
+
+    def _fn_max(self) -> str:
+        return self._fn("max")
+
+    def _fn_min(self) -> str:
+        return self._fn("min")
+
     def _print_Function(self, expr):
         raise TargetError(f"{self.dialect} printer has no mapping for {expr.func.__name__}() "
                           f"in {expr}")
@@ -173,6 +197,15 @@ class NumpyPrinter(_Dialect, PythonCodePrinter):
 
     def _print_ImaginaryUnit(self, expr):
         return "1j"
+
+    def _print_Softplus(self, expr):
+        # float64 oracle: logaddexp(0, x) is exact for every x (no threshold needed).
+        return f"np.logaddexp(0.0, {self._print(expr.args[0])})"
+
+    def _print_Clamp(self, expr):
+        x, lo, hi = expr.args
+        hi_text = "np.inf" if hi == sp.oo else self._print(hi)
+        return f"np.clip({self._print(x)}, {self._print(lo)}, {hi_text})"
 
     # ---- matrix forms (dense / DPLR A): scalars broadcast through ``names`` (dt[..., None, None])
     def _a_name(self):
@@ -243,6 +276,14 @@ class TorchPrinter(NumpyPrinter):
     def _print_ZeroMatrix(self, expr):
         return f"torch.zeros_like({self._a_name()})"
 
+    def _print_Softplus(self, expr):
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
+
+    def _print_Clamp(self, expr):
+        x, lo, hi = expr.args
+        bounds = f"min={self._print(lo)}" + ("" if hi == sp.oo else f", max={self._print(hi)}")
+        return f"torch.clamp({self._print(x)}, {bounds})"
+
 
 class TritonPrinter(_Dialect, PythonCodePrinter):
     dialect = "triton"
@@ -253,6 +294,18 @@ class TritonPrinter(_Dialect, PythonCodePrinter):
 
     def _print_general_pow(self, base, e):
         raise TargetError(f"triton has no general power; cannot print {base}**{e}")
+
+    def _print_Softplus(self, expr):
+        # Triton has no log1p, and log(1 + e^x) loses the digits of small e^x: the generated
+        # module defines the accurate threshold form once as the jit helper ``_softplus``
+        # (backends/triton/codegen.HELPERS), called here.
+        return f"_softplus({self._print(expr.args[0])})"
+
+    def _fn_max(self):
+        return "tl.maximum"
+
+    def _fn_min(self):
+        return "tl.minimum"
 
 
 class CPrinter(_Dialect, C99CodePrinter):
@@ -271,6 +324,16 @@ class CPrinter(_Dialect, C99CodePrinter):
             return text + "f"
         return text
 
+    def _softplus(self, x, threshold):
+        # log1p keeps the digits of small e^x.
+        return f"({x} > {threshold} ? {x} : {self._fn('log1p')}({self._fn('exp')}({x})))"
+
+    def _fn_max(self):
+        return self._fn("fmax")
+
+    def _fn_min(self):
+        return self._fn("fmin")
+
 
 class TIRPrinter(_Dialect, PythonCodePrinter):
     dialect = "tir"
@@ -281,6 +344,10 @@ class TIRPrinter(_Dialect, PythonCodePrinter):
 
     def _literal(self, value: float) -> str:
         return f"T.{self._dtype}({float(value)!r})"
+
+    def _softplus(self, x, threshold):
+        # Self-contained; the CPU backend emits its vectorizable fastmath softplus instead.
+        return f"T.Select({x} > {threshold}, {x}, T.log1p(T.exp(T.min({x}, {threshold}))))"
 
 
 PRINTERS = {

@@ -287,3 +287,62 @@ def test_describe_names_the_math():
     assert "B̄₋" in text and "Δ = delta" in text and "a_re" in text
     text = describe(F.s4_dplr())
     assert "Pᵀ Q" in text and "np.linalg.solve(" in text and "triton cannot print" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The Δ map and the derived forms the pass attaches
+
+def delta_specs():
+    """Every combination of the Δ map's optional terms (clamp: none, both ends, lower only)."""
+    from ssmc.ir import DeltaSpec
+    return [DeltaSpec(bias=b, softplus=s, clamp=c) for b in (False, True) for s in (False, True)
+            for c in (None, (1e-3, 0.1), (0.5, float("inf")))]
+
+
+def delta_by_hand(spec, raw, bias):
+    """Δ written from the math, float64: x = raw (+ bias); log1p(exp(x)); min(max(x, lo), hi)."""
+    x = raw + bias if spec.bias else raw
+    if spec.softplus:
+        x = np.log1p(np.exp(x))
+    if spec.clamp is not None:
+        x = np.minimum(np.maximum(x, spec.clamp[0]), spec.clamp[1])
+    return x
+
+
+@pytest.mark.parametrize("spec", delta_specs(), ids=str)
+def test_delta_map_evaluates_to_the_math(spec, seed):
+    from ssmc.discretize import DT_BIAS, DT_RAW, delta_map, evaluate_delta
+    from ssmc.functions import Clamp, Softplus
+    expr = delta_map(spec)
+    assert expr.has(DT_BIAS) == spec.bias and expr.has(Softplus) == spec.softplus
+    assert expr.has(Clamp) == (spec.clamp is not None)
+    disc = discretize(F.mamba1(softplus=spec.softplus, bias=spec.bias, clamp=spec.clamp))
+    assert disc.delta == expr and disc.dt_raw is DT_RAW and disc.dt_bias is DT_BIAS
+    rng = np.random.default_rng(seed)
+    raw = np.concatenate([rng.uniform(-30, 30, 500), [-30.0, 0.0, 19.9, 20.1, 30.0]])
+    bias = rng.uniform(-3, 3, raw.shape)
+    assert np.allclose(evaluate_delta(disc, raw, bias), delta_by_hand(spec, raw, bias),
+                       rtol=1e-12, atol=0)
+    # A bias that is absent at call time drops its term.
+    assert np.allclose(evaluate_delta(disc, raw), delta_by_hand(spec, raw, 0.0), rtol=1e-12, atol=0)
+    # sympy's own numeric evaluation (evalf) agrees too.
+    for r, b in zip(raw[:5], bias[:5]):
+        got = float(sp.N(expr.subs({DT_RAW: float(r), DT_BIAS: float(b)}), 30))
+        assert got == pytest.approx(float(delta_by_hand(spec, r, b)), rel=1e-13)
+
+
+def test_derived_log_decay_prev_input_and_split():
+    for m in METHODS:
+        d = derive_elementwise(m)
+        assert sp.simplify(sp.exp(d.log_decay) - d.abar) == 0, m
+        if m is Method.TRAPEZOIDAL:
+            assert sp.simplify(d.prev_input * d.abar - d.bbar_prev) == 0
+        else:
+            assert d.prev_input is None
+        assert d.split is None
+        c = derive_elementwise(m, complex_a=True)
+        assert c.split == tuple(split_complex(e) for e in (c.abar, c.bbar, c.bbar_prev))
+    # exp-type methods have the closed form a*dt (no log of a product to underflow).
+    assert derive_elementwise(Method.ZOH).log_decay == A_REAL * DT
+    dense = discretize(F.dense())
+    assert dense.log_decay is None and dense.prev_input is None and dense.delta is not None

@@ -306,3 +306,150 @@ def test_refusals_are_clear():
     with pytest.raises(ValueError, match="float32 or float64"):
         print_expr(complex_zoh.abar, "numpy", dtype="fp8")
     assert set(DIALECTS) == {"numpy", "torch", "triton", "c", "tir"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Δ map (softplus, clamp) in every dialect, run against the math written by hand
+
+def _delta_cases():
+    from test_discretize import delta_specs
+    return delta_specs()
+
+
+def _delta_inputs(seed, n=256):
+    """raw dt over both sides of softplus's threshold at 20, and a bias; fp32-exact values."""
+    rng = np.random.default_rng(seed)
+    raw = np.concatenate([rng.uniform(-12, 30, n - 6), [-12.0, 0.0, 19.9, 20.0, 20.1, 30.0]])
+    bias = rng.uniform(-3, 3, n)
+    return raw.astype(np.float32).astype(np.float64), bias.astype(np.float32).astype(np.float64)
+
+
+def _close(name, got, ref, rtol):
+    got = np.asarray(got, dtype=np.float64)
+    assert np.all(np.isfinite(got)), f"{name}: NaN/inf"
+    err = np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30))
+    worst = int(np.argmax(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30)))
+    assert err <= rtol, (f"{name}: max relative error {err:.2e} > {rtol:.0e} (got {got[worst]!r}, "
+                         f"want {ref[worst]!r} at {worst})")
+
+
+@pytest.mark.parametrize("spec", _delta_cases(), ids=str)
+def test_delta_map_numpy_and_torch(spec, seed):
+    from test_discretize import delta_by_hand
+    from ssmc.discretize import delta_map, without_bias
+    raw, bias = _delta_inputs(seed)
+    ref = delta_by_hand(spec, raw, bias)
+    names = {"dt_raw": "r", "dt_bias": "b"}
+    for dialect, mod, wrap, rtol in (("numpy", np, np.asarray, 1e-14),
+                                     ("torch", torch, torch.from_numpy, 1e-8)):
+        text = print_expr(delta_map(spec), dialect, names, dtype="float64")
+        got = eval(text, {{"numpy": "np"}.get(dialect, dialect): mod, "r": wrap(raw), "b": wrap(bias)})
+        _close(f"{dialect} {text}", got, ref, rtol)
+        plain = print_expr(without_bias(delta_map(spec)), dialect, names, dtype="float64")
+        assert "b" not in plain.replace("np.", "").replace("torch.", "").replace("nn.", "")
+        got = eval(plain, {{"numpy": "np"}.get(dialect, dialect): mod, "r": wrap(raw)})
+        _close(f"{dialect} {plain}", got, delta_by_hand(spec, raw, 0.0), rtol)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_delta_map_c_compiles_and_matches(tmp_path, seed):
+    """The printed C Δ (what backends/c's delta_statements emits) compiled warning-free."""
+    from test_discretize import delta_by_hand
+    from backends.c.cexpr import delta_statements
+    from ssmc.discretize import delta_map
+    from ssmc.plan import make_plan
+    specs = _delta_cases()
+    src = ["#include <math.h>\n"]
+    for i, spec in enumerate(specs):
+        for dtype in ("float32", "float64"):
+            src.append(c_function(f"delta{i}_{dtype}", {"out": delta_map(spec)},
+                                  ["dt_raw", "dt_bias"], dtype))
+        plan = make_plan(F.mamba1(softplus=spec.softplus, bias=spec.bias, clamp=spec.clamp))
+        line = delta_statements(plan, "r", "b", "")[0]
+        assert line == f"float Delta = {print_expr(delta_map(spec), 'c', {'dt_raw': 'r', 'dt_bias': 'b'})};"
+    (tmp_path / "delta.c").write_text("\n".join(src))
+    # (A map without bias leaves its dt_bias parameter unused.)
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+             "-Wdouble-promotion", "-Wfloat-conversion", "-fPIC", "-O2"]
+    subprocess.run(["gcc", *flags, "-c", "delta.c", "-o", "delta.o"], cwd=tmp_path, check=True)
+    subprocess.run(["gcc", "-shared", "delta.o", "-o", "libdelta.so", "-lm"], cwd=tmp_path, check=True)
+    lib = ctypes.CDLL(str(tmp_path / "libdelta.so"))
+    raw, bias = _delta_inputs(seed)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    for i, spec in enumerate(specs):
+        ref = delta_by_hand(spec, raw, bias)
+        # float64: the threshold form's x for softplus(x > 20) is off by e^-20 / 20 ~ 1e-10.
+        for dtype, np_dtype, rtol in (("float32", np.float32, 1e-5), ("float64", np.float64, 2e-10)):
+            args = [np.ascontiguousarray(x, dtype=np_dtype) for x in (raw, bias)]
+            out = np.full(raw.shape, np.nan, np_dtype)
+            getattr(lib, f"delta{i}_{dtype}")(ctypes.c_int(raw.size), *map(ptr, args), ptr(out))
+            _close(f"C {dtype} {spec}", out, ref, rtol)
+
+
+def test_delta_map_triton_interpreted(tmp_path, monkeypatch, seed):
+    """The printers' Triton form and the backend's, run with the module helpers every generated
+    module has (backends/triton/codegen.HELPERS: softplus is its _softplus)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from test_discretize import delta_by_hand
+    from backends.triton import codegen
+    from ssmc.discretize import delta_map
+    from ssmc.plan import make_plan
+    specs = _delta_cases()
+    src = [codegen.PRELUDE, codegen.HELPERS]
+    for i, spec in enumerate(specs):
+        plan = make_plan(F.mamba1(softplus=spec.softplus, bias=spec.bias, clamp=spec.clamp))
+        forms = {"printer": print_expr(delta_map(spec), "triton", {"dt_raw": "r", "dt_bias": "b"}),
+                 "backend": codegen.delta_expr(plan, "r", "b")}
+        for kind, text in forms.items():
+            src.append(f"@triton.jit\ndef delta{i}_{kind}(r_ptr, b_ptr, out_ptr, BLOCK: tl.constexpr):\n"
+                       f"    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)\n"
+                       f"    r = tl.load(r_ptr + offs)\n    b = tl.load(b_ptr + offs)\n"
+                       f"    tl.store(out_ptr + offs, {text} + 0.0 * r)\n")
+    path = tmp_path / f"ssmc_delta_triton_{seed}.py"
+    path.write_text("\n".join(src))
+    module = load_module(path)
+    raw, bias = _delta_inputs(seed)
+    args = [torch.tensor(x, dtype=torch.float32) for x in (raw, bias)]
+    for i, spec in enumerate(specs):
+        ref = delta_by_hand(spec, raw, bias)
+        for kind in ("printer", "backend"):
+            out = torch.full((raw.size,), float("nan"))
+            getattr(module, f"delta{i}_{kind}")[(raw.size // 64,)](*args, out, BLOCK=64)
+            _close(f"triton {kind} {spec}", out.numpy(), ref, 1e-5)
+
+
+def test_delta_map_tir_compiles_and_matches(tmp_path, seed):
+    """The printers' TIR form and the CPU backend's (fastmath softplus let-lines) compiled."""
+    tvm = pytest.importorskip("tvm")
+    from test_discretize import delta_by_hand
+    from backends.cpu.tir import Writer, delta_expr
+    from ssmc.discretize import delta_map, discretize
+    specs = _delta_cases()
+    raw, bias = _delta_inputs(seed)
+    n = raw.size
+    src = ["from tvm.script import tirx as T", ""]
+    params = ", ".join(f'{x}: T.Buffer(({n},), "float32")' for x in ("r", "b", "out"))
+    for i, spec in enumerate(specs):
+        text = print_expr(delta_map(spec), "tir", {"dt_raw": "r[i]", "dt_bias": "b[i]"})
+        src.append(f"@T.prim_func\ndef delta{i}_printer({params}):\n    for i in range({n}):\n"
+                   f"        out[i] = {text}\n")
+        w = Writer()
+        w.depth = 2
+        name = delta_expr(w, discretize(F.mamba1(softplus=spec.softplus, bias=spec.bias,
+                                                 clamp=spec.clamp)), "r[i]", "b[i]")
+        src.append(f"@T.prim_func\ndef delta{i}_backend({params}):\n    for i in range({n}):\n"
+                   + "\n".join(w.lines) + f"\n        out[i] = {name}\n")
+    path = tmp_path / f"ssmc_delta_tir_{seed}.py"
+    path.write_text("\n".join(src))
+    module = load_module(path)
+    funcs = {f"delta{i}_{k}": getattr(module, f"delta{i}_{k}") for i in range(len(specs))
+             for k in ("printer", "backend")}
+    lib = tvm.compile(tvm.IRModule(funcs), target="llvm")
+    for i, spec in enumerate(specs):
+        ref = delta_by_hand(spec, raw, bias)
+        for kind in ("printer", "backend"):
+            bufs = [tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32))
+                    for x in (raw, bias, np.full(n, np.nan))]
+            lib[f"delta{i}_{kind}"](*bufs)
+            _close(f"tir {kind} {spec}", bufs[2].numpy(), ref, 1e-5)

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import sympy as sp
 from sympy.codegen.ast import float32, real
 
-from ssmc.discretize import A_IM, A_RE, split_complex
+from ssmc.discretize import A_IM, A_RE
 from ssmc.ir import AStructure, KernelPlan
 from ssmc.printers import CPrinter, stable_form
 
@@ -69,25 +69,17 @@ def coefficient_statements(plan: KernelPlan, delta: str, a_name: str, suffix: st
     if plan.family.A.structure is AStructure.COMPLEX_DIAGONAL:
         names.update({A_RE.name: f"{a_name}_re", A_IM.name: f"{a_name}_im"})
         parts, outs = [], []
-        for n, e in zip(wanted, exprs):
-            re, im = split_complex(e)
-            parts += [re, im]
-            outs += [f"{n}{suffix}_re", f"{n}{suffix}_im"]
+        for i, n in enumerate(COEF_NAMES):
+            if n in wanted:
+                parts += list(d.split[i])   # split once by the discretize pass
+                outs += [f"{n}{suffix}_re", f"{n}{suffix}_im"]
         return _cse_statements(parts, outs, names, f"c{suffix}_", indent)
     names[d.a.name] = a_name
     return _cse_statements(exprs, [f"{n}{suffix}" for n in wanted], names, f"c{suffix}_", indent)
 
 
 def delta_statements(plan: KernelPlan, raw: str, bias: str, indent: str) -> List[str]:
-    """``float Delta`` from the raw dt element: + bias, softplus, clamp, as the spec says."""
-    spec = plan.family.delta
-    value = f"{raw} + {bias}" if spec.bias else raw
-    lines = [f"{indent}float Delta = {value};"]
-    if spec.softplus:
-        lines.append(f"{indent}Delta = ssmc_softplus(Delta);")
-    if spec.clamp is not None:
-        lo, hi = spec.clamp
-        lines.append(f"{indent}Delta = fmaxf(Delta, {float(lo)!r}f);")
-        if hi != float("inf"):
-            lines.append(f"{indent}Delta = fminf(Delta, {float(hi)!r}f);")
-    return lines
+    """``float Delta`` from the raw dt element, printed from the plan's Δ map (bias, softplus,
+    clamp as the spec says). ``bias`` is the text of the bias element (``0.0f`` when absent)."""
+    names = {plan.disc.dt_raw.name: raw, plan.disc.dt_bias.name: bias}
+    return [f"{indent}float Delta = {c_float(plan.disc.delta, names)};"]

@@ -186,13 +186,6 @@ static inline void ssmc_float_to_bf16(const float *src, uint16_t *dst, int64_t c
 """
 
 HELPERS = r"""
-/* softplus(x) = log(1 + e^x), written so that e^x cannot overflow: above 20 it equals x in
- * float, and log1pf keeps the digits of small e^x. */
-static inline float ssmc_softplus(float x)
-{
-    return x > 20.0f ? x : log1pf(expf(x));
-}
-
 static inline float ssmc_silu(float x)
 {
     return x / (1.0f + expf(-x));

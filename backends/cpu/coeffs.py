@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
+from ssmc.discretize import split_complex
 from ssmc.printers import print_expr
 
 from . import fastmath
@@ -72,17 +73,10 @@ def _atom_uses_a(at: Atom) -> bool:
     return any(s.name.startswith("a") for w in ws for s in sp.sympify(w).free_symbols)
 
 
-def _split(expr, a, a_re, a_im):
-    z = sp.expand_complex(sp.sympify(expr).subs(a, a_re + sp.I * a_im))
-    re, im = z.as_real_imag()
-    return sp.simplify(re), sp.simplify(im)
-
-
 def plan_coefficients(disc) -> CoeffPlan:
     """Replace the exp/expm1 atoms of plan.disc's abar, bbar, bbar_prev by symbols."""
     from ssmc.ir import AStructure
     is_complex = disc.structure is AStructure.COMPLEX_DIAGONAL
-    a = disc.a
     stable = {k: _stable_form(sp.sympify(getattr(disc, k))) for k in OUTPUTS}
     atoms: List[Atom] = []
     repl = {}
@@ -97,15 +91,14 @@ def plan_coefficients(disc) -> CoeffPlan:
             repl[f] = s
         else:
             sr, si = sp.Symbol(f"ssmc_{kind}{i}_re", real=True), sp.Symbol(f"ssmc_{kind}{i}_im", real=True)
-            a_re, a_im = sp.Symbol("a_re", negative=True), sp.Symbol("a_im", real=True)
-            atoms.append(Atom("c" + kind, _split(f.args[0], a, a_re, a_im), (sr, si)))
+            atoms.append(Atom("c" + kind, split_complex(f.args[0]), (sr, si)))
             repl[f] = sr + sp.I * si
     exprs = {}
     for k in OUTPUTS:
         e = stable[k].xreplace(repl)
         if is_complex:
-            a_re, a_im = sp.Symbol("a_re", negative=True), sp.Symbol("a_im", real=True)
-            exprs[k] = _split(e, a, a_re, a_im)
+            # The pass's split (a = a_re + i a_im); the atoms are real symbols by now.
+            exprs[k] = split_complex(e)
         else:
             exprs[k] = sp.simplify(e)
     return CoeffPlan(is_complex, exprs, atoms)

@@ -92,7 +92,7 @@ def _kernel_generator(plan: KernelPlan, config: dict) -> str:
         local("acc", (W,))
         with w.block(f"for s in T.serial({n}):"):
             with w.block(f"for v in T.vectorized({W}):"):
-                env = {"dt": delta_expr(w, fam, "dt[u0 + v]", "bias[u0 + v]")}
+                env = {"dt": delta_expr(w, plan.disc, "dt[u0 + v]", "bias[u0 + v]")}
                 if ssd:
                     env["a"] = "A[u0 + v]"
                 elif cplx:

@@ -337,7 +337,7 @@ class _Scan:
                     self.alloc(f"tab_{o}{suf}", (n, W))
             with w.block(f"for s in T.serial({n}):"):
                 with w.block(f"for v in T.vectorized({W}):"):
-                    env = dict(self.a_env(), dt=delta_expr(w, fam, "dt[c0 + v]", "bias[c0 + v]"))
+                    env = dict(self.a_env(), dt=delta_expr(w, self.plan.disc, "dt[c0 + v]", "bias[c0 + v]"))
                     lines: List[str] = []
                     vals = co.emit(self.cp, outs, lines, w.ind, w.names, env, opts=w.math)
                     w.extend(lines)
@@ -353,7 +353,7 @@ class _Scan:
         w, fam = self.w, self.fam
         outs = [o for o in co.OUTPUTS if not self.cp.is_zero(o)]
         start = len(w.lines)
-        env = dict(self.a_env(), dt=delta_expr(w, fam, dt_raw, "bias[hh]"))
+        env = dict(self.a_env(), dt=delta_expr(w, self.plan.disc, dt_raw, "bias[hh]"))
         lines: List[str] = []
         vals = co.emit(self.cp, outs, lines, w.ind, w.names, env, opts=w.math)
         w.extend(lines)
@@ -400,7 +400,7 @@ class _Scan:
             with w.block(f"for j in T.vectorized({TT}):"):
                 w("xr[v, j] = x[bi, c0 + v, t0 + j]")
                 dt_raw = "dt[bi, c0 + v, t0 + j]" if fam.delta.selective else "dt[c0 + v]"
-                w(f"dr[v, j] = {delta_expr(w, fam, dt_raw, 'bias[c0 + v]')}")
+                w(f"dr[v, j] = {delta_expr(w, self.plan.disc, dt_raw, 'bias[c0 + v]')}")
 
     def row_stores(self):
         """Full tile: D x, the gate and the store, vectorized along each lane's tokens."""
@@ -431,7 +431,7 @@ class _Scan:
                 w(f"xt[j, v] = {self.x_at('x')}")
                 if not self.ssd:
                     dt_raw = "dt[bi, c0 + v, tt]" if fam.delta.selective else "dt[c0 + v]"
-                    w(f"dtt[j, v] = {delta_expr(w, fam, dt_raw, 'bias[c0 + v]')}")
+                    w(f"dtt[j, v] = {delta_expr(w, self.plan.disc, dt_raw, 'bias[c0 + v]')}")
             outs = self.token_outputs()
             if outs:
                 if self.ssd:

@@ -34,6 +34,7 @@ class _Step:
         self.ssd = fam.A.structure is AStructure.SCALAR
         self.cplx = fam.A.structure is AStructure.COMPLEX_DIAGONAL
         self.n, self.g = fam.dims.state, fam.dims.groups
+        self.disc = plan.disc
         self.cp = co.plan_coefficients(plan.disc)
         if not self.cp.is_zero("bbar_prev"):
             raise ValueError("the decode step has no previous input (trapezoidal method)")
@@ -140,7 +141,7 @@ class _Step:
             tok = not cp.depends_on_a("bbar") and not self.cplx
             with w.block(f"for v in T.vectorized({CB}):"):
                 raw = "dt[bi, c0 + v]" if fam.delta.selective else "dt[c0 + v]"
-                w(f"dtv[v] = {delta_expr(w, fam, raw, 'bias[c0 + v]')}")
+                w(f"dtv[v] = {delta_expr(w, self.disc, raw, 'bias[c0 + v]')}")
                 w("xv[v] = x[bi, c0 + v]")
                 if tok:
                     lines: List[str] = []
@@ -198,7 +199,7 @@ class _Step:
             start = len(w.lines)
             raw = "dt[bi, hh]" if fam.delta.selective else "dt[hh]"
             a = "A[bi, hh]" if fam.A.selective else "A[hh]"
-            env = {"a": a, "dt": delta_expr(w, fam, raw, "bias[hh]")}
+            env = {"a": a, "dt": delta_expr(w, self.disc, raw, "bias[hh]")}
             if not fam.A.selective:
                 env["a_l2"] = w.let("a_l2", f"A[hh] * {f32(LOG2E)}")
             lines: List[str] = []

@@ -6,14 +6,15 @@ hard-coded model.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import List, Optional, Sequence
 
+from ssmc.discretize import without_bias
 from ssmc.ir import SSMFamily
+from ssmc.printers import TIRPrinter
 
 from . import fastmath
-from .fastmath import Namer, f32
+from .fastmath import Namer
 
 
 class Writer:
@@ -65,21 +66,26 @@ def match_buffer(w: Writer, name: str, handle: str, shape: Sequence, dtype: str 
     w(f'{name} = T.match_buffer({handle}, ({dims}), "{dtype}", align=4)')
 
 
-def delta_expr(w: Writer, family: SSMFamily, raw: str, bias: Optional[str]) -> str:
-    """Δ from the raw dt text: + bias, softplus, clamp (the spec's order). Returns a let name."""
-    spec = family.delta
-    x = raw
-    if spec.bias and bias is not None:
-        x = f"{raw} + {bias}"
-    if spec.softplus:
+class _DeltaPrinter(TIRPrinter):
+    """TIR printer whose softplus is fastmath's vectorizable one, emitted as let-lines."""
+
+    def __init__(self, w: Writer, names):
+        super().__init__(names=names)
+        self._w = w
+
+    def _print_Softplus(self, expr):
         lines: List[str] = []
-        x = fastmath.softplus(lines, w.ind, w.names, x, stem="sp", opts=w.math)
-        w.extend(lines)
-    if spec.clamp is not None:
-        lo, hi = (float(v) for v in spec.clamp)
-        x = f"T.max({x}, {f32(lo)})"
-        if math.isfinite(hi):
-            x = f"T.min({x}, {f32(hi)})"
+        out = fastmath.softplus(lines, self._w.ind, self._w.names, self._print(expr.args[0]),
+                                stem="sp", opts=self._w.math)
+        self._w.extend(lines)
+        return out
+
+
+def delta_expr(w: Writer, disc, raw: str, bias: Optional[str]) -> str:
+    """Δ from the raw dt text, printed from the pass's Δ map (``disc.delta``: bias, softplus,
+    clamp as the spec says); ``bias`` None drops the bias term. Returns a let name."""
+    expr = disc.delta if bias is not None else without_bias(disc.delta)
+    x = _DeltaPrinter(w, {disc.dt_raw.name: raw, disc.dt_bias.name: bias or ""}).doprint(expr)
     return w.let("delta", x)
 
 

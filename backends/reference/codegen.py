@@ -55,18 +55,15 @@ def _discretize_source(plan: KernelPlan) -> str:
 
 
 def _delta_source(plan: KernelPlan) -> str:
-    spec = plan.family.delta
+    disc = _disc(plan)
+    names = {disc.dt_raw.name: "dt", disc.dt_bias.name: "dt_bias"}
     lines = ["def delta_of(dt, dt_bias):",
-             '    """Δ from the raw dt: the spec\'s bias, then softplus, then clamp."""',
-             "    delta = dt"]
-    if spec.bias:
-        lines.append("    delta = delta + dt_bias")
-    if spec.softplus:
-        lines.append("    delta = np.logaddexp(0.0, delta)  # softplus, without overflow")
-    if spec.clamp is not None:
-        lo, hi = (float(v) for v in spec.clamp)
-        lines.append(f"    delta = np.clip(delta, {lo!r}, {hi!r})".replace("inf", "np.inf"))
-    lines.append("    return delta")
+             '    """Δ from the raw dt (the spec\'s bias, softplus, clamp), printed from the Δ map',
+             f'    {disc.delta} of ssmc.discretize."""']
+    if plan.family.delta.bias:
+        plain = print_expr(_discretize_pass.without_bias(disc.delta), "numpy", names)
+        lines += ["    if dt_bias is None:", f"        return {plain}"]
+    lines.append(f"    return {print_expr(disc.delta, 'numpy', names)}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ def {name}_chunk_prep(
     dt_ptr, A_ptr, dt_bias_ptr, seq_idx_ptr, cum_ptr, coef_ptr, prev_coef_ptr, weight_ptr, decay_ptr,
     seqlen, nheads, nchunks,
     stride_dt_b, stride_dt_l, stride_dt_h, stride_A_b, stride_A_l, stride_A_h,
-    dt_min, dt_max,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DT_BIAS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     c = tl.program_id(0)

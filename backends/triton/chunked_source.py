@@ -12,63 +12,26 @@ from __future__ import annotations
 import textwrap
 from typing import Dict
 
-import sympy as sp
-
 from ssmc.ir import KernelPlan, Sharing
-from ssmc.printers import TritonPrinter, stable_form
 
-from . import chunked_kernels
+from . import chunked_kernels, codegen
 
 SUPPORTED_FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
 
-def log_decay_expr(plan: KernelPlan):
-    """log(Abar) in closed form where sympy finds one (a*dt for every exp-type method)."""
-    return sp.expand_log(sp.log(plan.disc.abar), force=True)
-
-
-def prev_input_expr(plan: KernelPlan):
-    """Bbar_prev / Abar, or None when the method has no previous-input term.
-
-    The input B_{t-1} x_{t-1} enters the state at step t with Bbar_prev(t) and is then decayed
-    like everything else; seen from step t-1 its weight is Bbar_prev(t) / Abar(t). Simplified
-    symbolically so that exp(a dt) cancels instead of overflowing as exp(-a dt) for large dt.
-    """
-    if sp.simplify(plan.disc.bbar_prev) == 0:
-        return None
-    return sp.simplify(plan.disc.bbar_prev / plan.disc.abar)
-
-
-class _KernelPrinter(TritonPrinter):
-    """Triton's printer with expm1: the generated module defines an accurate ``_expm1``.
-
-    zoh's Bbar = (exp(a dt) - 1)/a printed literally loses every digit as a dt -> 0 in fp32; the
-    stable form (ssmc.printers.stable_form) names expm1, which the kernel evaluates by Kahan's
-    method from tl.exp and tl.log.
-    """
-    has_expm1 = True
-
-    def _print_expm1(self, expr):
-        return f"_expm1({self._print(expr.args[0])})"
-
-
 def _print(expr, names: Dict[str, str]) -> str:
-    printer = _KernelPrinter(names=names)
-    printer.check(sp.sympify(expr))
-    return printer.doprint(stable_form(sp.sympify(expr)))
+    # The scan kernels' printer: expm1 through the module helper _expm1 (Kahan's method from
+    # tl.exp and tl.log), since zoh's Bbar = (exp(a dt) - 1)/a printed literally loses every
+    # digit as a dt -> 0 in fp32; softplus through _softplus.
+    return codegen.print_one(expr, names, share_exp=False)
 
 
 def _print_step_math(plan: KernelPlan, delta: str, a: str) -> Dict[str, str]:
+    """log(Abar), Bbar (and Bbar_prev / Abar) as the pass derived them (``plan.disc``)."""
     names = {"dt": delta, "a": a}
-    loga = log_decay_expr(plan)
-    if loga.has(sp.log):
-        loga_src = f"tl.log({_print(plan.disc.abar, names)})"
-    else:
-        loga_src = _print(loga, names)
-    out = {"log_decay": loga_src, "coef": _print(plan.disc.bbar, names)}
-    q = prev_input_expr(plan)
-    if q is not None:
-        out["prev_coef"] = _print(q, names)
+    out = {"log_decay": _print(plan.disc.log_decay, names), "coef": _print(plan.disc.bbar, names)}
+    if plan.disc.prev_input is not None:
+        out["prev_coef"] = _print(plan.disc.prev_input, names)
     return out
 
 
@@ -81,12 +44,13 @@ def _delta_code(plan: KernelPlan, out: str, a_out: str, mask: str, t: str, n: in
     fam = plan.family
     lines = [f"{out} = tl.load(dt_ptr + b * stride_dt_b + {t} * stride_dt_l + h * stride_dt_h, "
              f"mask={mask}, other=0.0).to(tl.float32)"]
-    if fam.delta.bias:
-        lines.append(f"if HAS_DT_BIAS:\n    {out} = {out} + dt_bias_h")
-    if fam.delta.softplus:
-        lines.append(f"{out} = _softplus({out})")
-    if fam.delta.clamp is not None:
-        lines.append(f"{out} = tl.minimum(tl.maximum({out}, dt_min), dt_max)")
+    with_bias = codegen.delta_expr(plan, out, "dt_bias_h")
+    without = codegen.delta_expr(plan, out, None)
+    if with_bias != without:
+        # The bias may be None at call time: the map without its term then (no add of 0).
+        lines.append(f"if HAS_DT_BIAS:\n    {out} = {with_bias}\nelse:\n    {out} = {without}")
+    elif without != out:
+        lines.append(f"{out} = {without}")
     if fam.A.selective:
         lines.append(f"{a_out} = tl.load(A_ptr + b * stride_A_b + {t} * stride_A_l + h * stride_A_h, "
                      f"mask={mask}, other=-1.0).to(tl.float32)")
@@ -96,7 +60,7 @@ def _delta_code(plan: KernelPlan, out: str, a_out: str, mask: str, t: str, n: in
 def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> str:
     """The generated module's source text."""
     fam = plan.family
-    trap = prev_input_expr(plan) is not None
+    trap = plan.disc.prev_input is not None
     a_name = "a_t" if fam.A.selective else "a_h"
     math = _print_step_math(plan, "delta", a_name)
     prologue = []
@@ -130,7 +94,7 @@ def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> 
     output = render_output(plan, name, config, trap)
     body = (prep + chunked_kernels.CB.format(name=name) + chunked_kernels.STATES.format(name=name)
             + output)
-    return header + _PRELUDE + body + _render_launcher(plan, name, trap, config)
+    return header + _PRELUDE + codegen.HELPERS + body + _render_launcher(plan, name, trap, config)
 
 
 def _program_heads(count: int):
@@ -287,29 +251,6 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision=PRECISION)
     return out
-
-
-@triton.jit
-def _log1p(u):
-    # Kahan: log(v) * u / (v - 1) with v = 1 + u is accurate to a few ulp where log(1 + u) is not.
-    v = 1.0 + u
-    return tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
-
-
-@triton.jit
-def _expm1(x):
-    # Kahan: (u - 1) * x / log(u) with u = exp(x) keeps the relative precision exp(x) - 1 loses.
-    u = tl.exp(x)
-    um1 = u - 1.0
-    safe = tl.where((u == 1.0) | (um1 == -1.0) | (u == float("inf")), 2.0, u)
-    return tl.where(u == 1.0, x, tl.where((um1 == -1.0) | (u == float("inf")), um1,
-                                          (safe - 1.0) * (x / tl.log(safe))))
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)), equal to x in fp32 above 20.
-    return tl.where(x <= 20.0, _log1p(tl.exp(tl.minimum(x, 20.0))), x)
 '''
 
 
@@ -318,11 +259,10 @@ def _render_launcher(plan: KernelPlan, name: str, trap: bool, config: Dict[str, 
     opt_d = "problem.D" if fam.D is not None else "None"
     opt_z = "problem.z" if fam.gate is not None else "None"
     opt_bias = "problem.dt_bias" if fam.delta.bias else "None"
-    clamp = "problem.dt_limit" if fam.delta.clamp is not None else "None"
     clamp_default = repr(tuple(float(v) for v in fam.delta.clamp)) if fam.delta.clamp else "None"
     clamp_default = clamp_default.replace("inf", 'float("inf")')
     return LAUNCHER.format(name=name, chunk=plan.chunk_size, opt_d=opt_d, opt_z=opt_z,
-                           opt_bias=opt_bias, clamp=clamp, clamp_default=clamp_default, trap=trap,
+                           opt_bias=opt_bias, clamp_default=clamp_default, trap=trap,
                            out_heads=int(config.get("out_heads", 1)),
                            out_maxnreg=(f' maxnreg={int(config["out_maxnreg"])},'
                                         if config.get("out_maxnreg") else ""))
@@ -352,8 +292,6 @@ def launch(problem, config, y=None, final_states=None):
     D = {opt_d}
     z = {opt_z}
     dt_bias = {opt_bias}
-    dt_limit = {clamp}
-    dt_min, dt_max = (float(dt_limit[0]), float(dt_limit[1])) if dt_limit is not None else (0.0, 0.0)
     init = problem.initial_states
     varlen = problem.cu_seqlens is not None or problem.seq_idx is not None
     cu, seq_idx = problem.cu_seqlens, problem.seq_idx
@@ -392,7 +330,7 @@ def launch(problem, config, y=None, final_states=None):
     block_q = max(16, triton.next_power_of_2(chunk))
     {name}_chunk_prep[(nchunks, batch * nheads)](
         dt, A, dt_bias if dt_bias is not None else dummy, seqp, cum, coef, prev_coef, weight, decay,
-        seqlen, nheads, nchunks, *dt.stride(), *A.stride(), dt_min, dt_max,
+        seqlen, nheads, nchunks, *dt.stride(), *A.stride(),
         CHUNK=chunk, BLOCK_Q=block_q, HAS_DT_BIAS=dt_bias is not None, VARLEN=varlen,
         num_warps=4 if block_q <= 256 else 8,
     )

@@ -77,8 +77,14 @@ class ExprPrinter(printers.TritonPrinter):
     def _print_log(self, expr):
         return f"tl.log({self._print(expr.args[0])})"
 
+    has_expm1 = True
+
     def _print_KahanExpm1(self, expr):
-        return f"_expm1({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+        return f"_expm1_from({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _print_expm1(self, expr):
+        # Only where no exp(x) is there to share (print_one(..., share_exp=False)).
+        return f"_expm1({self._print(expr.args[0])})"
 
 
 def _precise(expr):
@@ -88,9 +94,12 @@ def _precise(expr):
                         lambda e: KahanExpm1(sp.exp(e.args[0]), e.args[0]))
 
 
-def print_one(expr, names: Dict[str, str], log2e_names: Optional[Dict[str, str]] = None) -> str:
+def print_one(expr, names: Dict[str, str], log2e_names: Optional[Dict[str, str]] = None,
+              share_exp: bool = True) -> str:
+    """``expr`` as Triton text. ``share_exp``: expm1(x) as _expm1_from(exp(x), x), so that a
+    block printed with cse computes exp(x) once for abar and bbar; else _expm1(x)."""
     printer = ExprPrinter(names, log2e_names)
-    expr = _precise(expr)
+    expr = _precise(expr) if share_exp else printers.stable_form(sp.sympify(expr))
     printer.check(expr)
     return printer.doprint(expr)
 
@@ -129,15 +138,13 @@ def has_exp_of(expr, symbol_name: str) -> bool:
 def split_parts(plan: KernelPlan) -> Dict[str, object]:
     """The plan's Abar, Bbar, Bbar_prev as real expressions: keys abar, bbar, bbar_prev (real A)
     or abar_re, abar_im, ... (complex-diagonal A, in the real symbols a_re, a_im)."""
-    from ssmc.discretize import split_complex
     d = plan.disc
     out = {}
-    for key in ("abar", "bbar", "bbar_prev"):
-        expr = getattr(d, key)
+    for i, key in enumerate(("abar", "bbar", "bbar_prev")):
         if plan.family.A.structure is AStructure.COMPLEX_DIAGONAL:
-            out[key + "_re"], out[key + "_im"] = split_complex(expr)
+            out[key + "_re"], out[key + "_im"] = d.split[i]   # split once by the pass
         else:
-            out[key] = sp.sympify(expr)
+            out[key] = sp.sympify(getattr(d, key))
     return out
 
 
@@ -276,25 +283,37 @@ def join_tree(out: Lines, vectors: Sequence[str], rows: str, name: str) -> str:
     return name
 
 
-# Small numerics helpers every generated module carries (jit functions, inlined by Triton).
+# Small numerics helpers every generated module carries (jit functions, inlined by Triton):
+# scan, step and conv through ``module_source``, chunked SSD in its prelude. The printers above
+# call them (_softplus, _expm1_from, _expm1, _cos, _sin); defined here and nowhere else.
 HELPERS = '''
 @triton.jit
-def _softplus(x):
-    # log(1 + exp(x)), identity past 20 like torch's. log(u) with u = fl(1 + e) is off by the
-    # rounding of u; (u - 1) - e is that rounding exactly (Sterbenz), and subtracting it keeps
-    # full precision for small e without a division.
-    e = tl.exp(tl.minimum(x, 20.0))
-    u = 1.0 + e
-    return tl.where(x > 20.0, x, tl.log(u) - ((u - 1.0) - e))
+def _log1p(u):
+    # Kahan: log(v) * u / (v - 1) with v = 1 + u is accurate to a few ulp where log(1 + u) is not.
+    v = 1.0 + u
+    return tl.where(v == 1.0, u, tl.log(v) * (u / (v - 1.0)))
 
 
 @triton.jit
-def _expm1(e, x):
+def _softplus(x):
+    # log(1 + exp(x)), identity past 20 like torch's (and e^x cannot overflow). Relative error
+    # < 5e-7 over all x. (Correcting log(fl(1 + e)) by the rounding (u - 1) - e, without the
+    # division, is exact only for e << 1: off by 7e-4 relative at x ~ 12.)
+    return tl.where(x <= 20.0, _log1p(tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _expm1_from(e, x):
     # exp(x) - 1 given e = exp(x): (e - 1) x / log(e) keeps full precision where e - 1 cancels.
     em1 = e - 1.0
     safe = (e != 1.0) & (em1 != -1.0)
     q = em1 * x / tl.log(tl.where(safe, e, 2.0))
     return tl.where(e == 1.0, x, tl.where(em1 == -1.0, -1.0, q))
+
+
+@triton.jit
+def _expm1(x):
+    return _expm1_from(tl.exp(x), x)
 
 
 @triton.jit
@@ -333,18 +352,15 @@ def _silu(z):
 '''
 
 
-def delta_expr(f: SSMFamily, raw: str, bias: str = "dt_bias") -> str:
-    """Δ from the raw dt as the spec says: (raw + bias), softplus, clamp."""
-    d = f.delta
-    expr = f"({raw} + {bias})" if d.bias else raw
-    if d.softplus:
-        expr = f"_softplus{expr}" if expr.startswith("(") else f"_softplus({expr})"
-    if d.clamp:
-        lo, hi = (float(v) for v in d.clamp)
-        expr = f"tl.maximum({expr}, {lo!r})"
-        if hi != float("inf"):
-            expr = f"tl.minimum({expr}, {hi!r})"
-    return expr
+def delta_expr(plan: KernelPlan, raw: str, bias: Optional[str] = "dt_bias") -> str:
+    """Δ from the raw dt text, printed from the plan's Δ map (``plan.disc.delta``).
+
+    ``bias`` is the text of the bias (a variable the kernel sets to 0 when no bias was passed),
+    or None where the generated code knows it is absent: the map without its bias term.
+    """
+    from ssmc.discretize import without_bias
+    expr = plan.disc.delta if bias is not None else without_bias(plan.disc.delta)
+    return print_one(expr, {"dt_raw": raw, "dt_bias": bias or "0.0"})
 
 
 def describe_family(f: SSMFamily) -> List[str]:

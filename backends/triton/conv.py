@@ -24,6 +24,7 @@ import sympy as sp
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 from ssmc.plan import plan_limits
+from ssmc.printers import print_expr
 
 from . import codegen
 
@@ -140,16 +141,18 @@ def {name}(out_ptr, abar_ptr, v0_ptr, c_ptr, n_channels, seqlen, N: tl.constexpr
 '''
 
 
-def _delta_lines(f) -> List[str]:
-    d = f.delta
+def _delta_lines(plan: KernelPlan) -> List[str]:
+    """Host float64 Δ, printed from the plan's Δ map (torch); a None bias drops its term."""
+    from ssmc.discretize import without_bias
+    expr = plan.disc.delta
     lines = ["dt_ = delta.to(f64)"]
-    if d.bias:
-        lines.append("dt_ = dt_ + delta_bias.to(f64) if delta_bias is not None else dt_")
-    if d.softplus:
-        lines.append("dt_ = torch.nn.functional.softplus(dt_)")
-    if d.clamp:
-        lo, hi = (float(v) for v in d.clamp)
-        lines.append(f"dt_ = dt_.clamp(min={lo!r}" + (f", max={hi!r})" if hi != float("inf") else ")"))
+    names = {"dt_raw": "dt_", "dt_bias": "delta_bias.to(f64)"}
+    full = print_expr(expr, "torch", names, dtype="float64")
+    plain = print_expr(without_bias(expr), "torch", names, dtype="float64")
+    if full != plain:
+        lines += ["if delta_bias is not None:", f"    dt_ = {full}", "else:", f"    dt_ = {plain}"]
+    elif plain != "dt_":
+        lines.append(f"dt_ = {plain}")
     return lines
 
 
@@ -344,7 +347,7 @@ def generate(plan: KernelPlan, config: dict) -> str:
                          bool(sp.sympify(plan.disc.abar).is_positive))
         template = _BODY_REAL if real_positive else _BODY_COMPLEX
         body += VANDERMONDE.format(name=vand, body=template.format(log2e=codegen.LOG2E))
-    delta = "\n    ".join(_delta_lines(f))
+    delta = "\n    ".join(_delta_lines(plan))
     launcher = LAUNCHER.format(
         N=f.dims.state, matrix=matrix, config=dict(config), name=f.name, delta=delta,
         b_group=f.B.sharing is Sharing.GROUP, c_group=f.C.sharing is Sharing.GROUP,

@@ -226,7 +226,7 @@ class _ScanGen:
               "else:",
               "    dt_bias = tl.zeros([BLOCK_D * SPLIT], dtype=tl.float32)")
         if not self.sel["dt"]:
-            o(f"dt = {codegen.delta_expr(f, 'tl.load(delta_ptr + chl)')}")
+            o(f"dt = {codegen.delta_expr(self.plan, 'tl.load(delta_ptr + chl)')}")
         if not self.sel["A"]:
             for j in range(NS):
                 nm = self.a_names(j, None)
@@ -458,7 +458,7 @@ class _ScanGen:
         if self.sel["dt"]:
             raws = self.load_columns(o, "dt_rows", masked, "dr",
                                      loaded="dt_cur" if "dt" in pre else None)
-            o.extend(f"dt{k} = {codegen.delta_expr(f, raws[k])}" for k in range(CH))
+            o.extend(f"dt{k} = {codegen.delta_expr(self.plan, raws[k])}" for k in range(CH))
         if masked:
             for k in range(CH):
                 o(f"v{k} = t0 + {k} < end")

@@ -100,11 +100,11 @@ def candidates(plan: KernelPlan) -> List[dict]:
     return out if default in out else [default] + out
 
 
-def _delta(o: Lines, f, raw: str, bias_load: str):
-    if f.delta.bias:
+def _delta(o: Lines, plan: KernelPlan, raw: str, bias_load: str):
+    if plan.family.delta.bias:
         o("if HAS_DT_BIAS:", f"    dt_bias = {bias_load}.to(tl.float32)", "else:",
           "    dt_bias = 0.0")
-    o(f"dt = {codegen.delta_expr(f, raw)}")
+    o(f"dt = {codegen.delta_expr(plan, raw)}")
 
 
 def _coefs(o: Lines, plan: KernelPlan, names):
@@ -153,7 +153,7 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
       f"nn = tl.arange(0, {codegen.pow2_at_least(N)})", f"n_ok = nn < {N}")
     # Δ, A: one scalar per head for this program
     raw = "bat * stride_dt_b + head" if f.delta.selective else "head"
-    _delta(o, f, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + head)")
+    _delta(o, plan, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + head)")
     if f.A.selective:
         o("a = tl.load(A_ptr + bat * stride_A_b + head).to(tl.float32)")
     else:
@@ -215,7 +215,7 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
       f"nn = tl.arange(0, {NP})", f"n_ok = nn < {N}", "tile_ok = ok[:, None] & n_ok[None, :]",
       "nl = tl.minimum(nn, %d)" % (N - 1))
     raw = "bat * stride_dt_b + chl" if f.delta.selective else "chl"
-    _delta(o, f, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + chl)")
+    _delta(o, plan, f"tl.load(dt_ptr + {raw}).to(tl.float32)", "tl.load(dt_bias_ptr + chl)")
     o("dt2 = dt[:, None]")
     # Complex parameters arrive as (..., n, 2) real views: re at 2k, im at 2k + 1.
     a_idx = ("bat * stride_A_b + " if f.A.selective else "") + f"chl[:, None] * {N} + nl[None, :]"
