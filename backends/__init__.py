@@ -6,21 +6,48 @@ A backend is a package of this folder that provides::
     supports(plan) -> reason or None      CAPABILITIES.refuses(plan), then its own limits
     default_config(plan), candidates(plan) -> configs (the autotuner times the candidates)
     lower(plan, config) -> source text    what `ssmc compile` writes and a person reads
-    build(plan, config) -> kernel         kernel(problem) -> (y, final_state or None)
-    write_artifact(plan, config, out_dir) -> the paths it wrote
+    build(plan, config, cache) -> kernel  kernel(problem) -> (y, final_state or None)
+    write_artifact(plan, config, out_dir, cache) -> the paths it wrote
 
-Optionally ``load_artifact(plan, config, kernel_dir)`` opens what ``write_artifact`` wrote
-(``ssmc.load``). ``get(name)`` is the one way in: the API, the autotuner, the artifact loader
-and the CLI name no backend module; a new backend is one folder, one line of ``_LOADERS`` and
-its target names in ``ssmc.api.parse_target``.
+and optionally ``check_config(plan, config) -> reason or None`` (a config it cannot use, e.g.
+an unknown key), ``load_artifact(plan, config, kernel_dir, cache)`` (opens what
+``write_artifact`` wrote, for ``ssmc.load``) and ``time_kernel(fn) -> ms`` (how the autotuner
+times a kernel on the backend's device, when that is not the CPU's wall clock).
+
+**Config.** ``resolve_config(backend, plan, *overrides)`` is where support is decided and a
+config completed, once per compile: ``supports``, then ``default_config`` updated by each
+override (the tuned config, the caller's, the target's options), then ``check_config``.
+``lower``, ``build`` and ``write_artifact`` take that resolved config as given: they neither
+re-run ``supports`` nor merge defaults again.
+
+**Cache.** A backend never imports ``ssmc.runtime``; its caller passes the artifact cache into
+``build`` / ``write_artifact`` / ``load_artifact``. The cache is any object with::
+
+    key(**parts) -> str                   a content key of JSON-able parts (+ tool versions)
+    get(key) -> Path or None              the complete, verified directory of an entry
+    get_or_build(key, build, description=None) -> Path
+                                          the entry's directory; on a miss ``build(tmp_dir)``
+                                          writes its files and the directory appears whole
+
+(``ssmc.runtime.cache.ArtifactCache``). Files a backend imports or loads (a generated Triton
+module, a TVM ``.so``, a C library) live in such an entry.
+
+**Headers.** Every generated source opens with ``header(...)`` (this module): one format for
+every target, so a reader (and ``ssmc cache ls``) sees the same facts in the same place.
+
+``get(name)`` is the one way in: the API, the autotuner, the artifact loader and the CLI name no
+backend module; ``target(name)`` maps a target string to its backend. A new backend is one
+folder, one line of ``_LOADERS`` and its target names in ``target``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
-from ssmc.errors import TargetError
+from ssmc.errors import ConfigError, TargetError
 from ssmc.ir import Algorithm, AStructure, DType
 
 ALL_STRUCTURES = frozenset(AStructure)
@@ -102,4 +129,70 @@ def get(name: str):
     return loader()
 
 
-__all__ = ["Capabilities", "get", "NAMES", "ALL_STRUCTURES", "ELEMENTWISE"]
+CROSS_TRIPLES = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
+
+
+def target(name: str) -> Tuple[str, Dict[str, Any]]:
+    """``(backend name, target options)`` of a target string; the options are merged into every
+    config for it (``resolve_config``)."""
+    name = name.strip()
+    if name == "reference":
+        return "reference", {}
+    if name == "cuda" or name.startswith("cuda:"):
+        arch = name.split(":", 1)[1] if ":" in name else None
+        if arch is not None and not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+            raise TargetError(f"unknown CUDA architecture {arch!r} in target {name!r}; "
+                              "expected e.g. cuda:sm_90")
+        return "triton", ({"arch": arch} if arch else {})
+    if name == "cpu":
+        return "cpu", {"llvm_target": "llvm -mcpu=native"}
+    if name.startswith("llvm"):
+        return "cpu", {"llvm_target": name}
+    if name == "c":
+        return "c", {}
+    if name in CROSS_TRIPLES:
+        return "c", {"triple": CROSS_TRIPLES[name]}
+    raise TargetError(f"unknown target {name!r}; expected one of: reference, cuda[:sm_XX], cpu, "
+                      "'llvm <options>', c, aarch64, riscv64")
+
+
+def resolve_config(backend, plan, *overrides: Optional[dict]) -> dict:
+    """The one place a plan's support is decided and its config completed (module docstring):
+    a TargetError when ``backend`` cannot compile ``plan``, a ConfigError (also a ValueError)
+    naming the key when it cannot use the config."""
+    caps = getattr(backend, "CAPABILITIES", None)
+    name = caps.target if caps is not None else getattr(backend, "__name__", "this backend")
+    what = f"target {name} cannot compile {plan.family.name} ({plan.algorithm.value})"
+    reason = backend.supports(plan)
+    if reason:
+        raise TargetError(f"{what}: {reason}", plan.family.compute.loc)
+    config = dict(backend.default_config(plan))
+    for layer in overrides:
+        config.update(layer or {})
+    check = getattr(backend, "check_config", None)
+    reason = check(plan, config) if check is not None else None
+    if reason:
+        raise ConfigError(f"{what} with this config: {reason}", plan.family.compute.loc)
+    return config
+
+
+def header(plan, config: dict, target: str, comment: str = "#",
+           notes: Iterable[str] = ()) -> str:
+    """The opening comment of every generated source: what generated it, the family, algorithm,
+    target, config and a content hash (of the plan and config, so that two files with the same
+    hash came from the same input). ``comment`` is the line-comment marker of the language;
+    ``notes`` are extra lines a backend adds (the discretized math, a target remark)."""
+    from ssmc.plan import ir_hash
+    shown = json.dumps(config, sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{ir_hash(plan)}\n{shown}\n{target}".encode()).hexdigest()[:16]
+    chunk = f" (chunk {plan.chunk_size})" if plan.chunk_size else ""
+    lines = ["Generated by ssmc - do not edit: change the spec and compile again.",
+             f"family {plan.family.name}, algorithm {plan.algorithm.value}{chunk}, target {target}",
+             f"config {shown}",
+             f"hash {digest} (plan {ir_hash(plan)})"]
+    lines += list(notes)
+    return "\n".join(f"{comment} {ln}".rstrip() for ln in lines) + "\n"
+
+
+__all__ = ["Capabilities", "get", "NAMES", "ALL_STRUCTURES", "ELEMENTWISE", "target",
+           "resolve_config", "header", "CROSS_TRIPLES"]

@@ -5,8 +5,8 @@ they came from. The spec is parsed again (from ``spec_text`` in the manifest, el
 spec path it names, whose sha256 must match) and each kernel's plan re-derived; its IR hash
 must equal the recorded one, so a spec edited since the compile is an error, not a silently
 different kernel. A backend that can open its own artifact (``load_artifact(plan, config,
-kernel_dir)``) is given the directory; otherwise the kernel is built again from the plan and the
-recorded config.
+kernel_dir, cache)``) is given the directory; otherwise the kernel is built again from the plan
+and the recorded config (the resolved one: it is passed as given).
 """
 from __future__ import annotations
 
@@ -50,11 +50,10 @@ def _spec(folder: Path, manifest: dict) -> SpecFile:
 
 
 def _check_versions(folder: Path, manifest: dict) -> None:
-    from .cache import release_versions
+    from .cache import TOOL_DISTRIBUTIONS, release_versions
     recorded = manifest.get("versions") or {}
     current = release_versions()
-    names = {"torch": "torch", "triton": "triton", "tvm": "apache-tvm"}
-    for short, dist in names.items():
+    for short, dist in TOOL_DISTRIBUTIONS.items():
         was, now = recorded.get(short), current.get(dist)
         if was and now and not now.startswith(str(was).split("+")[0]) and str(was) != now:
             warnings.warn(f"{folder} was compiled with {short} {was}; this is {short} {now}",
@@ -73,7 +72,7 @@ def _verify_files(folder: Path, entry: dict) -> None:
 
 
 def _kernel(folder: Path, spec: SpecFile, target, entry: dict):
-    from ssmc.api import CompiledKernel, backend_module
+    from ssmc.api import CompiledKernel, artifact_cache, backend_module
     from ssmc.plan import ir_hash, make_plan
     fam = spec.family(entry["family"])
     plan = make_plan(fam, Algorithm(entry["algorithm"]))
@@ -87,9 +86,9 @@ def _kernel(folder: Path, spec: SpecFile, target, entry: dict):
     loader = getattr(backend, "load_artifact", None)
     if loader is not None:
         kernel_dir = folder / fam.name / plan.algorithm.value
-        kernel = loader(plan, config, kernel_dir)
+        kernel = loader(plan, config, kernel_dir, artifact_cache())
     else:
-        kernel = backend.build(plan, config)
+        kernel = backend.build(plan, config, artifact_cache())
     return CompiledKernel(plan, target, config, kernel)
 
 

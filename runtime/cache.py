@@ -63,6 +63,10 @@ def _source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+# The tools a kernel depends on, by the short name manifests use and their distribution name.
+TOOL_DISTRIBUTIONS = {"torch": "torch", "triton": "triton", "tvm": "apache-tvm"}
+
+
 @lru_cache(maxsize=1)
 def release_versions() -> Dict[str, Optional[str]]:
     """Released versions of ssmc and of the tools that generate or run kernels (read from
@@ -70,7 +74,7 @@ def release_versions() -> Dict[str, Optional[str]]:
     from importlib import metadata
     import ssmc
     out: Dict[str, Optional[str]] = {"ssmc": ssmc.__version__}
-    for dist in ("torch", "triton", "apache-tvm"):
+    for dist in TOOL_DISTRIBUTIONS.values():
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -3,8 +3,8 @@
 For one plan, target and shape: the backend lists ``candidates(plan)``; each is built, run at a
 small odd shape and compared with the float64 reference (the ``reference`` backend) — a
 candidate that errors or disagrees is reported and recorded as failed, and can never become the
-best — then timed at the requested shape (GPU: ``triton.testing.do_bench`` median; CPU: wall
-clock median after warm-up). Each result is written to the tuning database at once, so an
+best — then timed at the requested shape (GPU: the backend's ``time_kernel``, a median of device
+timings; CPU: wall clock median after warm-up). Each result is written to the tuning database at once, so an
 interrupted run resumes: already recorded candidates are skipped unless ``retune``.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Oracle:
         reference = backends.get("reference")
         self.plan, self.convention, self.shape, self.seed = plan, convention, shape, seed
         self._signature = signature
-        self._reference = reference.build(plan, reference.default_config(plan))
+        self._reference = reference.build(plan, backends.resolve_config(reference, plan))
         self._cache: Dict[str, tuple] = {}
 
     def inputs(self, dtype: str) -> dict:
@@ -144,11 +144,6 @@ def time_cpu(fn: Callable[[], object], warmup: int = 2, min_repeats: int = 5,
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def time_cuda(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,9 +198,9 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
     ``backend`` replaces the target's backend module (tests inject candidates this way);
     ``root`` is the cache directory holding the database (default: $SSMC_CACHE_DIR).
     """
-    from ssmc.api import _family, backend_module, parse_target
+    from ssmc.api import _family, artifact_cache, backend_module, parse_target
     from ssmc.plan import convention_of, ir_hash, make_plan
-    from ssmc import signature
+    from ssmc import backends, signature
 
     fam = _family(spec_or_family, family)
     tgt = parse_target(target)
@@ -216,10 +211,8 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
     if isinstance(algorithm, str):
         algorithm = Algorithm(algorithm)
     plan = make_plan(fam, algorithm)
-    reason = backend.supports(plan)
-    if reason:
-        raise TargetError(f"target {tgt.name} cannot compile {fam.name} "
-                          f"({plan.algorithm.value}): {reason}", fam.compute.loc)
+    # Support is decided once, here; each candidate is the defaults it overrides.
+    defaults = backends.resolve_config(backend, plan)
     convention = convention_of(plan)
     device = tgt.device
     gpu = device == "cuda"
@@ -229,7 +222,8 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
     if plan.algorithm is Algorithm.STEP:
         shape.pop("l", None)
     tol = dict(CHECK_TOL, **(tolerance or {}))
-    timer = timer or (time_cuda if gpu else time_cpu)
+    # A device's own timer when the backend has one (a GPU's events), else the CPU's clock.
+    timer = timer or (getattr(backend, "time_kernel", time_cpu) if gpu else time_cpu)
 
     device_label = tuning_db.device_name(tgt.backend)
     key = tuning_db.entry_key(device_label, tgt.name, ir_hash(plan), shape)
@@ -259,8 +253,6 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
                                                       device=device, seed=seed)
         return made["inputs"]
 
-    defaults = dict(backend.default_config(plan))
-
     for cand in candidates:
         previous = recorded.get(tuning_db.config_key(cand))
         if previous is not None:
@@ -271,7 +263,7 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
             continue
         config = {**defaults, **cand, **tgt.options}
         result = _run_candidate(backend, plan, tgt, config, cand, oracle, check_dtypes, tol,
-                                device, timer, timing_inputs)
+                                device, timer, timing_inputs, artifact_cache())
         db.record(key, header, cand, {"status": result.status, "ms": result.ms,
                                       "detail": result.detail})
         results.append(result)
@@ -285,10 +277,10 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
 
 
 def _run_candidate(backend, plan, tgt, config, cand, oracle, check_dtypes, tol, device, timer,
-                   get_inputs) -> CandidateResult:
+                   get_inputs, cache) -> CandidateResult:
     from ssmc.api import CompiledKernel
     try:
-        kernel = CompiledKernel(plan, tgt, config, backend.build(plan, config))
+        kernel = CompiledKernel(plan, tgt, config, backend.build(plan, config, cache))
     except Exception as e:  # a candidate the backend cannot build is a result, not a crash
         return CandidateResult(cand, "error", None, f"build failed: {type(e).__name__}: {e}")
     for dtype in check_dtypes:
@@ -349,4 +341,4 @@ def write_report(result: TuneResult, path: os.PathLike, stream=None) -> Path:
 
 
 __all__ = ["tune", "TuneResult", "CandidateResult", "Oracle", "write_report", "time_cpu",
-           "time_cuda", "CHECK_TOL", "rel_err"]
+           "CHECK_TOL", "rel_err"]

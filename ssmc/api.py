@@ -90,29 +90,10 @@ class Target:
                 "TRITON_INTERPRET=1 to run the Triton kernels (slowly) on the CPU")
 
 
-CROSS_TRIPLES = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
-
-
 def parse_target(name: str) -> Target:
-    name = name.strip()
-    if name == "reference":
-        return Target(name, "reference")
-    if name == "cuda" or name.startswith("cuda:"):
-        arch = name.split(":", 1)[1] if ":" in name else None
-        if arch is not None and not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
-            raise TargetError(f"unknown CUDA architecture {arch!r} in target {name!r}; "
-                              "expected e.g. cuda:sm_90")
-        return Target(name, "triton", {"arch": arch} if arch else {})
-    if name == "cpu":
-        return Target(name, "cpu", {"llvm_target": "llvm -mcpu=native"})
-    if name.startswith("llvm"):
-        return Target(name, "cpu", {"llvm_target": name})
-    if name == "c":
-        return Target(name, "c")
-    if name in CROSS_TRIPLES:
-        return Target(name, "c", {"triple": CROSS_TRIPLES[name]})
-    raise TargetError(f"unknown target {name!r}; expected one of: reference, cuda[:sm_XX], cpu, "
-                      "'llvm <options>', c, aarch64, riscv64")
+    """The Target a target string names (``ssmc.backends.target`` knows the names)."""
+    backend, options = backends.target(name)
+    return Target(name.strip(), backend, options)
 
 
 def backend_module(target: Target):
@@ -121,20 +102,17 @@ def backend_module(target: Target):
 
 
 def resolve_config(plan: KernelPlan, target: Target, config: Optional[dict] = None) -> dict:
-    """The backend's default config, overridden by a tuned one, overridden by the caller's."""
-    backend = backend_module(target)
-    reason = backend.supports(plan)
-    if reason:
-        raise TargetError(f"target {target.name} cannot compile {plan.family.name} "
-                          f"({plan.algorithm.value}): {reason}", plan.family.compute.loc)
-    resolved = dict(backend.default_config(plan))
-    tuned = _tuned_config(plan, target)
-    if tuned:
-        resolved.update(tuned)
-    if config:
-        resolved.update(config)
-    resolved.update(target.options)
-    return resolved
+    """The backend's default config, overridden by a tuned one, by the caller's and by the
+    target's options; support checked first (``ssmc.backends.resolve_config``, once per
+    compile: the backend takes the result as given)."""
+    return backends.resolve_config(backend_module(target), plan, _tuned_config(plan, target),
+                                   config, target.options)
+
+
+def artifact_cache():
+    """The artifact cache passed to the backends (``$SSMC_CACHE_DIR``, else ~/.cache/ssmc)."""
+    from ssmc.runtime.cache import default_cache
+    return default_cache()
 
 
 def _tuned_config(plan: KernelPlan, target: Target) -> Optional[dict]:
@@ -207,7 +185,8 @@ class CompiledKernel:
                 if kernel is None:
                     plan = make_plan(family, self.plan.algorithm)
                     config = resolve_config(plan, self.target, self._user_config)
-                    kernel = backend_module(self.target).build(plan, config)
+                    kernel = backend_module(self.target).build(plan, config,
+                                                               artifact_cache())
                     self._sized[family.dims] = kernel
         return kernel
 
@@ -275,9 +254,9 @@ def compile(spec_or_path, target: str = "reference", family: Optional[str] = Non
     backend = backend_module(tgt)
     if show:
         debug_stages.print_stages(plan, tgt.name, cfg, backend.lower(plan, cfg))
-    kernel = backend.build(plan, cfg)
+    kernel = backend.build(plan, cfg, artifact_cache())
     return CompiledKernel(plan, tgt, cfg, kernel, user_config=config)
 
 
 __all__ = ["parse", "compile", "parse_target", "Target", "CompiledKernel", "resolve_config",
-           "ir_hash"]
+           "artifact_cache", "ir_hash"]

@@ -102,7 +102,7 @@ def _versions() -> dict:
 
 def cmd_compile(args) -> int:
     import hashlib
-    from .api import backend_module, parse_target, resolve_config
+    from .api import artifact_cache, backend_module, parse_target, resolve_config
     from .plan import ir_hash, make_plan
 
     spec = _load(args.spec)
@@ -134,7 +134,7 @@ def cmd_compile(args) -> int:
             kernel_dir = out_dir / fam.name / plan.algorithm.value
             kernel_dir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            files = backend.write_artifact(plan, config, kernel_dir)
+            files = backend.write_artifact(plan, config, kernel_dir, artifact_cache())
             seconds = time.perf_counter() - start
             rel = sorted(str(Path(f).resolve().relative_to(out_dir.resolve())) for f in files)
             manifest["kernels"].append({

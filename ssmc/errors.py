@@ -40,3 +40,8 @@ class CallError(SSMCError, ValueError):
 
 class TargetError(SSMCError):
     """The requested target cannot compile this plan (with the reason)."""
+
+
+class ConfigError(TargetError, ValueError):
+    """A config a backend cannot use (an unknown key, a value out of range): raised by
+    ``ssmc.backends.resolve_config`` before anything is generated."""

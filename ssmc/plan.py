@@ -16,16 +16,29 @@ from .errors import SpecError
 from .ir import Algorithm, Convention, KernelPlan, Loc, Method, SSMFamily
 
 
+# The chunk of a chunked plan for a family whose spec names none (its compute is scan, and a
+# caller asked for chunked): small enough for short sequences, a power of two as the kernels need.
+DEFAULT_CHUNK_SIZE = 64
+
+
+def chunk_size_of(family: SSMFamily, algorithm: Algorithm) -> Optional[int]:
+    """The chunk size a plan of ``family`` with ``algorithm`` has: the spec's, else
+    DEFAULT_CHUNK_SIZE; None for an algorithm that does not chunk. ``KernelPlan.chunk_size`` is
+    the one truth a kernel and a call's ``chunk_size`` argument are checked against."""
+    if algorithm is not Algorithm.CHUNKED:
+        return None
+    chunk = family.compute.chunk_size
+    return DEFAULT_CHUNK_SIZE if chunk is None else chunk
+
+
 def make_plan(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> KernelPlan:
     """The plan for ``family`` with the spec's algorithm, or ``algorithm`` when given."""
     algorithm = algorithm or family.compute.algorithm
     if algorithm is Algorithm.CONV and not family.is_lti:
         raise SpecError(f"family {family.name} is selective, so the conv algorithm does not apply",
                         family.compute.loc)
-    chunk = family.compute.chunk_size if algorithm is Algorithm.CHUNKED else None
-    if algorithm is Algorithm.CHUNKED and chunk is None:
-        chunk = 64
-    return KernelPlan(family=family, algorithm=algorithm, disc=discretize(family), chunk_size=chunk)
+    return KernelPlan(family=family, algorithm=algorithm, disc=discretize(family),
+                      chunk_size=chunk_size_of(family, algorithm))
 
 
 TRAPEZOIDAL_STEP = ("the trapezoidal method's decode step needs the previous token's B x, which "

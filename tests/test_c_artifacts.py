@@ -21,6 +21,8 @@ from ssmc.signature import bind
 c_backend = pytest.importorskip("ssmc.backends.c")
 from ssmc.backends.c.layout import make_layout  # noqa: E402
 from ssmc.backends.c.programs import EXAMPLE_BATCH, EXAMPLE_SEQLEN, value_range  # noqa: E402
+import backend_calls as calls
+from ssmc.runtime.cache import ArtifactCache
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (apt-get install gcc)")
 needs_make = pytest.mark.skipif(shutil.which("make") is None,
@@ -110,7 +112,7 @@ def assert_checksums_match_oracle(plan, stdout: str):
 @pytest.mark.parametrize("name", list(EXAMPLE_PLANS))
 def test_example_main_builds_strictly_and_prints_the_oracle_checksum(name, tmp_path):
     plan = EXAMPLE_PLANS[name]()
-    paths = c_backend.write_artifact(plan, {}, tmp_path)
+    paths = calls.write_artifact(c_backend, plan, {}, tmp_path)
     names = {p.name for p in paths}
     prefix = make_layout(plan).prefix
     assert {f"{prefix}.c", f"{prefix}.h", "main.c", "Makefile"} <= names
@@ -124,7 +126,7 @@ def test_example_main_builds_strictly_and_prints_the_oracle_checksum(name, tmp_p
 @needs_make
 def test_makefile_compiler_is_overridable(tmp_path):
     plan = EXAMPLE_PLANS["mamba1-scan"]()
-    c_backend.write_artifact(plan, {}, tmp_path)
+    calls.write_artifact(c_backend, plan, {}, tmp_path)
     proc = subprocess.run(["make", "-n", "CC=my-cross-cc", "example"], cwd=tmp_path,
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("my-cross-cc ")
@@ -133,10 +135,10 @@ def test_makefile_compiler_is_overridable(tmp_path):
 @pytest.mark.parametrize("name", list(EXAMPLE_PLANS))
 def test_source_is_documented_portable_c99(name):
     plan = EXAMPLE_PLANS[name]()
-    files = c_backend.lower_files(plan, {})
+    files = c_backend.lower_files(plan, calls.config(c_backend, plan))
     layout = make_layout(plan)
     header, source = files[f"{layout.prefix}.h"], files[f"{layout.prefix}.c"]
-    assert source == c_backend.lower(plan, {})
+    assert source == calls.lower(c_backend, plan, {})
     for text in (header, source):
         assert text.isascii()
         assert "<complex.h>" not in text and "malloc" not in text
@@ -154,24 +156,24 @@ def test_source_is_documented_portable_c99(name):
 
 def test_expressions_come_from_the_plan():
     """Changing the method changes the printed coefficients: nothing is hand-typed per method."""
-    zoh = c_backend.lower(make_plan(mamba1(method=Method.ZOH)), {})
-    euler = c_backend.lower(make_plan(mamba1(method=Method.EULER)), {})
+    zoh = calls.lower(c_backend, make_plan(mamba1(method=Method.ZOH)), {})
+    euler = calls.lower(c_backend, make_plan(mamba1(method=Method.EULER)), {})
     assert "expm1f(" in zoh and "expm1f(" not in euler     # zoh's Bbar = expm1(a dt)/a
     assert "log1pf(expf(x))" in zoh                        # the stable softplus
-    complex_src = c_backend.lower(make_plan(s5()), {})
+    complex_src = calls.lower(c_backend, make_plan(s5()), {})
     assert "cosf(" in complex_src and "sinf(" in complex_src and " cos(" not in complex_src
 
 
 def test_build_cache_respects_ssmc_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
     plan = make_plan(mamba1(channels=6, state=3, name="CacheProbe"))
-    first = c_backend.build(plan, {})
+    first = calls.build(c_backend, plan, {})
     assert first.library.is_relative_to(tmp_path / "kernels")   # the ssmc artifact cache
     stamp = first.library.stat().st_mtime_ns
-    second = c_backend.build(plan, {})
+    second = calls.build(c_backend, plan, {})
     assert second.library == first.library and second.library.stat().st_mtime_ns == stamp
-    assert second.source == c_backend.lower(plan, {})  # the cached source is kept beside it
-    other = c_backend.build(plan, {"opt": "-O1"})       # flags are part of the key
+    assert second.source == calls.lower(c_backend, plan, {})  # the cached source is kept beside it
+    other = calls.build(c_backend, plan, {"opt": "-O1"})       # flags are part of the key
     assert other.library != first.library
 
 
@@ -180,7 +182,7 @@ def test_cache_entries_name_family_algorithm_and_target(tmp_path, monkeypatch):
     from ssmc.runtime.cache import ArtifactCache
     monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path))
     plan = make_plan(mamba1(channels=6, state=3, name="LsProbe"), Algorithm.STEP)
-    kernel = c_backend.build(plan, {})
+    kernel = calls.build(c_backend, plan, {})
     [entry] = ArtifactCache(tmp_path).ls()
     described = entry.description
     assert (described["family"], described["algorithm"], described["target"]) == \
@@ -193,7 +195,7 @@ def test_generated_c_with_a_compile_error_is_reported(monkeypatch, tmp_path):
     from ssmc.errors import TargetError
     with pytest.raises(TargetError, match="failed on the generated C"):
         toolchain.compile_cached({"bad.c": "int f(void) { return x; }\n"}, "libbad.so",
-                                 ["-std=c99", "-shared", "-fPIC"], root=tmp_path)
+                                 ["-std=c99", "-shared", "-fPIC"], ArtifactCache(tmp_path))
 
 
 def test_bf16_loaders_in_the_header_round_like_torch(tmp_path, seed):
@@ -207,7 +209,7 @@ def test_bf16_loaders_in_the_header_round_like_torch(tmp_path, seed):
     lib = ctypes.CDLL(str(toolchain.compile_cached(
         {"mamba1.h": header, "shim.c": shim}, "libshim.so",
         ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared"],
-        root=tmp_path)))
+        ArtifactCache(tmp_path))))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(4096, generator=gen) * torch.exp(8 * torch.randn(4096, generator=gen))
     ties = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 3.0e38, 1e-40,

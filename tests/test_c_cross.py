@@ -12,12 +12,15 @@ import pytest
 from families import mamba1, mamba2, s4d, s5
 from ssmc.ir import Algorithm, Method
 from ssmc.plan import make_plan
+from ssmc.runtime.cache import default_cache
+import backend_calls as calls
 
 from test_c_artifacts import assert_checksums_match_oracle
 from test_c_kernels import _strided_copy, check_against_oracle, inputs
 
 c_backend = pytest.importorskip("ssmc.backends.c")
 from ssmc.backends.c import cross  # noqa: E402
+import backend_calls as calls
 
 TRIPLES = {"aarch64": "aarch64-linux-gnu", "riscv64": "riscv64-linux-gnu"}
 ELF_MACHINE = {"aarch64": 183, "riscv64": 243}
@@ -34,7 +37,8 @@ def target(request):
 
 def run_cross(target, plan):
     def run(problem):
-        return cross.run_problem(plan, STRICT, TRIPLES[target], problem)
+        return cross.run_problem(plan, calls.config(c_backend, plan, STRICT), TRIPLES[target],
+                                 problem, default_cache())
     return run
 
 
@@ -67,7 +71,7 @@ def test_decode_step_under_qemu(target, seed):
 
 def test_cross_artifact_and_example(target, tmp_path):
     plan = make_plan(mamba1(method=Method.ZOH))
-    paths = c_backend.write_artifact(plan, {}, tmp_path, target=target)
+    paths = calls.write_artifact(c_backend, plan, {}, tmp_path, target=target)
     names = {p.name for p in paths}
     assert {"mamba1.c", "mamba1.h", "main.c", "Makefile", "libmamba1.so", "example"} <= names
     for binary in ("libmamba1.so", "example", "mamba1_driver"):
@@ -88,7 +92,7 @@ def test_config_triple_selects_the_cross_build(tmp_path, monkeypatch):
     if cross.missing_tools(triple):
         pytest.skip(cross.missing_tools(triple))
     monkeypatch.setenv("SSMC_CACHE_DIR", str(tmp_path / "cache"))
-    paths = c_backend.write_artifact(make_plan(s4d()), {"triple": triple}, tmp_path / "out")
+    paths = calls.write_artifact(c_backend, make_plan(s4d()), {"triple": triple}, tmp_path / "out")
     assert (tmp_path / "out" / "libs4d.so") in paths
     described = [e.description for e in ArtifactCache(tmp_path / "cache").ls()]
     assert {(d["family"], d["target"]) for d in described} == {("S4D", "aarch64")}

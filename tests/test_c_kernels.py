@@ -23,6 +23,7 @@ from ssmc.signature import bind, example_inputs
 c_backend = pytest.importorskip("ssmc.backends.c")
 from ssmc.backends.c.calling import marshal  # noqa: E402
 from ssmc.backends.c.layout import make_layout  # noqa: E402
+import backend_calls as calls
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (apt-get install gcc)")
 
@@ -35,7 +36,7 @@ def c_kernel(plan):
     """One build per plan per session (gcc's output is cached on disk as well)."""
     key = (plan.family, plan.algorithm)
     if key not in _KERNELS:
-        _KERNELS[key] = c_backend.build(plan, STRICT)
+        _KERNELS[key] = calls.build(c_backend, plan, STRICT)
     return _KERNELS[key]
 
 
@@ -256,6 +257,6 @@ def test_every_tuning_candidate_matches_oracle(family, seed):
     configs = c_backend.candidates(plan)
     assert c_backend.default_config(plan) in configs
     for config in configs:
-        kernel = c_backend.build(plan, dict(config, **STRICT))
+        kernel = calls.build(c_backend, plan, dict(config, **STRICT))
         kwargs = inputs(plan, seed, seqlen=17, with_state=True)
         check_against_oracle(plan, kwargs, run=kernel)

@@ -24,19 +24,22 @@ from ssmc.ir import Algorithm, Convention
 from ssmc.plan import make_plan
 
 from conftest import TOL, rel_err
+import backend_calls as calls
+from ssmc.runtime.cache import ArtifactCache
 
 launch.POISON = True
 # A fresh disk cache per test process, as CI starts cold; removed at exit. Within the process
 # the backend's in-memory memo already shares a kernel between test modules.
 CACHE = Path(tempfile.mkdtemp(prefix="ssmc-cpu-tests-"))
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
-CONFIG = {"cache_dir": str(CACHE)}
+CACHED = ArtifactCache(CACHE)
+CONFIG: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
 def kernel(family, algorithm: Optional[Algorithm] = None, **config):
     plan = make_plan(family, algorithm)
-    return cpu.build(plan, dict(CONFIG, **config))
+    return calls.build(cpu, plan, dict(CONFIG, **config), CACHED)
 
 
 def problem(family, convention=None, batch=2, seqlen=16, dtype="float32", seed=0,

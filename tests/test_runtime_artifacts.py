@@ -76,7 +76,7 @@ def test_a_backend_that_opens_its_own_artifacts_is_given_the_directory(compiled_
     spec, out = compiled_dir
     seen = []
 
-    def load_artifact(plan, config, kernel_dir):
+    def load_artifact(plan, config, kernel_dir, cache):
         seen.append(kernel_dir)
         return reference.build(plan, config)
 

@@ -36,7 +36,7 @@ class InjectedBackend:
         return [{"variant": v, "llvm_target": "llvm -mcpu=native"}
                 for v in ("slow", "wrong", "fast", "broken")]
 
-    def build(self, plan, config):
+    def build(self, plan, config, cache):
         variant = config["variant"]
         if variant == self.interrupt_at:
             raise KeyboardInterrupt

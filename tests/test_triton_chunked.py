@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ssmc.backends import reference
+import ssmc.backends.triton as tb
 from ssmc.backends.triton import chunked
 from ssmc.errors import TargetError
 from ssmc.ir import Method, Sharing
@@ -18,6 +19,7 @@ from ssmc.plan import make_plan
 from ssmc.signature import bind, example_inputs
 from conftest import DEVICE, assert_rel_close, rel_err
 from families import mamba2
+import backend_calls as calls
 
 CHUNK = 16
 _kernels = {}
@@ -33,7 +35,7 @@ def small(**kw):
 def kernel_for(fam, config=None):
     key = (fam, tuple(sorted((config or {}).items())))
     if key not in _kernels:
-        _kernels[key] = chunked.build_chunked(make_plan(fam), config)
+        _kernels[key] = calls.build(tb, make_plan(fam), config)
     return _kernels[key]
 
 
@@ -116,7 +118,7 @@ def test_non_positive_decay_is_refused(method):
     reason = chunked.supports_chunked(plan)
     assert reason is not None and "positive" in reason and method.value in reason
     with pytest.raises(TargetError):
-        chunked.lower_chunked(plan)
+        calls.lower(tb, plan)
 
 
 def test_non_scalar_a_is_refused():
@@ -270,15 +272,15 @@ def test_factored_decay_half_precision_and_large_steps(seed):
 ])
 def test_output_kernel_config_is_checked(fam_kw, config, match):
     with pytest.raises(ValueError, match=match):
-        chunked.build_chunked(make_plan(small(**fam_kw)), config)
+        calls.build(tb, make_plan(small(**fam_kw)), config)
 
 
 def test_several_heads_per_program_in_the_source():
-    src = chunked.lower_chunked(make_plan(small(heads=3)), dict(FACTORED, out_heads=2))
+    src = calls.lower(tb, make_plan(small(heads=3)), dict(FACTORED, out_heads=2))
     assert "h_1 = tl.minimum(h_0 + 1, nheads - 1)" in src
     assert "mask=tl.where(h_0 + 1 < nheads, mask_mp, False)" in src
     assert "triton.cdiv(nheads, 2)" in src and "acc_1 +=" in src and "cum_c0_1" in src
-    one = chunked.lower_chunked(make_plan(small(heads=3)), {"out_maxnreg": 0})
+    one = calls.lower(tb, make_plan(small(heads=3)), {"out_maxnreg": 0})
     assert "h = pid_h" in one and "h_0 = " not in one
     assert "cum_c0 = " not in one and "maxnreg=" not in one
     compile(src, "<generated>", "exec")
@@ -300,9 +302,9 @@ def test_candidates_are_valid_configs():
 # The generated source
 
 def test_source_is_generated_from_the_plan():
-    zoh = chunked.lower_chunked(make_plan(small(method=Method.ZOH)))
-    euler = chunked.lower_chunked(make_plan(small(method=Method.EXP_EULER, gate=False, D=None)))
-    trap = chunked.lower_chunked(make_plan(small(method=Method.TRAPEZOIDAL)))
+    zoh = calls.lower(tb, make_plan(small(method=Method.ZOH)))
+    euler = calls.lower(tb, make_plan(small(method=Method.EXP_EULER, gate=False, D=None)))
+    trap = calls.lower(tb, make_plan(small(method=Method.TRAPEZOIDAL)))
     # zoh's input coefficient (exp(a dt) - 1)/a is printed from the discretized expression.
     assert "_expm1(a_h*delta)" in zoh and "prev_coef = tl.where" not in zoh
     assert "z_ptr + b * stride_z_b" in zoh and "z_ptr + b * stride_z_b" not in euler
@@ -315,4 +317,4 @@ def test_source_is_generated_from_the_plan():
 
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ValueError, match="unknown chunked SSD config key"):
-        chunked.build_chunked(make_plan(small()), {"block_q": 32})
+        calls.build(tb, make_plan(small()), {"block_q": 32})

@@ -20,6 +20,7 @@ from ssmc.backends import reference
 from ssmc.backends import triton as tb
 from ssmc.ir import Algorithm, AStructure, Method
 from ssmc.plan import ir_hash, make_plan
+import backend_calls as calls
 
 require_cuda_device()
 CH, STATE, SEQ = (256, 16, 300) if FULL else (8, 4, 17)
@@ -40,7 +41,7 @@ def bound(fam, seqlen=SEQ, batch=2, dtype="float32", seed=0, **kw):
 
 def check(fam, problem, dtype="float32", config=None):
     """Run the generated scan on ``problem`` with poisoned outputs; compare with the oracle."""
-    kernel = tb.build(make_plan(fam, Algorithm.SCAN), config or {})
+    kernel = calls.build(tb, make_plan(fam, Algorithm.SCAN), config or {})
     out = poison(torch.empty_like(problem.u))
     nseq = problem.nseq
     cplx = fam.A.structure is CPLX
@@ -131,8 +132,8 @@ def test_scan_few_channels_variant(seed):
     """With fewer programs than SMs the launcher runs the state-split kernel of the module."""
     fam = scan_family(state=8 if not FULL else 16)
     plan = make_plan(fam, Algorithm.SCAN)
-    kernel = tb.build(plan, {})
-    assert "_split4(" in tb.lower(plan, {}) and kernel.module.FEW_CONFIG["split"] == 4
+    kernel = calls.build(tb, plan, {})
+    assert "_split4(" in calls.lower(tb, plan, {}) and kernel.module.FEW_CONFIG["split"] == 4
     saved = kernel.module.SM_COUNT
     kernel.module.SM_COUNT = 10 ** 6
     try:
@@ -185,7 +186,7 @@ def test_scan_segments_chosen_by_size(seed):
     fam = scan_family()
     plan = make_plan(fam, Algorithm.SCAN)
     config = {"seg_min_len": 8}
-    kernel = tb.build(plan, config)
+    kernel = calls.build(tb, plan, config)
     mod = kernel.module
     assert mod._n_segments(2, CH, 37, 0) == 1             # CPU: no SMs, one pass
     # 2 programs << 1000 SMs: as many as the length allows
@@ -238,7 +239,7 @@ def test_scan_prefetch_bc_source():
     plan = make_plan(scan_family(), Algorithm.SCAN)
 
     def kernel(cfg, name="def ssmc_scan_Mamba1("):
-        return tb.lower(plan, cfg).split(name)[1].split("@triton.jit")[0]
+        return calls.lower(tb, plan, cfg).split(name)[1].split("@triton.jit")[0]
     assert kernel({"prefetch_bc": 8, "bc_ahead": 0}) == kernel({})
     two = kernel({"prefetch_bc": 2})
     assert all(f"{w}{j}_pre0 = tl.load(" in two for w in "bc" for j in (0, 1))
@@ -247,11 +248,11 @@ def test_scan_prefetch_bc_source():
     assert f"b{STATE - 1}_pre0 =" in every and f"b{STATE}_pre0" not in every
     local = kernel({"seg_prefetch_bc": 1}, "_seg_local(")
     assert "b0_pre0 = tl.load(" in local and "c0_pre0" not in local
-    cplx = tb.lower(make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {"prefetch_bc": 2})
+    cplx = calls.lower(tb, make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {"prefetch_bc": 2})
     assert "_pre0 = tl.load(" not in cplx
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="prefetch_bc"):
-            tb.lower(plan, {"prefetch_bc": bad})
+            calls.lower(tb, plan, {"prefetch_bc": bad})
 
 
 def test_scan_large_delta(seed):
@@ -276,14 +277,14 @@ def test_scan_through_compile_api(seed):
 
 def test_scan_source_is_generated_from_the_ir():
     zoh = make_plan(scan_family(method=Method.ZOH), Algorithm.SCAN)
-    src = tb.lower(zoh, {})
-    assert src == tb.lower(zoh, {}), "generation must be deterministic"
+    src = calls.lower(tb, zoh, {})
+    assert src == calls.lower(tb, zoh, {}), "generation must be deterministic"
     assert f"family {zoh.family.name}" in src and ir_hash(zoh) in src
     assert "_expm1(" in src            # zoh's B = expm1(a dt)/a, printed from the IR
     assert "math." not in src and "np." not in src
-    euler = tb.lower(make_plan(scan_family(), Algorithm.SCAN), {})
+    euler = calls.lower(tb, make_plan(scan_family(), Algorithm.SCAN), {})
     assert "tl.exp2(" in euler and "_expm1(" not in euler.split("def ssmc_scan")[1]
-    cplx = tb.lower(make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {})
+    cplx = calls.lower(tb, make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {})
     assert "_cos(" in cplx and "_sin(" in cplx and "2.0 * y_tile" in cplx
     imports = [ln for src_ in (src, cplx) for ln in src_.splitlines()
                if ln.startswith(("import ", "from "))]
@@ -294,8 +295,8 @@ def test_scan_artifact_runs_standalone(tmp_path, seed):
     import importlib.util
     fam = scan_family(method=Method.BILINEAR)
     plan = make_plan(fam, Algorithm.SCAN)
-    (path,) = map(Path, tb.write_artifact(plan, {}, tmp_path))
-    assert path.name == "kernel.py" and path.read_text() == tb.lower(plan, {})
+    (path,) = map(Path, calls.write_artifact(tb, plan, {}, tmp_path))
+    assert path.name == "kernel.py" and path.read_text() == calls.lower(tb, plan, {})
     spec = importlib.util.spec_from_file_location("ssmc_artifact_scan", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -316,7 +317,7 @@ def test_scan_supports():
         assert reason and "scan" in reason
     from ssmc.errors import TargetError
     with pytest.raises(TargetError):
-        tb.lower(make_plan(F.dense(), Algorithm.SCAN), {})
+        calls.lower(tb, make_plan(F.dense(), Algorithm.SCAN), {})
     cands = tb.candidates(make_plan(scan_family(), Algorithm.SCAN))
     assert cands and all({"block_d", "split", "chunk", "num_warps"} <= set(c) for c in cands)
 
@@ -335,7 +336,7 @@ def test_scan_offsets_past_2_31(seed):
     delta = small["delta"].expand(b, -1, -1).contiguous()
     B = torch.randn((b, 1, 16, length), device=DEVICE, dtype=torch.bfloat16, generator=gen)
     C = torch.randn((b, 1, 16, length), device=DEVICE, dtype=torch.bfloat16, generator=gen)
-    kernel = tb.build(make_plan(fam, Algorithm.SCAN), {})
+    kernel = calls.build(tb, make_plan(fam, Algorithm.SCAN), {})
     y, _ = kernel.module.forward(u, delta, small["A"], B, C, D=small["D"], z=z,
                                  delta_bias=small["delta_bias"])
     last = slice(b - 1, b)

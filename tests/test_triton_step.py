@@ -22,6 +22,7 @@ from ssmc.backends import triton as tb
 from ssmc.backends.triton import codegen, step as step_gen
 from ssmc.ir import Algorithm, AStructure, Convention, Method, Sharing
 from ssmc.plan import ir_hash, make_plan
+import backend_calls as calls
 
 require_cuda_device()
 HEADS, HEAD_DIM, SSD_STATE = (80, 64, 128) if FULL else (4, 8, 16)
@@ -66,7 +67,7 @@ CASES = {
 
 def run_step(fam, problem, config=None):
     """One generated step on ``problem`` (state updated in place), with a poisoned y buffer."""
-    kernel = tb.build(make_plan(fam, Algorithm.STEP), config or {})
+    kernel = calls.build(tb, make_plan(fam, Algorithm.STEP), config or {})
     out = poison(torch.empty_like(problem.x))
     y, none = kernel.module.forward(**{k: getattr(problem, k) for k in STEP_FIELDS}, out=out)
     assert none is None and y.data_ptr() == out.data_ptr()
@@ -121,7 +122,7 @@ def test_step_tiles_smaller_than_the_threads(case, config, seed):
     fam = CASES[case]()
     plan = make_plan(fam, Algorithm.STEP)
     replicated = step_gen.tile_replicated(plan, config)
-    assert ("tl.debug_barrier()" in tb.lower(plan, config)) == replicated
+    assert ("tl.debug_barrier()" in calls.lower(tb, plan, config)) == replicated
     assert replicated or (case == "mamba2" and FULL)   # at full size 4 x 128 fills 8 warps
     check_step(fam, "float32", seed, config)
 
@@ -136,16 +137,16 @@ def test_step_default_and_candidate_configs_give_every_thread_an_element():
         assert default in cands, fam.dims
         for cfg in cands:
             assert not step_gen.tile_replicated(plan, cfg), (fam.dims, cfg)
-            assert "tl.debug_barrier()" not in tb.lower(plan, cfg)
+            assert "tl.debug_barrier()" not in calls.lower(tb, plan, cfg)
     # head_dim 4 x n 4 cannot fill one warp: its only config keeps the barrier
     tiny = make_plan(mamba2(head_dim=4, state=4), Algorithm.STEP)
     assert tb.candidates(tiny) == [tb.default_config(tiny)] == [{"block_r": 4, "num_warps": 1}]
-    assert "tl.debug_barrier()" in tb.lower(tiny, {})
+    assert "tl.debug_barrier()" in calls.lower(tb, tiny, {})
     plan = make_plan(mamba2(), Algorithm.STEP)
     for bad in ({"block_r": 3}, {"block_r": 0}, {"num_warps": 3}, {"num_warps": 64},
                 {"block_r": 2.0}):
         with pytest.raises(ValueError, match="decode step config"):
-            tb.lower(plan, bad)
+            calls.lower(tb, plan, bad)
 
 
 # Compiles generated kernels for sm_90 (no GPU needed: Triton ships ptxas) in a process without
@@ -196,7 +197,7 @@ def test_step_tile_replicated_matches_tritons_layout(tmp_path):
         plan = make_plan(fam, Algorithm.STEP)
         cfg = {"block_r": rows, "num_warps": warps}
         path = tmp_path / f"step{i}.py"
-        path.write_text(tb.lower(plan, cfg))
+        path.write_text(calls.lower(tb, plan, cfg))
         jobs.append([str(path), rows, warps])
         expected.append(step_gen.tile_replicated(plan, cfg))
     assert sorted(set(expected)) == [False, True]
@@ -240,7 +241,7 @@ def test_step_token_by_token_equals_sequence(case, seed):
     else:
         names = dict(x="u", dt="delta", A="A", B="B", C="C", D="D", z="z", dt_bias="delta_bias")
         state = seq.initial_state.clone()
-    kernel = tb.build(make_plan(fam, Algorithm.STEP), {})
+    kernel = calls.build(tb, make_plan(fam, Algorithm.STEP), {})
     ys = []
     for t in range(seqlen):
         args = {k: _token(t, k, getattr(seq, v), fam, scalar) for k, v in names.items()}
@@ -279,10 +280,10 @@ def test_step_supports():
 def test_step_source_and_artifact(tmp_path, seed):
     import importlib.util
     plan = make_plan(mamba1(structure=CPLX, method=Method.ZOH), Algorithm.STEP)
-    src = tb.lower(plan, {})
-    assert src == tb.lower(plan, {}) and ir_hash(plan) in src
+    src = calls.lower(tb, plan, {})
+    assert src == calls.lower(tb, plan, {}) and ir_hash(plan) in src
     assert "_cos(" in src and "_expm1(" in src and "math." not in src
-    (path,) = map(Path, tb.write_artifact(plan, {}, tmp_path))
+    (path,) = map(Path, calls.write_artifact(tb, plan, {}, tmp_path))
     spec = importlib.util.spec_from_file_location("ssmc_artifact_step", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -5,8 +5,9 @@ every other backend: the math is printed from the plan's sympy expressions by sy
 (``ssmc.printers``), the layouts come from the calling convention (``layout.py``), one generator
 per algorithm (``kernels.py``). See docs/c_target.md.
 
-Backend interface (the same for every target): supports, default_config, candidates, lower,
-build, write_artifact; plus lower_files, lower_header and build_cross for the C target.
+Backend interface (the same for every target, ``ssmc.backends``): supports, default_config,
+check_config, candidates, lower, build, write_artifact; plus lower_files, lower_header and
+build_cross for the C target.
 """
 from __future__ import annotations
 
@@ -51,59 +52,61 @@ def candidates(plan: KernelPlan) -> List[dict]:
             {"opt": "-O2", "native": True, "fast_math": True}]
 
 
-def _check(plan: KernelPlan) -> None:
-    reason = supports(plan)
-    if reason:
-        raise TargetError(f"target c cannot compile {plan.family.name} "
-                          f"({plan.algorithm.value}): {reason}", plan.family.compute.loc)
+_CONFIG_KEYS = ("opt", "native", "fast_math", "cflags", "triple")
 
 
-def lower_files(plan: KernelPlan, config: Optional[dict] = None) -> Dict[str, str]:
+def check_config(plan: KernelPlan, config: dict) -> Optional[str]:
+    """Why ``config`` cannot be used (a key the C target does not read), None when it can."""
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        return f"unknown c config key {unknown[0]!r}; known: {', '.join(_CONFIG_KEYS)}"
+    return None
+
+
+def lower_files(plan: KernelPlan, config: dict) -> Dict[str, str]:
     """``{"<family>.h": header, "<family>.c": source}`` for the plan."""
-    _check(plan)
     layout = make_layout(plan)
     functions = GENERATORS[plan.algorithm](layout)
     header_name = f"{layout.prefix}.h"
-    header = header_file(layout, [(name, params, summary) for name, params, summary, _ in functions])
-    source = source_file(layout, header_name, [body for *_, body in functions])
+    header = header_file(layout, [(name, params, summary) for name, params, summary, _ in functions],
+                         config)
+    source = source_file(layout, header_name, [body for *_, body in functions], config)
     return {header_name: header, f"{layout.prefix}.c": source}
 
 
-def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
+def lower(plan: KernelPlan, config: dict) -> str:
     """The generated C source (the .c file; ``lower_header`` gives the .h it includes)."""
     files = lower_files(plan, config)
     return next(text for name, text in files.items() if name.endswith(".c"))
 
 
-def lower_header(plan: KernelPlan, config: Optional[dict] = None) -> str:
+def lower_header(plan: KernelPlan, config: dict) -> str:
     files = lower_files(plan, config)
     return next(text for name, text in files.items() if name.endswith(".h"))
 
 
-def build(plan: KernelPlan, config: Optional[dict] = None):
-    """Compile for this machine (cached) and return ``kernel(problem) -> (y, final_or_None)``."""
+def build(plan: KernelPlan, config: dict, cache):
+    """Compile for this machine into ``cache`` and return ``kernel(problem) -> (y, final_or_None)``."""
     from .toolchain import build_host
-    config = dict(default_config(plan), **(config or {}))
     if config.get("triple"):
         raise TargetError(f"target {config['triple']} cross-compiles; use write_artifact or "
                           "build_cross to get its library")
-    return build_host(plan, config)
+    return build_host(plan, config, cache)
 
 
-def build_cross(plan: KernelPlan, config: Optional[dict], triple: str, out_dir) -> List[Path]:
+def build_cross(plan: KernelPlan, config: dict, triple: str, out_dir, cache) -> List[Path]:
     """Cross-compile the plan for ``triple`` (e.g. aarch64-linux-gnu) into ``out_dir``."""
     from .cross import build_cross as _build_cross
-    return _build_cross(plan, dict(default_config(plan), **(config or {})), triple, out_dir)
+    return _build_cross(plan, config, triple, out_dir, cache)
 
 
-def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir,
+def write_artifact(plan: KernelPlan, config: dict, out_dir, cache,
                    target: Optional[str] = None) -> List[Path]:
     """``<family>.c``, ``<family>.h``, ``main.c`` and a Makefile in ``out_dir``; for a cross
     target (``target`` aarch64/riscv64, or ``config["triple"]``) also the cross-built .so and
-    static example executable."""
+    static example executable (compiled into ``cache``)."""
     from .artifact import write_sources
-    config = dict(default_config(plan), **(config or {}))
     triple = CROSS_TARGETS.get(target, target) if target and target != "c" else config.get("triple")
     if triple:
-        return build_cross(plan, config, triple, out_dir)
+        return build_cross(plan, config, triple, out_dir, cache)
     return write_sources(plan, config, out_dir)

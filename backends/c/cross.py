@@ -52,7 +52,7 @@ def _flags(config: dict) -> List[str]:
         config.get("cflags", ()))
 
 
-def _cross_build(plan: KernelPlan, config: dict, triple: str,
+def _cross_build(plan: KernelPlan, config: dict, triple: str, cache,
                  which=("library", "example", "driver")):
     """{artifact name: cached path} of the plan built with the cross compiler.
 
@@ -80,13 +80,13 @@ def _cross_build(plan: KernelPlan, config: dict, triple: str,
     built = {}
     for what in which:
         name, sources, flags = recipes[what]
-        built[what] = compile_cached(sources, name, flags, cc, about=about)
+        built[what] = compile_cached(sources, name, flags, cache, cc, about=about)
     return built
 
 
-def build_cross(plan: KernelPlan, config: dict, triple: str, out_dir) -> List[Path]:
+def build_cross(plan: KernelPlan, config: dict, triple: str, out_dir, cache) -> List[Path]:
     """Sources, Makefile, and the cross-built lib<family>.so, example and driver in out_dir."""
-    built = _cross_build(plan, config, triple)
+    built = _cross_build(plan, config, triple, cache)
     paths = write_sources(plan, config, out_dir)
     for cached in built.values():
         dest = Path(out_dir) / cached.name
@@ -147,13 +147,13 @@ def read_outputs(call: Call, path: Path) -> int:
     return code
 
 
-def run_problem(plan: KernelPlan, config: dict, triple: str, problem,
+def run_problem(plan: KernelPlan, config: dict, triple: str, problem, cache,
                 workdir: Optional[Path] = None, timeout: float = 120.0) -> Tuple[torch.Tensor, object]:
     """Run ``problem`` through the cross-built driver under qemu-user; (y, final_or_None)."""
     reason = missing_tools(triple)
     if reason:
         raise TargetError(reason)
-    built = _cross_build(plan, config, triple, which=("driver",))
+    built = _cross_build(plan, config, triple, cache, which=("driver",))
     layout = make_layout(plan)
     call = marshal(layout, problem)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -169,9 +169,9 @@ def run_problem(plan: KernelPlan, config: dict, triple: str, problem,
     return results(call)
 
 
-def run_example(plan: KernelPlan, config: dict, triple: str) -> str:
+def run_example(plan: KernelPlan, config: dict, triple: str, cache) -> str:
     """The cross-built example's output under qemu (its checksum lines)."""
-    built = _cross_build(plan, config, triple, which=("example",))
+    built = _cross_build(plan, config, triple, cache, which=("example",))
     proc = subprocess.run([emulator(triple), str(built["example"])], capture_output=True,
                           text=True, timeout=120, check=True)
     return proc.stdout

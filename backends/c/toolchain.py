@@ -1,9 +1,9 @@
 """Compiling the generated C with the system compiler, caching the library, calling it.
 
-The shared library is kept in the ssmc artifact cache (``ssmc.runtime.cache``: under
-``$SSMC_CACHE_DIR``, default ``~/.cache/ssmc``; listed by ``ssmc cache ls``), keyed by the
-sha256 of the sources, the compiler's version line and the flags; the sources are kept beside it
-so that a cached kernel can be read.
+The shared library is kept in the artifact cache the caller passes in (the interface is in
+``ssmc.backends``' docstring; listed by ``ssmc cache ls``), keyed by the sha256 of the sources,
+the compiler's version line and the flags; the sources are kept beside it so that a cached
+kernel can be read.
 """
 from __future__ import annotations
 
@@ -68,14 +68,12 @@ def describe(plan: KernelPlan, target: str) -> dict:
     return {"family": plan.family.name, "algorithm": plan.algorithm.value, "target": target}
 
 
-def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cc: str = HOST_CC,
-                   libs: Sequence[str] = ("-lm",), root: Optional[Path] = None,
+def compile_cached(files: Dict[str, str], output: str, flags: Sequence[str], cache,
+                   cc: str = HOST_CC, libs: Sequence[str] = ("-lm",),
                    about: Optional[dict] = None) -> Path:
-    """Compile the ``.c`` files of ``files`` into ``output`` in the ssmc artifact cache (atomic,
-    locked, verified: ssmc.runtime.cache); returns its path. ``about`` (``describe``) is added
+    """Compile the ``.c`` files of ``files`` into ``output`` in an entry of the artifact
+    ``cache`` (built whole or not at all); returns its path. ``about`` (``describe``) is added
     to the entry's description."""
-    from ssmc.runtime.cache import ArtifactCache, default_cache
-    cache = ArtifactCache(root) if root is not None else default_cache()
     sources_sha = hashlib.sha256()
     for name in sorted(files):
         sources_sha.update(name.encode() + b"\0" + files[name].encode() + b"\0")
@@ -155,10 +153,11 @@ class CKernel:
         return results(call)
 
 
-def build_host(plan: KernelPlan, config: dict) -> CKernel:
+def build_host(plan: KernelPlan, config: dict, cache) -> CKernel:
     from . import lower_files
     layout = make_layout(plan)
     files = lower_files(plan, config)
     flags = host_flags(config) + ["-shared"]
-    library = compile_cached(files, f"lib{layout.prefix}.so", flags, about=describe(plan, "c"))
+    library = compile_cached(files, f"lib{layout.prefix}.so", flags, cache,
+                             about=describe(plan, "c"))
     return CKernel(plan, layout, library)

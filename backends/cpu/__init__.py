@@ -1,6 +1,6 @@
 """The CPU backend: KernelPlans lowered to TVM TIR (TVMScript text), compiled by LLVM.
 
-    kernel = build(plan, {"llvm_target": "llvm -mcpu=native"})
+    kernel = build(plan, resolve_config(cpu, plan, {"llvm_target": "llvm -mcpu=native"}), cache)
     y, final_state = kernel(problem)        # problem: a bound ssmc.signature Problem
     kernel.compile_seconds, kernel.cached   # compile (or cache load) time; from the disk cache?
 
@@ -8,8 +8,8 @@ One generator per algorithm: ``scan`` (diagonal, complex-diagonal and scalar A),
 (CHUNKED plans, computed by the scan: see chunked.py for why), ``conv`` (LTI: K in TIR, the
 FFT in torch) and ``step`` (the decode step). Everything that differs between families comes
 from the IR: the Δ map, Abar/Bbar printed from ``plan.disc``, groups, D, gate. Compiled
-modules are cached on disk (``tvmbuild.py``: the ssmc artifact cache under $SSMC_CACHE_DIR, else
-~/.cache/ssmc) keyed by the TIR text, the LLVM target and the TVM version. The generators write
+modules live in the artifact cache the caller passes to ``build`` / ``write_artifact``
+(``tvmbuild.py``), keyed by the plan, config, LLVM target and TVM version. The generators write
 text; ``launch.py`` (torch) binds a problem to a compiled kernel, and is imported only by
 ``build``, so that writing an artifact imports neither torch nor (when cached) TVM.
 """
@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
+from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities, header
 from ssmc.errors import TargetError
 from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
@@ -31,7 +31,7 @@ from . import chunked, conv, scan, step
 NAME = "cpu"
 _GENERATORS = {Algorithm.SCAN: scan, Algorithm.CHUNKED: chunked, Algorithm.CONV: conv,
                Algorithm.STEP: step}
-_CONFIG_KEYS = {"llvm_target", "target", "cache_dir", "num_threads", "lanes", "unroll_state",
+_CONFIG_KEYS = {"llvm_target", "target", "num_threads", "lanes", "unroll_state",
                 "kernel_lanes", "tile", "exp_degree", "row_tiles", "scalef", "readout_split"}
 
 
@@ -46,11 +46,12 @@ def supports(plan: KernelPlan) -> Optional[str]:
     return CAPABILITIES.refuses(plan) or plan_limits(plan)
 
 
-def _check(plan: KernelPlan) -> None:
-    reason = supports(plan)
-    if reason:
-        raise TargetError(f"target cpu cannot compile {plan.family.name} "
-                          f"({plan.algorithm.value}): {reason}", plan.family.compute.loc)
+def check_config(plan: KernelPlan, config: dict) -> Optional[str]:
+    """Why ``config`` cannot be used (a key no generator reads), None when it can."""
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        return (f"unknown cpu config key {unknown[0]!r}; known: {', '.join(sorted(_CONFIG_KEYS))}")
+    return None
 
 
 def default_config(plan: KernelPlan) -> dict:
@@ -89,7 +90,7 @@ def _target(config: Optional[dict]) -> dict:
 
 def _shown(config: dict) -> dict:
     """The config keys the TIR depends on (the header prints them; the plan key hashes them)."""
-    return {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS and k != "cache_dir"}
+    return {k: config[k] for k in sorted(config) if k in _CONFIG_KEYS}
 
 
 def _plan_key(plan: KernelPlan, config: dict) -> str:
@@ -113,22 +114,15 @@ def _describe(plan: KernelPlan) -> str:
         return repr(plan.family)
 
 
-def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
+def lower(plan: KernelPlan, config: dict) -> str:
     """The TVMScript text ``build`` compiles, with a header naming the spec and the config."""
-    _check(plan)
-    config = dict(default_config(plan), **(config or {}))
-    from ssmc.plan import ir_hash
     body = _GENERATORS[plan.algorithm].generate(plan, config)
-    shown = _shown(config)
-    header = [f"# ssmc cpu kernel: {plan.family.name}, algorithm {plan.algorithm.value}, "
-              f"plan {ir_hash(plan)}",
-              f"# config: {json.dumps(shown, sort_keys=True)}",
-              f"# llvm target: {json.dumps(_target(config), sort_keys=True)}"]
+    notes = [f"llvm target: {json.dumps(_target(config), sort_keys=True)}"]
     if plan.algorithm is Algorithm.CHUNKED:
-        header.append(f"# chunk_size {plan.chunk_size}: computed by the direct scan "
-                      "(backends/cpu/chunked.py says why)")
-    header += ["# " + ln if ln else "#" for ln in _describe(plan).splitlines()]
-    return "\n".join(header) + "\n" + body
+        notes.append(f"chunk_size {plan.chunk_size}: computed by the direct scan "
+                     "(backends/cpu/chunked.py says why)")
+    notes += [""] + _describe(plan).splitlines()
+    return header(plan, _shown(config), _about(plan, config)["target"], "#", notes) + body
 
 
 class CpuKernel:
@@ -155,45 +149,35 @@ class CpuKernel:
                 f"({'cached' if self.cached else 'compiled'} in {self.compile_seconds:.3f}s)>")
 
 
-def build(plan: KernelPlan, config: Optional[dict] = None) -> CpuKernel:
-    config = dict(default_config(plan), **(config or {}))
+def build(plan: KernelPlan, config: dict, cache) -> CpuKernel:
+    """The compiled plan, from its entry in the artifact ``cache`` (compiled into it on a miss)."""
     tdict = _target(config)
     if not _build.runs_here(tdict):
         raise TargetError(f"the CPU target {tdict.get('mtriple')} does not run on this machine",
                           hint="use write_artifact (ssmc compile -o DIR) to get the shared object")
     pkey = _plan_key(plan, config)
-    source = _build.cached_source(pkey, config) or lower(plan, config)
-    built = _build.load(source, tdict, config, _about(plan, config))
-    _build.remember_source(pkey, built.path.parent, config)
+    built = _build.load(pkey, lambda: lower(plan, config), tdict, cache, _about(plan, config))
+    source = (built.path.parent / "kernel.tir.py").read_text()
     from . import launch  # deferred: torch is needed to call a kernel, not to write one
     return CpuKernel(plan, config, source, built, launch.runner(plan, built.module))
 
 
-def _host_entry(plan: KernelPlan, config: dict) -> Path:
-    """The artifact-cache entry (kernel.so, kernel.tir.py) of a plan for this machine: through
-    the plan key when it was built before (no TIR generated, TVM not imported, nothing loaded),
-    else generated and compiled into the cache."""
-    pkey = _plan_key(plan, config)
-    entry = _build.cached_entry(pkey, config)
-    if entry is None:
-        library, _ = _build.library(lower(plan, config), _target(config), config,
-                                    _about(plan, config))
-        entry = library.parent
-        _build.remember_source(pkey, entry, config)
-    return entry
-
-
-def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[str]:
+def write_artifact(plan: KernelPlan, config: dict, out_dir, cache) -> List[str]:
     """The TVMScript text (``.tir.py``) and the compiled library (``.so``; ``.o`` when a cross
-    target has no linker here) under ``out_dir``; returns their paths."""
-    config = dict(default_config(plan), **(config or {}))
+    target has no linker here) under ``out_dir``; returns their paths. A host library is copied
+    from its entry in ``cache`` (compiled into it on a miss): a repeated `ssmc compile` then
+    generates no TIR and imports no TVM."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{plan.family.name}_{plan.algorithm.value}_cpu"
     text_path, lib_path = out / f"{stem}.tir.py", out / f"{stem}.so"
     if _build.runs_here(_build.parse_target(_target_spec(config))):
-        # A host library is the cached one: copying it keeps a repeated `ssmc compile` fast.
-        entry = _host_entry(plan, config)
+        pkey = _plan_key(plan, config)
+        entry = _build.cached_entry(pkey, cache)    # found without importing TVM
+        if entry is None:
+            library, _ = _build.library(pkey, lambda: lower(plan, config), _target(config),
+                                        cache, _about(plan, config))
+            entry = library.parent
         shutil.copyfile(entry / "kernel.tir.py", text_path)
         shutil.copyfile(entry / "kernel.so", lib_path)
         return [str(text_path), str(lib_path)]
@@ -202,5 +186,5 @@ def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[st
     return [str(text_path), str(_build.export_cross(source, _target(config), lib_path))]
 
 
-__all__ = ["NAME", "supports", "default_config", "candidates", "lower", "build",
+__all__ = ["NAME", "supports", "default_config", "check_config", "candidates", "lower", "build",
            "write_artifact", "CpuKernel"]

@@ -1,14 +1,12 @@
-"""From TVMScript text to a loaded module: LLVM target strings, the on-disk cache, threads.
+"""From TVMScript text to a loaded module: LLVM target strings, the artifact cache, threads.
 
-The generated TIR text is the cache key (with the resolved target and the TVM version), so two
-plans that print the same kernel share one shared object. A warm hit is a dlopen (~ms); a cold
-miss is TVMScript parsing + LLVM (~0.1-1 s per kernel). Compiled modules are also memoized in
-process, keyed the same way.
-
-A plan's key (``plan_key``) points at the entry its TIR text was compiled into. It is computed
-without importing TVM (the target string as written, a host CPU fingerprint, TVM's version from
-package metadata), so that a repeated ``ssmc compile`` copies the cached files without
-generating TIR, importing TVM or loading the library.
+A plan's key (``plan_key``: the plan's hash, the config, the target string as written, a host
+CPU fingerprint, the generator's and TVM's versions) keys its entry in the artifact cache the
+caller passes in (kernel.so and the kernel.tir.py it was compiled from). It is computed without
+importing TVM (TVM's version comes from package metadata), so that a repeated ``ssmc compile``
+copies the cached files without generating TIR, importing TVM or loading the library. A warm
+hit is a dlopen (~ms); a cold miss is TVMScript parsing + LLVM (~0.1-1 s per kernel). Loaded
+modules are also memoized in process by the same key.
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ssmc.errors import TargetError
 
@@ -127,19 +125,6 @@ def make_target(tdict: dict):
 # --------------------------------------------------------------------------------------------
 # Cache
 
-def cache_dir(config: Optional[dict] = None) -> Path:
-    root = (config or {}).get("cache_dir") or os.environ.get("SSMC_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "ssmc"
-    # SSMC_CACHE_DIR is the ssmc-wide cache root; this backend keeps its objects in cpu/.
-    return base / "cpu"
-
-
-def cache_key(source: str, tdict: dict) -> str:
-    tvm = _tvm()
-    text = source + "\n" + json.dumps(tdict, sort_keys=True) + "\n" + tvm.__version__
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 @lru_cache(maxsize=1)
 def tvm_version() -> str:
     """TVM's version from package metadata (importing TVM to ask costs seconds); a TVM built
@@ -195,34 +180,23 @@ def plan_key(plan_hash: str, config: dict, spec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_entry(pkey: str, config: Optional[dict] = None) -> Optional[Path]:
-    """The artifact-cache entry (kernel.so, kernel.tir.py) this plan key points at, if it is
-    still there and matches its manifest."""
-    try:
-        entry = Path((cache_dir(config) / f"{pkey}.plan").read_text().strip())
-    except OSError:
-        return None
-    # An entry's directory is named by its key; the cache verifies it against its manifest.
-    return entry if _artifact_cache(config).get(entry.name) == entry else None
+def _entry_parts(pkey: str) -> dict:
+    # The plan key names the TIR text exactly (plan, config, target, generator and TVM versions),
+    # so the entry is found before any TIR is generated: a warm build costs a dlopen.
+    return {"backend": "cpu", "plan_key": pkey}
 
 
-def cached_source(pkey: str, config: Optional[dict] = None) -> Optional[str]:
+def cached_entry(pkey: str, cache) -> Optional[Path]:
+    """The artifact-cache entry (kernel.so, kernel.tir.py) of this plan key, if it is there and
+    matches its manifest."""
+    return cache.get(cache.key(**_entry_parts(pkey)))
+
+
+def cached_source(pkey: str, cache) -> Optional[str]:
     """The TIR text generated earlier for this plan/config/target, if its library is on disk:
     a warm build then skips the (sympy) generation and costs a file read and a dlopen."""
-    entry = cached_entry(pkey, config)
+    entry = cached_entry(pkey, cache)
     return (entry / "kernel.tir.py").read_text() if entry is not None else None
-
-
-def remember_source(pkey: str, entry: Path, config: Optional[dict] = None) -> None:
-    """Point the plan's key at its artifact-cache entry (the directory holding kernel.so)."""
-    directory = cache_dir(config)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"{pkey}.plan.{os.getpid()}"
-        tmp.write_text(str(entry))
-        os.replace(tmp, directory / f"{pkey}.plan")
-    except OSError:
-        pass
 
 
 @dataclass
@@ -234,7 +208,7 @@ class Built:
     cached: bool             # True when it came from disk or the in-process memo
 
 
-def compile_source(source: str, tdict: dict, config: Optional[dict] = None) -> Tuple[object, float]:
+def compile_source(source: str, tdict: dict) -> Tuple[object, float]:
     """TVMScript text -> tvm Executable (not cached). Returns (executable, seconds)."""
     tvm = _tvm()
     t0 = time.perf_counter()
@@ -249,25 +223,18 @@ def compile_source(source: str, tdict: dict, config: Optional[dict] = None) -> T
     return exe, time.perf_counter() - t0
 
 
-def _artifact_cache(config: Optional[dict]):
-    from ssmc.runtime.cache import ArtifactCache, default_cache
-    root = (config or {}).get("cache_dir")
-    return ArtifactCache(root) if root else default_cache()
-
-
-def library(source: str, tdict: dict, config: Optional[dict] = None,
+def library(pkey: str, lower: Callable[[], str], tdict: dict, cache,
             about: Optional[dict] = None) -> Tuple[Path, bool]:
-    """The shared object compiled from ``source`` in the ssmc artifact cache (atomic, locked,
-    verified: ssmc.runtime.cache), compiled into it on a miss; not loaded. Returns (path,
-    whether it was compiled now). ``about`` (family, algorithm, target as written) is recorded
-    for ``ssmc cache ls`` but not keyed: the TIR text's header already names the family, the
-    algorithm and the target."""
-    parts = {"backend": "cpu", "tir_sha256": cache_key(source, tdict), "target": tdict}
-    cache = _artifact_cache(config)
+    """The shared object of plan key ``pkey`` in the artifact ``cache``, compiled into it from
+    ``lower()`` (the TIR text, generated only on a miss) when absent; not loaded. Returns (path,
+    whether it was compiled now). ``about`` (family, algorithm, target as written) is recorded for
+    ``ssmc cache ls``."""
+    parts = _entry_parts(pkey)
     built_now = []
 
     def build(folder: Path) -> None:
-        exe, _ = compile_source(source, tdict, config)
+        source = lower()
+        exe, _ = compile_source(source, tdict)
         exe.export_library(str(folder / "kernel.so"))
         (folder / "kernel.tir.py").write_text(source)
         built_now.append(True)
@@ -277,22 +244,21 @@ def library(source: str, tdict: dict, config: Optional[dict] = None,
     return entry / "kernel.so", bool(built_now)
 
 
-def load(source: str, tdict: dict, config: Optional[dict] = None,
+def load(pkey: str, lower: Callable[[], str], tdict: dict, cache,
          about: Optional[dict] = None) -> Built:
-    """The compiled module for ``source``: in-process memo, else ``library`` (the artifact
+    """The compiled module of plan key ``pkey``: in-process memo, else ``library`` (the artifact
     cache, compiling into it on a miss), loaded."""
     tvm = _tvm()
-    key = cache_key(source, tdict)
     with _LOCK:
-        if key in _MEMO:
-            module, path = _MEMO[key]
-            return Built(module, key, path, 0.0, True)
+        if pkey in _MEMO:
+            module, path = _MEMO[pkey]
+            return Built(module, pkey, path, 0.0, True)
     t0 = time.perf_counter()
-    path, built_now = library(source, tdict, config, about)
+    path, built_now = library(pkey, lower, tdict, cache, about)
     module = tvm.runtime.load_module(str(path))
     with _LOCK:
-        _MEMO[key] = (module, path)
-    return Built(module, key, path, time.perf_counter() - t0, not built_now)
+        _MEMO[pkey] = (module, path)
+    return Built(module, pkey, path, time.perf_counter() - t0, not built_now)
 
 
 def cross_linker(triple: str) -> Optional[str]:

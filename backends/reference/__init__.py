@@ -19,11 +19,11 @@ from typing import List, Optional
 
 import torch
 
-from ssmc.backends import ALL_STRUCTURES, Capabilities
+from ssmc.backends import ALL_STRUCTURES, Capabilities, header
 from ssmc.discretize import discretize
 from ssmc.errors import CallError
 from ssmc.ir import Algorithm, DType, KernelPlan, SSMFamily
-from ssmc.plan import plan_limits
+from ssmc.plan import chunk_size_of, plan_limits
 from ssmc.signature import COMPLEX_OF, TORCH_DTYPE, StateUpdateProblem
 
 from . import layout
@@ -48,9 +48,9 @@ def candidates(plan: KernelPlan) -> List[dict]:
     return [{}]
 
 
-def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
+def lower(plan: KernelPlan, config: dict) -> str:
     """The generated numpy module (readable; ``build`` runs exactly this text)."""
-    return generate(plan, config or {})
+    return header(plan, config, "reference") + generate(plan, config)
 
 
 def _load(plan: KernelPlan, source: str) -> dict:
@@ -61,7 +61,7 @@ def _load(plan: KernelPlan, source: str) -> dict:
     return namespace
 
 
-def build(plan: KernelPlan, config: Optional[dict] = None):
+def build(plan: KernelPlan, config: dict, cache=None):
     """kernel(problem) -> (y, final_state_or_None), like every backend; the decode step updates
     ``problem.state`` in place (cast back to its dtype) and returns (y, None)."""
     source = lower(plan, config)
@@ -91,7 +91,7 @@ def build(plan: KernelPlan, config: Optional[dict] = None):
     return kernel
 
 
-def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[str]:
+def write_artifact(plan: KernelPlan, config: dict, out_dir, cache=None) -> List[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{plan.family.name}_reference.py"
@@ -101,8 +101,8 @@ def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[st
 
 def plan_for(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> KernelPlan:
     """The plan the oracle runs for a family (the algorithm does not change what it computes)."""
-    return KernelPlan(family, algorithm or family.compute.algorithm, discretize(family),
-                      family.compute.chunk_size)
+    algorithm = algorithm or family.compute.algorithm
+    return KernelPlan(family, algorithm, discretize(family), chunk_size_of(family, algorithm))
 
 
 @functools.lru_cache(maxsize=64)

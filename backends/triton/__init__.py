@@ -1,8 +1,9 @@
 """The Triton backend (target ``cuda``): one kernel generator per algorithm.
 
 The backend interface (each folder of backends/ implements it): ``supports``,
-``default_config``, ``candidates``, ``lower`` (the generated module's source), ``build`` (a
-callable ``kernel(problem) -> (y, final_state_or_None)``) and ``write_artifact``. Each algorithm lives in its own module:
+``default_config``, ``check_config``, ``candidates``, ``lower`` (the generated module's source),
+``build`` (a callable ``kernel(problem) -> (y, final_state_or_None)``), ``write_artifact`` and
+``time_kernel``. Each algorithm lives in its own module:
 
 - ``scan``    SCAN: selective scan, diagonal / complex-diagonal A (selective_scan_fn convention)
 - ``step``    STEP: decode step, state updated in place (selective_state_update convention)
@@ -10,7 +11,7 @@ callable ``kernel(problem) -> (y, final_state_or_None)``) and ``write_artifact``
 - ``chunked`` CHUNKED: SSD (mamba_chunk_scan_combined convention)
 
 A generated module imports only torch and triton and exposes ``forward(**tensors)``; ``build``
-loads it from a file (``codegen.load_module``) and maps a bound ``Problem`` onto it.
+imports it from an entry of the artifact cache it is given (``codegen.load_module``) and maps a bound ``Problem`` onto it.
 """
 from __future__ import annotations
 
@@ -88,43 +89,49 @@ def candidates(plan: KernelPlan) -> List[dict]:
 TARGET_KEYS = ("arch",)
 
 
-def _full_config(plan: KernelPlan, config: Optional[dict]) -> dict:
-    cfg = default_config(plan)
-    cfg.update({k: v for k, v in (config or {}).items() if k not in TARGET_KEYS})
-    return cfg
+def _generator_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in TARGET_KEYS}
 
 
-def _arch_note(config: Optional[dict]) -> str:
-    arch = (config or {}).get("arch")
+def check_config(plan: KernelPlan, config: dict) -> Optional[str]:
+    """Why the generator for ``plan`` cannot use ``config`` (complete), None when it can."""
+    config = _generator_config(config)
+    if plan.algorithm is Algorithm.CHUNKED:
+        return _chunked().config_problem(plan, config)
+    check = getattr(_module(plan), "check_config", None)
+    try:
+        if check is not None:
+            check(plan, config)
+    except (KeyError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _arch_note(config: dict) -> List[str]:
+    arch = config.get("arch")
     if not arch:
-        return ""
+        return []
     # Triton compiles at the first launch for the GPU it finds; the arch is recorded (manifest,
     # tuning DB key) and the module says so rather than pretending to hold sm_XX code.
-    return (f"# Target cuda:{arch}. Triton compiles these kernels at their first launch for the "
-            "GPU present;\n# the configs were chosen for this architecture.\n")
+    return [f"Target cuda:{arch}. Triton compiles these kernels at their first launch for the "
+            "GPU present;", "the configs were chosen for this architecture."]
 
 
-def lower(plan: KernelPlan, config: Optional[dict] = None) -> str:
-    """The generated module (kernel + launcher) for ``plan`` as readable Python source."""
-    reason = supports(plan)
-    if reason:
-        from ssmc.errors import TargetError
-        raise TargetError(f"Triton cannot compile {plan.family.name} ({plan.algorithm.value}): "
-                          f"{reason}", plan.family.compute.loc)
-    cfg = _full_config(plan, config)
+def lower(plan: KernelPlan, config: dict) -> str:
+    """The generated module (kernel + launcher) for ``plan`` as readable Python source; the
+    config is the resolved one (``ssmc.backends.resolve_config``)."""
+    notes = _arch_note(config)
     if plan.algorithm is Algorithm.CHUNKED:
-        return _arch_note(config) + _chunked().lower_chunked(plan, cfg)
-    return _arch_note(config) + _module(plan).generate(plan, cfg)
+        return _chunked().lower_chunked(plan, _generator_config(config), notes)
+    return _module(plan).generate(plan, _generator_config(config), notes)
 
 
-def build(plan: KernelPlan, config: Optional[dict] = None) -> Callable:
-    """A callable ``kernel(problem) -> (y, final_state_or_None)`` running the generated code."""
+def build(plan: KernelPlan, config: dict, cache) -> Callable:
+    """A callable ``kernel(problem) -> (y, final_state_or_None)`` running the generated code;
+    the module is imported from an entry of ``cache``."""
     if plan.algorithm is Algorithm.CHUNKED:
-        reason = supports(plan)
-        if reason:
-            lower(plan, config)  # raises the TargetError
-        return _chunked().build_chunked(plan, _full_config(plan, config))
-    module = codegen.load_module(lower(plan, config), stem=f"ssmc_{plan.algorithm.value}")
+        return _chunked().build_chunked(plan, _generator_config(config), cache, _arch_note(config))
+    module = codegen.load_module(lower(plan, config), cache, stem=f"ssmc_{plan.algorithm.value}")
     fields = forward_arguments(plan)
 
     def kernel(problem):
@@ -136,6 +143,12 @@ def build(plan: KernelPlan, config: Optional[dict] = None) -> Callable:
     return kernel
 
 
-def write_artifact(plan: KernelPlan, config: Optional[dict], out_dir) -> List[str]:
+def time_kernel(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (Triton's benchmark: L2 flushed, events timed)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def write_artifact(plan: KernelPlan, config: dict, out_dir, cache=None) -> List[str]:
     """Write ``kernel.py`` (generated kernel + launcher; needs only torch and triton)."""
     return [os.fspath(codegen.write_module(lower(plan, config), out_dir, "kernel.py"))]

@@ -12,26 +12,23 @@ families is printed from the IR here:
 - ``print_block``: several expressions printed with shared subexpressions (sympy cse).
 - ``split_tree`` / ``join_tree``: a [rows, W] register tile into W column vectors and back
   (``tl.split``/``tl.join``), so time steps can be loaded 16 bytes wide and walked one by one.
-- ``Lines``: an indented source buffer; ``header``; ``load_module``: write the source to a real
-  file (Triton's @jit reads a kernel's source through ``inspect``) and import it.
+- ``Lines``: an indented source buffer; ``header``; ``load_module``: put the source in an entry
+  of the artifact cache it is given (Triton's @jit reads a kernel's source through
+  ``inspect``, so it must be a real file) and import it.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import sympy as sp
 
-from ssmc import printers
+from ssmc import backends, printers
 from ssmc.ir import AStructure, KernelPlan, SSMFamily
-from ssmc.plan import ir_hash
 
 LOG2E = 1.4426950408889634
 
@@ -384,17 +381,13 @@ def describe_family(f: SSMFamily) -> List[str]:
     return lines
 
 
-def header(plan: KernelPlan, config: dict, what: str) -> str:
-    """The generated module's opening comment: what it is, the family, its hash, the config."""
-    lines = [f"# ssmc-generated Triton {what} for family {plan.family.name} "
-             f"(plan hash {ir_hash(plan)})",
-             "# Generated from the IR by ssmc.backends.triton; edit the spec, not this file.",
-             "#"]
-    lines += [f"# {t}" for t in describe_family(plan.family)]
+def header(plan: KernelPlan, config: dict, what: str, notes: Sequence[str] = ()) -> str:
+    """The generated module's opening comment (``ssmc.backends.header``): what it is, the
+    family, its hash, the config, then the family and its discretized math in words."""
     d = plan.disc
-    lines += [f"# abar = {d.abar}", f"# bbar = {d.bbar}", f"# bbar_prev = {d.bbar_prev}",
-              f"# config: {json.dumps(config, sort_keys=True, default=str)}"]
-    return "\n".join(lines) + "\n"
+    lines = [f"Triton {what}", *notes, ""] + describe_family(plan.family)
+    lines += [f"abar = {d.abar}", f"bbar = {d.bbar}", f"bbar_prev = {d.bbar_prev}"]
+    return backends.header(plan, config, "cuda", "#", lines)
 
 
 PRELUDE = "import torch\nimport triton\nimport triton.language as tl\n"
@@ -434,38 +427,33 @@ def _param(t, complex_):
 '''
 
 
-def module_source(plan: KernelPlan, config: dict, what: str, body: str) -> str:
-    return (header(plan, config, what) + "\n" + PRELUDE + HELPERS + LAUNCH_HELPERS + "\n"
+def module_source(plan: KernelPlan, config: dict, what: str, body: str,
+                  notes: Sequence[str] = ()) -> str:
+    return (header(plan, config, what, notes) + "\n" + PRELUDE + HELPERS + LAUNCH_HELPERS + "\n"
             + body)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading generated modules
 
-def cache_dir() -> Path:
-    base = os.environ.get("SSMC_CACHE_DIR")
-    root = Path(base) if base else Path(tempfile.gettempdir()) / f"ssmc-{os.getuid()}"
-    path = root / "triton"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def load_module(source: str, stem: str = "ssmc_kernel"):
-    """Import generated ``source`` from a real file named by its content hash.
+def load_module(source: str, cache, stem: str = "ssmc_kernel"):
+    """Import generated ``source`` from a file in an entry of the artifact ``cache`` (keyed by the
+    source text), so that it is written once, atomically, and listed by ``ssmc cache ls``.
 
     Triton's @jit reads each kernel's source back through ``inspect`` (and the interpreter
     re-parses it), so the module must live in a file, not in an ``exec`` string.
     """
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    name = f"{stem}_{digest}"
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    name = f"{stem}_{digest[:20]}"
     if name in sys.modules:
         return sys.modules[name]
-    path = cache_dir() / f"{name}.py"
-    if not path.exists() or path.read_text() != source:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(source)
-        os.replace(tmp, path)
+    parts = {"backend": "triton", "source_sha256": digest}
+    description = dict(parts, module=name, target="cuda")
+
+    def write(folder: Path) -> None:
+        (folder / "kernel.py").write_text(source)
+
+    path = cache.get_or_build(cache.key(**parts), write, description) / "kernel.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -18,7 +18,7 @@ float64 chunks. Packed sequences (cu_seqlens) are convolved one by one.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import sympy as sp
 
@@ -333,7 +333,7 @@ def _coef_body(plan: KernelPlan) -> str:
     return "\n".join("    " + ln for ln in lines)
 
 
-def generate(plan: KernelPlan, config: dict) -> str:
+def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     f = plan.family
     base = "".join(ch if ch.isalnum() else "_" for ch in f.name)
     matrix = f.A.structure in _MATRIX
@@ -353,4 +353,4 @@ def generate(plan: KernelPlan, config: dict) -> str:
         b_group=f.B.sharing is Sharing.GROUP, c_group=f.C.sharing is Sharing.GROUP,
         coef_body=_coef_body(plan),
         kernel_host=(POW_HOST.format(powit=powit) if matrix else VAND_HOST.format(vand=vand)))
-    return codegen.module_source(plan, config, WHAT, body + launcher)
+    return codegen.module_source(plan, config, WHAT, body + launcher, notes)

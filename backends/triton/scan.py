@@ -31,7 +31,7 @@ The segmented scan for few channel blocks (``mode`` local / apply) and the confi
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import sympy as sp
 
@@ -578,7 +578,7 @@ class _ScanGen:
         o(f"y{k} = {contrib}" if j == 0 else f"y{k} += {contrib}")
 
 
-def generate(plan: KernelPlan, config: dict) -> str:
+def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     config = {**SEGMENT_DEFAULTS, **config}
     gen = _ScanGen(plan, config)
     f = plan.family
@@ -593,4 +593,4 @@ def generate(plan: KernelPlan, config: dict) -> str:
     for mode in ("local", "apply"):
         body += "\n\n" + _ScanGen(plan, seg_cfg, mode).kernel(f"{kname}_seg_{mode}")
     body += launcher_source(plan, config, gen.sel, kname, few, few_name)
-    return codegen.module_source(plan, config, WHAT, body)
+    return codegen.module_source(plan, config, WHAT, body, notes)

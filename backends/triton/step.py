@@ -16,7 +16,7 @@ the kernel then waits at a barrier between the state's load and its store (tile_
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 from ssmc.plan import plan_limits
@@ -360,7 +360,7 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
 '''
 
 
-def generate(plan: KernelPlan, config: dict) -> str:
+def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     check_config(plan, config)
     replicated = tile_replicated(plan, config)
     f = plan.family
@@ -385,4 +385,4 @@ def generate(plan: KernelPlan, config: dict) -> str:
             config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
             sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt),
             cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL)
-    return codegen.module_source(plan, config, WHAT, body + launcher)
+    return codegen.module_source(plan, config, WHAT, body + launcher, notes)
