@@ -34,6 +34,8 @@ from ssmc.backends import cpu, reference  # noqa: E402
 from ssmc.backends.cpu import tvmbuild  # noqa: E402
 from ssmc.ir import Algorithm, Convention  # noqa: E402
 from ssmc.plan import make_plan  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from measure import build as _build  # noqa: E402
 
 # llama.cpp ggml_ssm_scan, fp32, median ms at 1 / 2 threads (from the team's design notes: measured
 # 2026-11-23 on the 2-core development machine type, not in this run).
@@ -289,7 +291,7 @@ def worker(keys, threads: int, repeats: int, impl: str) -> dict:
         impls = {}
         row = {"bytes": nbytes}
         if impl in ("ours", "check"):
-            k = cpu.build(make_plan(fam, alg))
+            k = _build(cpu, make_plan(fam, alg))
             impls["ours"] = lambda: k(p)[0]
             row["compile_s"] = k.compile_seconds
         if impl in ("eager", "check"):

@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))   # families.py: the IR builders the tes
 import anchors  # noqa: E402
 import families  # noqa: E402
 from measure import copy_bandwidth, kernel_breakdown, ms, rel_err, time_anchor  # noqa: E402
+from measure import build as _build  # noqa: E402
+from ssmc.backends import triton as _tb  # noqa: E402
 from ssmc.ir import SSMFamily  # noqa: E402
 from ssmc.plan import make_plan  # noqa: E402
 from ssmc.printers import print_expr  # noqa: E402
@@ -112,7 +114,7 @@ def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, wi
     plan = make_plan(fam)
     kw = example_inputs(fam, batch=batch, seqlen=seqlen, dtype="bfloat16", device=DEVICE, seed=seed)
     problem = bind(fam, fam.convention, (), kw)
-    kernel = chunked.build_chunked(plan, config)
+    kernel = _build(_tb, plan, config)
     y, _ = kernel(problem)
     ref = reference_f64(plan, problem)
     row = {"kernel": label, "ours_ms": ms(lambda: kernel(problem)), "rel_err": rel_err(y, ref)}
@@ -144,7 +146,7 @@ def ssd_row(label, batch, seqlen, heads, ceil, config=None, sweep=(), seed=0, wi
         row["sweep"] = []
         for cfg in sweep:
             try:
-                kern = chunked.build_chunked(plan, cfg)
+                kern = _build(_tb, plan, cfg)
                 yy, _ = kern(problem)
                 parts = {k.split("_chunk_")[-1]: round(v, 4) for k, v in
                          kernel_breakdown(lambda: kern(problem)).items() if "_chunk_" in k}

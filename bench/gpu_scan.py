@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from measure import copy_bandwidth, kernel_breakdown, ms, rel_err, time_anchor  # noqa: E402
+from measure import build as _build, resolved as _resolved  # noqa: E402
+from ssmc.backends import triton as _tb  # noqa: E402
 
 DEVICE = "cuda"
 SCAN_SHAPES = [("selective scan fwd b8 d4096 l2048 n16", 8, 2048),
@@ -177,7 +179,7 @@ def _compile_one(args):
         from ssmc.plan import make_plan
         if kind == "scan":
             fam, p = scan_problem(*shape)
-            kern = tb.build(make_plan(fam, Algorithm.SCAN), config)
+            kern = _build(tb, make_plan(fam, Algorithm.SCAN), config)
         elif kind == "ssd":   # (batch, seqlen, heads); a short seqlen compiles the same kernels
             from ssmc.backends.triton import chunked
             from ssmc.signature import bind, example_inputs
@@ -186,10 +188,10 @@ def _compile_one(args):
             kw = example_inputs(fam, batch=shape[0], seqlen=shape[1], dtype="bfloat16",
                                 device=DEVICE)
             p = bind(fam, fam.convention, (), kw)
-            kern = chunked.build_chunked(make_plan(fam), config)
+            kern = _build(_tb, make_plan(fam), config)
         else:
             fam, p = step_problem(shape[0])
-            kern = tb.build(make_plan(fam, Algorithm.STEP), config)
+            kern = _build(tb, make_plan(fam, Algorithm.STEP), config)
         kern(p)
         torch.cuda.synchronize()
         return None
@@ -222,19 +224,19 @@ def scan_rows(ceil, sweep=False, cuda_scan=None):
         if sweep:
             row["sweep"] = []
             for cfg in SCAN_SWEEP[seqlen]:
-                kern = tb.build(plan, cfg)
+                kern = _build(tb, plan, cfg)
                 t = ms(lambda: kern(p), rep=100)
                 row["sweep"].append((cfg, round(t, 4)))
                 print(f"  {label} {cfg}: {t:.4f} ms  (segments "
                       f"{_segments_used(kern, p)}; err {rel_err(*_err_pair(kern, plan, p, seqlen)):.1e}; "
                       f"{_breakdown_text(lambda: kern(p))})", flush=True)
             best_cfg = min(row["sweep"], key=lambda r: r[1])[0]
-        kern = tb.build(plan, best_cfg)
+        kern = _build(tb, plan, best_cfg)
         y, _ = kern(p)
         channels = slice(None) if seqlen <= 4096 else slice(0, 512)
         ref = scan_reference(plan, p, channels)
         row.update(ours_ms=ms(lambda: kern(p)), rel_err=rel_err(y[:, channels], ref),
-                   config={**tb.default_config(plan), **best_cfg})
+                   config=_resolved(tb, plan, best_cfg))
         row["ours_ms_again"] = ms(lambda: kern(p))   # spread between two runs of one version
         if cuda_scan is None:   # bench/gpu.py: use the CUDA anchor only if it built it already
             cuda_scan = anchors._state.get("selective_scan_cuda") is not None
@@ -290,17 +292,17 @@ def step_rows(ceil, sweep=False):
         if sweep:
             row["sweep"] = []
             for cfg in STEP_SWEEP:
-                kern = tb.build(plan, cfg)
+                kern = _build(tb, plan, cfg)
                 t = ms(lambda: kern(p), rep=100)
                 row["sweep"].append((cfg, round(t, 4)))
                 print(f"  {label} {cfg}: {t:.4f} ms", flush=True)
             best_cfg = min(row["sweep"], key=lambda r: r[1])[0]
-        kern = tb.build(plan, best_cfg)
+        kern = _build(tb, plan, best_cfg)
         p.state.copy_(state0)
         y_ref, h_ref = step_reference(plan, p)
         y, _ = kern(p)
         row.update(rel_err=rel_err(y, y_ref), state_err=rel_err(p.state, h_ref),
-                   config={**tb.default_config(plan), **best_cfg})
+                   config=_resolved(tb, plan, best_cfg))
         row["ours_ms"] = ms(lambda: kern(p))
         row["ours_ms_again"] = ms(lambda: kern(p))
         fn, why = anchors.mamba_state_update_anchor()

@@ -58,3 +58,17 @@ def time_anchor(row: dict, run, error_of, why: str = "", prefix: str = "mamba",
         row[f"{prefix}_ms"] = ms(run)
     except Exception as e:  # noqa: BLE001
         row[f"{prefix}_note"] = f"{type(e).__name__}: {str(e)[:note_chars]}"
+
+
+def build(backend, plan, config=None):
+    """A backend kernel as ``ssmc.compile`` builds it: the config resolved once (defaults, then
+    ``config``; support checked), the artifact cache passed in."""
+    from ssmc import backends
+    from ssmc.runtime.cache import default_cache
+    return backend.build(plan, backends.resolve_config(backend, plan, config), default_cache())
+
+
+def resolved(backend, plan, config=None) -> dict:
+    """The config ``build`` runs with (for the table)."""
+    from ssmc import backends
+    return backends.resolve_config(backend, plan, config)

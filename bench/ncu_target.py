@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import build as _build  # noqa: E402
+from ssmc.backends import triton as _tb  # noqa: E402
 
 
 def main(argv):
@@ -28,7 +30,7 @@ def main(argv):
     if kind == "scan":
         import gpu_scan
         fam, problem = gpu_scan.scan_problem(batch, seqlen)
-        kernel = tb.build(make_plan(fam, Algorithm.SCAN), config)
+        kernel = _build(tb, make_plan(fam, Algorithm.SCAN), config)
     elif kind == "ssd":
         import gpu
         from ssmc.backends.triton import chunked
@@ -37,7 +39,7 @@ def main(argv):
         fam = gpu.mamba2_family(heads)
         kw = example_inputs(fam, batch=batch, seqlen=seqlen, dtype="bfloat16", device="cuda")
         problem = bind(fam, fam.convention, (), kw)
-        kernel = chunked.build_chunked(make_plan(fam), config)
+        kernel = _build(_tb, make_plan(fam), config)
     else:
         raise SystemExit(f"unknown kind {kind!r}: scan or ssd")
     for _ in range(4):

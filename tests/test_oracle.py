@@ -161,7 +161,8 @@ def kernel_for(target: str, family: SSMFamily, algorithm: Algorithm):
     if target == "cpu":
         from test_cpu_helpers import CONFIG   # a fresh disk cache for the process; POISON on
         config = dict(config, **CONFIG)
-    return registry.get(TARGETS[target]).build(plan, config)
+    from ssmc.runtime.cache import default_cache
+    return registry.get(TARGETS[target]).build(plan, config, default_cache())
 
 
 def _nan_like(shape, dtype, device):
