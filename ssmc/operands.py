@@ -251,10 +251,8 @@ def operand_table(fam: SSMFamily, convention: Convention) -> OperandTable:
     if step:
         ops["state"] = state_operand("state", Role.CACHE, ("b",) + row + ("n",), Need.REQUIRED)
     ops[x_name] = act(x_name, _forms(tok), what="the input")
-    ops[dt_name] = sel(dt_name, fam.delta.selective, *dt_forms,
-                       f"Δ before its map (+ bias, softplus, clamp), one per {per_unit}")
-    ops["A"] = sel("A", fam.A.selective, *a_forms,
-                   f"A in continuous time, {st.value} per {per_unit}", cplx)
+    ops[dt_name] = sel(dt_name, fam.delta.selective, *dt_forms, f"Δ is one per {per_unit}")
+    ops["A"] = sel("A", fam.A.selective, *a_forms, f"A is {st.value} per {per_unit}", cplx)
     ops["B"], ops["C"] = bc("B"), bc("C")
     ops["D"] = term("D", has_d, d_forms, d_what + "; the skip y += D x", "has no D skip")
     ops["z"] = term("z", has_gate, _forms(tok), "the gate: y *= silu(z)", "has no output gate",
