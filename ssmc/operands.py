@@ -23,11 +23,9 @@ from typing import Dict, Optional, Tuple
 from .ir import AStructure, Convention, DType, SSMFamily, Sharing
 from .problems import FINAL_STATE_FLAG, PROBLEMS
 
-# What each size letter is, in words and as the SSMFamily.dims field that defaults it.
+# What each size letter is, in words.
 DIM_WORDS = {"b": "batch", "l": "seqlen", "h": "heads", "p": "head_dim", "d": "channels",
              "n": "state", "g": "groups", "r": "rank", "s": "sequences"}
-DIM_FIELDS = {"h": "heads", "p": "head_dim", "d": "d_inner", "n": "state", "g": "groups",
-              "r": "rank"}
 
 
 class Role(enum.Enum):
@@ -104,7 +102,7 @@ class OperandTable:
     outputs: Tuple[Operand, ...]
     # The convention's keyword for each operand generators refer to by what it is: x, dt,
     # dt_bias, initial, final, y (selective_scan_fn spells them u, delta, delta_bias, ...).
-    keyword: Dict[str, str] = None
+    keyword: Dict[str, str]
 
     def __getitem__(self, name: str) -> Operand:
         for op in self.arguments + self.outputs:
@@ -132,8 +130,6 @@ class OperandTable:
     def required(self) -> Tuple[str, ...]:
         return tuple(op.name for op in self.arguments if op.need is Need.REQUIRED)
 
-    def names(self, role: Role) -> Tuple[str, ...]:
-        return tuple(op.name for op in self.arguments + self.outputs if op.role is role)
 
 
 def _forms(*dims_list) -> Tuple[Form, ...]:
@@ -305,5 +301,5 @@ def shape_of(op: Operand, sizes: Dict[str, int]) -> Tuple[int, ...]:
     return tuple(sizes[d] for d in op.dims)
 
 
-__all__ = ["DIM_WORDS", "DIM_FIELDS", "Role", "Need", "Form", "Operand", "OperandTable",
+__all__ = ["DIM_WORDS", "Role", "Need", "Form", "Operand", "OperandTable",
            "operand_table", "shape_of"]

@@ -74,7 +74,6 @@ class _Binder:
         # the later one alone.
         self.fixed_by: Dict[str, str] = {}
         self.inputs = {TORCH_DTYPE[t] for t in family.dtypes.inputs}
-        self.state_dtype = TORCH_DTYPE[family.dtypes.state]
         self.ref = None   # the primary input (x / u): fixes dtype and device
 
     def shape(self, name, t, slot: Operand) -> Form:

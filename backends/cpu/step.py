@@ -56,7 +56,6 @@ class _Step:
     # ---- text ---------------------------------------------------------------------------------
     def generate(self) -> str:
         fam, w, n, g = self.fam, self.w, self.n, self.g
-        cx = (2,) if self.cplx else ()
         args = [f"{name}_h" for name, _ in buffers.inputs(self.plan) + buffers.outputs(self.plan)]
         w("# ssmc CPU decode step (generated; see backends/cpu/step.py)")
         w("@T.prim_func")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from ssmc.ir import AStructure, KernelPlan, SSMFamily
+from ssmc.ir import AStructure, KernelPlan
 
 from . import codegen
 
