@@ -37,6 +37,13 @@ def outputs(plan: KernelPlan) -> List[Tuple[str, Operand]]:
     return [(_name(plan, op), op) for op in plan.operands.outputs]
 
 
+def sizes_of(fam, **variables) -> Dict[str, object]:
+    """The family's sizes by letter, with ``variables`` (TIR names or ints) for the sizes a
+    kernel takes at run time (b, l, ...)."""
+    return dict({"h": fam.dims.heads, "p": fam.dims.head_dim, "d": fam.dims.d_inner,
+                 "n": fam.dims.state, "g": fam.dims.groups}, **variables)
+
+
 def shape(op: Operand, sizes: Dict[str, object], token_major: bool = False) -> Tuple[object, ...]:
     """The buffer's shape: the operand's normalized dims at ``sizes`` (letter -> int or TIR
     variable name), complex values as a trailing (re, im) axis. ``token_major``: the

@@ -105,16 +105,16 @@ def check_cpu(*tensors) -> None:
 # --------------------------------------------------------------------------------------------
 # The scan (and CHUNKED) kernel's call
 
-def unpack(p, fam, ssd: bool, cplx: bool):
+def unpack(p, plan):
     """The per-token input, Delta, its bias, the initial state and whether the final one is
-    wanted, with batch, seqlen and the state's shape, for either convention's problem."""
-    if ssd:
-        x = p.x
-        return (x, p.dt, p.dt_bias, p.initial_states, p.return_final_states, x.shape[0],
-                x.shape[1], (fam.dims.heads, fam.dims.head_dim, fam.dims.state))
-    x = p.u
-    return (x, p.delta, p.delta_bias, p.initial_state, p.return_last_state, x.shape[0],
-            x.shape[-1], (fam.dims.d_inner, fam.dims.state) + ((2,) if cplx else ()))
+    wanted, with batch, seqlen and the state's shape (one sequence's, as the kernel's buffers
+    hold it), read off the operand table for either convention's problem."""
+    table = plan.operands
+    key = table.keyword
+    initial = table[key["initial"]]
+    state_shape = buffers.shape(initial, buffers.sizes_of(plan.family, s=0))[1:]
+    return (getattr(p, key["x"]), getattr(p, key["dt"]), getattr(p, key["dt_bias"]),
+            getattr(p, key["initial"]), p.wants_final_state, p.batch, p.seqlen, state_shape)
 
 
 class _SequenceRunner:
@@ -122,14 +122,14 @@ class _SequenceRunner:
     (the problem unpacked for either convention, checked, its sequences as segments)."""
 
     def __init__(self, plan):
+        self.plan = plan
         self.fam = plan.family
         self.ssd = self.fam.A.structure is AStructure.SCALAR
         self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
         self.placeholders = Placeholders()
 
     def _begin(self, p):
-        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, self.fam, self.ssd,
-                                                                     self.cplx)
+        x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, self.plan)
         check_cpu(x)
         return x, dt, bias, init, want, batch, seqlen, state_shape, segments(p, batch, seqlen)
 

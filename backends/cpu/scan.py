@@ -138,8 +138,7 @@ class _Scan:
 
     def buffers(self):
         fam, w = self.fam, self.w
-        sizes = {"b": "nb", "l": "L", "h": fam.dims.heads, "p": fam.dims.head_dim,
-                 "d": fam.dims.d_inner, "n": self.n, "g": self.g}
+        sizes = buffers.sizes_of(fam, b="nb", l="L")
         # selective-scan B/C arrive token-major, (b, g, l, n): see launch.py
         buffers.buffers(w, self.plan, sizes, token_major=not self.ssd,
                         state_rows={"h0": "ninit", "hT": "nfin"})

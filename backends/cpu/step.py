@@ -63,8 +63,7 @@ class _Step:
         w.depth += 1
         w('T.func_attr({"global_symbol": "ssmc_step", "tir.noalias": True})')
         w("nb = T.int64()")
-        buffers.buffers(w, self.plan, {"b": "nb", "h": fam.dims.heads, "p": fam.dims.head_dim,
-                                       "d": fam.dims.d_inner, "n": n, "g": g})
+        buffers.buffers(w, self.plan, buffers.sizes_of(fam, b="nb"))
         if self.ssd:
             self.heads()
         else:
