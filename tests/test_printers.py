@@ -355,7 +355,7 @@ def test_delta_map_numpy_and_torch(spec, seed):
 def test_delta_map_c_compiles_and_matches(tmp_path, seed):
     """The printed C Δ (what backends/c's delta_statements emits) compiled warning-free."""
     from test_discretize import delta_by_hand
-    from backends.c.cexpr import delta_statements
+    from ssmc.backends.c.cexpr import delta_statements
     from ssmc.discretize import delta_map
     from ssmc.plan import make_plan
     specs = _delta_cases()
@@ -392,7 +392,7 @@ def test_delta_map_triton_interpreted(tmp_path, monkeypatch, seed):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from test_discretize import delta_by_hand
-    from backends.triton import codegen
+    from ssmc.backends.triton import codegen
     from ssmc.discretize import delta_map
     from ssmc.plan import make_plan
     specs = _delta_cases()
@@ -423,7 +423,7 @@ def test_delta_map_tir_compiles_and_matches(tmp_path, seed):
     """The printers' TIR form and the CPU backend's (fastmath softplus let-lines) compiled."""
     tvm = pytest.importorskip("tvm")
     from test_discretize import delta_by_hand
-    from backends.cpu.tir import Writer, delta_expr
+    from ssmc.backends.cpu.tir import Writer, delta_expr
     from ssmc.discretize import delta_map, discretize
     specs = _delta_cases()
     raw, bias = _delta_inputs(seed)
