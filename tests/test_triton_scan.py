@@ -129,11 +129,11 @@ def test_scan_configs(config, seed):
 
 
 def test_scan_few_channels_variant(seed):
-    """With fewer programs than SMs the launcher runs the state-split kernel of the module."""
+    """With fewer programs than SMs the launcher runs the module's kernel state-split."""
     fam = scan_family(state=8 if not FULL else 16)
     plan = make_plan(fam, Algorithm.SCAN)
     kernel = calls.build(tb, plan, {})
-    assert "_split4(" in calls.lower(tb, plan, {}) and kernel.module.FEW_CONFIG["split"] == 4
+    assert kernel.module.FEW_CONFIG["split"] == 4
     saved = kernel.module.SM_COUNT
     kernel.module.SM_COUNT = 10 ** 6
     try:
@@ -210,7 +210,7 @@ def test_scan_prefetch_bc_lengths(seqlen, seed):
 
 
 PREFETCH_BC = {  # case -> (family kwargs, input dtype, config, bound kwargs)
-    "bf16-every-state-ahead1": (dict(), "bfloat16", {"prefetch_bc": 99, "bc_ahead": 1},
+    "bf16-every-state": (dict(), "bfloat16", {"prefetch_bc": 99},
                                 dict(seqlen=37)),
     "varlen-trapezoidal": (dict(method=Method.TRAPEZOIDAL), "float32",
                            {"prefetch_bc": 1, "chunk": 4},
@@ -218,8 +218,8 @@ PREFETCH_BC = {  # case -> (family kwargs, input dtype, config, bound kwargs)
     "groups2-split2-no-uz-prefetch": (dict(groups=2), "float32",
                                       {"prefetch_bc": 1, "split": 2, "block_d": 4, "chunk": 4,
                                        "prefetch": False}, dict(seqlen=37)),
-    "constant-C-ahead2": (dict(selective_C=False), "float32",
-                          {"prefetch_bc": 2, "bc_ahead": 2, "chunk": 4}, dict(seqlen=37)),
+    "constant-C": (dict(selective_C=False), "float32",
+                          {"prefetch_bc": 2, "chunk": 4}, dict(seqlen=37)),
     "segmented": (dict(), "float32", {"prefetch_bc": 2, "segments": 3, "chunk": 4,
                                       "block_d": 4}, dict(seqlen=37)),
 }
@@ -233,23 +233,17 @@ def test_scan_prefetch_bc(case, seed):
 
 
 def test_scan_prefetch_bc_source():
-    """prefetch_bc carries B/C of its first states (clamped to the state count; C not in the
-    segmented pass 1); the default carries 8 states; complex A ignores it; bad values are
-    refused."""
+    """The kernel carries B/C tiles of its first PF_BC states across chunks (C not in the
+    segmented pass 1); the launch clamps prefetch_bc to the lane's states; complex A carries
+    none; bad values are refused."""
     plan = make_plan(scan_family(), Algorithm.SCAN)
-
-    def kernel(cfg, name="def ssmc_scan_Mamba1("):
-        return calls.lower(tb, plan, cfg).split(name)[1].split("@triton.jit")[0]
-    assert kernel({"prefetch_bc": 8, "bc_ahead": 0}) == kernel({})
-    two = kernel({"prefetch_bc": 2})
-    assert all(f"{w}{j}_pre0 = tl.load(" in two for w in "bc" for j in (0, 1))
-    assert "b2_pre0" not in two and "b0_pre0" not in kernel({"prefetch_bc": 0})
-    every = kernel({"prefetch_bc": 99})
-    assert f"b{STATE - 1}_pre0 =" in every and f"b{STATE}_pre0" not in every
-    local = kernel({"seg_prefetch_bc": 1}, "_seg_local(")
-    assert "b0_pre0 = tl.load(" in local and "c0_pre0" not in local
+    source = calls.lower(tb, plan, {})
+    assert "for j in tl.static_range(PF_BC):\n        b_pre = b_pre + (tl.load(" in source
+    assert "if not LOCAL:\n        c_pre = ()" in source
+    assert "if j < PF_BC:\n                bj = _cols4(b_pre[" in source
+    assert 'PF_BC=min(cfg["prefetch_bc"], N // cfg["split"])' in source
     cplx = calls.lower(tb, make_plan(scan_family(structure=CPLX), Algorithm.SCAN), {"prefetch_bc": 2})
-    assert "_pre0 = tl.load(" not in cplx
+    assert "b_pre" not in cplx
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="prefetch_bc"):
             calls.lower(tb, plan, {"prefetch_bc": bad})

@@ -4,16 +4,15 @@ the kernels).
 Configs: ``supports``, ``default_config``, ``candidates``, ``check_config`` (the backend
 interface; ``scan`` re-exports them).
 
-What a call runs is decided per call, from the problem's size and the device's SM count: the
-one-pass kernel; its state-split variant when there are fewer programs than SMs
-(``few_channels_config``); or, when few channel blocks x sequences (b1 d4096: 32 programs) leave
-SMs idle and the rest latency-bound, a segmented scan over time (``segmented_config``; all from
-the same generator, ``_ScanGen(mode=...)``): pass 1 (``*_seg_local``) each (channel block, time
-segment) runs from h = 0 and stores its end state and total decay; pass 2
-(``_ssmc_scan_combine`` below) walks the segments per state element to get each one's true
-initial state; pass 3 (``*_seg_apply``) re-runs each segment from it and writes y. The segment
-count is chosen per call from the SM count (bench/NOTES_scan.md). ``launcher_source`` renders
-the combine kernel and ``forward``.
+What a call runs is decided per call, from the problem's size and the device's SM count, all
+with the one generated kernel: the one pass; its state-split variant (``SPLIT``) when there are
+fewer programs than SMs (``few_channels_config``); or, when few channel blocks x sequences (b1
+d4096: 32 programs) leave SMs idle and the rest latency-bound, a segmented scan over time
+(``segmented_config``): pass 1 (``LOCAL``) each (channel block, time segment) runs from h = 0
+and stores its end state and total decay; pass 2 (``_ssmc_scan_combine`` below) walks the
+segments per state element to get each one's true initial state; pass 3 (``APPLY``) re-runs each
+segment from it and writes y. The segment count is chosen per call from the SM count
+(bench/NOTES_scan.md). ``launcher_source`` renders the combine kernel and ``forward``.
 """
 from __future__ import annotations
 
@@ -67,7 +66,7 @@ def default_config(plan: KernelPlan) -> dict:
     # prefetch_bc: B/C tiles of 8 states carried across chunks (scan.py). Timed on the H100 at
     # b8 d4096 l2048 (kernel ms): 0 -> 0.731, 1 -> 0.757, 2 -> 0.750, 4 -> 0.730, 8 -> 0.696.
     return {"block_d": max(1, 128 // split), "split": split, "chunk": chunk, "num_warps": 4,
-            "prefetch": True, "prefetch_bc": 8, "bc_ahead": 0,
+            "prefetch": True, "prefetch_bc": 8,
             "few_split": min(n, max(4, 2 * split)), **SEGMENT_DEFAULTS}
 
 
@@ -97,7 +96,7 @@ def check_config(plan: KernelPlan, config: dict):
         raise ValueError(f"scan config needs powers of two: {config}")
     if n % split:
         raise ValueError(f"split {split} does not divide the state size {n}")
-    for key in ("prefetch_bc", "bc_ahead"):
+    for key in ("prefetch_bc",):
         value = config.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"scan config {key} must be an int >= 0: {config}")
@@ -109,8 +108,8 @@ def optional_inputs(plan: KernelPlan) -> List[Tuple[str, str]]:
     return [(f"{key}_ptr", f"HAS_{key.upper()}") for key in plan.operands.droppable_terms()]
 
 
-def kernel_params(plan: KernelPlan, sel: Dict[str, bool], mode: str) -> List[str]:
-    """The scan kernels' parameters (``forward`` below passes its arguments in this order)."""
+def kernel_params(plan: KernelPlan, sel: Dict[str, bool]) -> List[str]:
+    """The scan kernel's parameters (``forward`` below passes its arguments in this order)."""
     f = plan.family
     optional = optional_inputs(plan)
     p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"] + [ptr for ptr, _ in optional]
@@ -125,12 +124,11 @@ def kernel_params(plan: KernelPlan, sel: Dict[str, bool], mode: str) -> List[str
             p += [f"stride_{w}_b", f"stride_{w}_g", f"stride_{w}_n", f"stride_{w}_plane"]
     if f.gate:
         p += ["stride_z_b", "stride_z_d"]
-    p += ["stride_out_b", "stride_out_d"]
-    if mode != "full":
-        # (nseq, n_segments, d, n) fp32: local end states / decays (pass 1), then each
-        # segment's true initial state (after the combine)
-        p += ["seg_state_ptr", "seg_decay_ptr", "n_segments"]
+    # (nseq, n_segments, d, n) fp32 of the segmented scan: local end states / decays (pass 1),
+    # then each segment's true initial state (after the combine); unused by the one pass
+    p += ["stride_out_b", "stride_out_d", "seg_state_ptr", "seg_decay_ptr", "n_segments"]
     p += ["BLOCK_D: tl.constexpr", "SPLIT: tl.constexpr", "CHUNK: tl.constexpr",
+          "PF_BC: tl.constexpr", "LOCAL: tl.constexpr", "APPLY: tl.constexpr",
           "HAS_H0: tl.constexpr", "WRITE_HT: tl.constexpr", "VARLEN: tl.constexpr"]
     return p + [f"{flag}: tl.constexpr" for _, flag in optional]
 
@@ -216,10 +214,11 @@ def _n_segments(nseq, d, L, sms):
     return 1 << (count.bit_length() - 1)  # a power of two: equal whole-chunk segments
 
 
-def _launch(kernel, cfg, grid, args, extra, **flags):
-    kernel[grid](*args, BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
-                 num_warps=cfg["num_warps"], **({{"maxnreg": cfg["maxnreg"]}} if cfg.get("maxnreg") else {{}}),
-                 **flags, **extra)
+def _launch(cfg, grid, args, extra, **flags):
+    """{kernel} with config ``cfg``; ``flags``: LOCAL / APPLY (segmented passes 1 and 3)."""
+    {kernel}[grid](*args, BLOCK_D=cfg["block_d"], SPLIT=cfg["split"], CHUNK=cfg["chunk"],
+                 PF_BC=min(cfg["prefetch_bc"], N // cfg["split"]), num_warps=cfg["num_warps"],
+                 **({{"maxnreg": cfg["maxnreg"]}} if cfg.get("maxnreg") else {{}}), **flags, **extra)
 
 
 def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
@@ -283,20 +282,20 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
             seg = torch.empty((2, nseq, n_seg, d, N, 2 if COMPLEX else 1), device=dev,
                               dtype=torch.float32)
             seg_args = (*args, seg[0], seg[1], n_seg)
-            _launch({local_kernel}, cfg, (blocks, nseq * (n_seg - 1)), seg_args, extra,
+            _launch(cfg, (blocks, nseq * (n_seg - 1)), seg_args, extra, LOCAL=True, APPLY=False,
                     HAS_H0=False, **flags)
             # small blocks: the walk over segments is a latency chain, so more programs
             _ssmc_scan_combine[(triton.cdiv(d * N, 128), nseq)](
                 seg[0], seg[1], h0, d * N, n_seg, HAS_H0=initial_state is not None, CPLX=COMPLEX,
                 BLOCK=128, num_warps=4)
-            _launch({apply_kernel}, cfg, (blocks, nseq * n_seg), seg_args, extra, HAS_H0=True,
-                    **flags)
+            _launch(cfg, (blocks, nseq * n_seg), seg_args, extra, LOCAL=False, APPLY=True,
+                    HAS_H0=True, **flags)
         else:
-            kernel, cfg = {kernel}, CONFIG
+            cfg = CONFIG
             if FEW_CONFIG is not None and nseq * triton.cdiv(d, CONFIG["block_d"]) < sms:
-                kernel, cfg = {few_kernel}, FEW_CONFIG
-            _launch(kernel, cfg, (triton.cdiv(d, cfg["block_d"]), nseq), args, extra,
-                    HAS_H0=initial_state is not None, **flags)
+                cfg = FEW_CONFIG
+            _launch(cfg, (triton.cdiv(d, cfg["block_d"]), nseq), (*args, out, out, 1), extra,
+                    LOCAL=False, APPLY=False, HAS_H0=initial_state is not None, **flags)
     elif return_last_state:
         last.copy_(h0 if initial_state is not None else torch.zeros_like(last))
     if not return_last_state:
@@ -306,11 +305,10 @@ def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=No
 '''
 
 
-def launcher_source(plan: KernelPlan, config: dict, selective: Dict[str, bool], kernel: str,
-                    few: Optional[dict], few_kernel: str) -> str:
-    """The combine kernel and ``forward`` for the kernels named ``kernel`` (one pass),
-    ``few_kernel`` (state-split, config ``few``; "None" when absent) and ``{kernel}_seg_local``
-    / ``{kernel}_seg_apply`` (segmented, config ``segmented_config(plan, config)``)."""
+def launcher_source(plan: KernelPlan, config: dict, selective: Dict[str, bool],
+                    kernel: str) -> str:
+    """The combine kernel and ``forward`` for the scan kernel named ``kernel``, launched with
+    ``config`` (one pass), ``few_channels_config`` (state-split) or ``segmented_config``."""
     f = plan.family
     opt = []
     if f.D:
@@ -331,6 +329,5 @@ def launcher_source(plan: KernelPlan, config: dict, selective: Dict[str, bool], 
     # Keep the kernel's parameter order: D, z, dt_bias come right after C.
     return COMBINE + LAUNCHER.format(
         N=f.dims.state, cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL, sel=selective,
-        config=dict(config), few_config=few, few_kernel=few_kernel, name=f.name, kernel=kernel,
-        seg_config=segmented_config(plan, config), local_kernel=f"{kernel}_seg_local",
-        apply_kernel=f"{kernel}_seg_apply", opt_args="\n".join(opt))
+        config=dict(config), few_config=few_channels_config(plan, config), name=f.name,
+        kernel=kernel, seg_config=segmented_config(plan, config), opt_args="\n".join(opt))
