@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from ssmc.ir import AStructure, KernelPlan
+from ssmc.operands import Role
 
 from . import codegen
 
@@ -310,23 +311,24 @@ def launcher_source(plan: KernelPlan, config: dict, selective: Dict[str, bool],
     """The combine kernel and ``forward`` for the scan kernel named ``kernel``, launched with
     ``config`` (one pass), ``few_channels_config`` (state-split) or ``segmented_config``."""
     f = plan.family
-    opt = []
-    if f.D:
-        opt += ["    opt_args.append(D.to(torch.float32).contiguous() if D is not None else out)",
-                "    extra['HAS_D'] = D is not None"]
-    if f.gate:
-        opt += ["    if z is not None:",
-                "        z = _time_contiguous(z)",
-                "    opt_args.append(z if z is not None else out)",
-                "    extra['HAS_Z'] = z is not None",
-                "    z_strides = (z.stride(0), z.stride(1)) if z is not None else (0, 0)"]
-    else:
-        opt += ["    z_strides = ()"]
-    if f.delta.bias:
-        opt += ["    opt_args.append(delta_bias.to(torch.float32).contiguous() "
-                "if delta_bias is not None else out)",
-                "    extra['HAS_DT_BIAS'] = delta_bias is not None"]
-    # Keep the kernel's parameter order: D, z, dt_bias come right after C.
+    # The optional terms in the kernel's parameter order (right after C), each converted as
+    # its role says: a parameter to fp32, a per-token input to unit stride along l (the
+    # kernel takes its (b, d) strides).
+    table = plan.operands
+    opt, z_strides = [], "()"
+    for key in table.droppable_terms():
+        name = table.keyword.get(key, key)
+        if table[name].role is Role.PARAMETER:
+            opt.append(f"    opt_args.append({name}.to(torch.float32).contiguous() "
+                       f"if {name} is not None else out)")
+        else:
+            opt += [f"    if {name} is not None:",
+                    f"        {name} = _time_contiguous({name})",
+                    f"    opt_args.append({name} if {name} is not None else out)"]
+            z_strides = (f"({name}.stride(0), {name}.stride(1)) if {name} is not None "
+                         "else (0, 0)")
+        opt.append(f"    extra['HAS_{key.upper()}'] = {name} is not None")
+    opt.append(f"    z_strides = {z_strides}")
     return COMBINE + LAUNCHER.format(
         N=f.dims.state, cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL, sel=selective,
         config=dict(config), few_config=few_channels_config(plan, config), name=f.name,
