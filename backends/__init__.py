@@ -160,6 +160,11 @@ def resolve_config(backend, plan, *overrides: Optional[dict]) -> dict:
     """The one place a plan's support is decided and its config completed (module docstring):
     a TargetError when ``backend`` cannot compile ``plan``, a ConfigError (also a ValueError)
     naming the key when it cannot use the config."""
+    from ssmc.plan import require_sizes
+    # Kernels are generated per size: none before every size is known.
+    require_sizes(plan.family, "generating its kernel",
+                  "call it (each call's tensors give the sizes), or compile for chosen "
+                  "sizes: `ssmc compile SPEC --size {cli}`")
     caps = getattr(backend, "CAPABILITIES", None)
     name = caps.target if caps is not None else getattr(backend, "__name__", "this backend")
     what = f"target {name} cannot compile {plan.family.name} ({plan.algorithm.value})"

@@ -182,6 +182,8 @@ class SSMLayer(nn.Module):
     ``spec_or_family``: an ``ir.SSMFamily``, a spec path or text (``family=`` picks one of several).
     ``target``: where the SSM kernel runs (reference, cpu, cuda, c). ``use_custom_op`` calls the
     kernel through a torch custom op so the layer compiles under ``torch.compile(fullgraph=True)``.
+    ``sizes`` (``channels=``, ``state=``, ``heads=``, ...) replace the spec's dims: the layer's
+    weights need every size, so a size the spec leaves open must be given here.
     """
 
     def __init__(self, spec_or_family, d_model: int, target: str = "reference",
@@ -189,9 +191,13 @@ class SSMLayer(nn.Module):
                  conv_bias: bool = True, bias: bool = False, norm_eps: float = 1e-5,
                  norm_group_size: Optional[int] = None, dt_min: float = 1e-3, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, A_init_range=(1.0, 16.0), use_custom_op: bool = True,
-                 device=None, dtype=None):
+                 sizes: Optional[dict] = None, device=None, dtype=None):
         super().__init__()
+        from ssmc.plan import require_sizes
+        from ssmc.signature import resized
         fam = resolve_family(spec_or_family, family)
+        fam = resized(fam, **sizes) if sizes else fam
+        require_sizes(fam, "SSMLayer (its weights)", "as SSMLayer(..., sizes=dict({sizes}))")
         structure = fam.A.structure
         if structure not in (AStructure.SCALAR, AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
             raise SSMCError(f"SSMLayer builds blocks for scalar, diagonal and complex-diagonal A; "

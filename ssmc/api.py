@@ -136,7 +136,9 @@ class CompiledKernel:
     Sizes come from the tensors: a call whose heads, head_dim, channels, state or groups differ
     from the spec's ``dims`` runs a kernel specialized for them, built on first use and kept
     per size (across processes in the backends' caches, keyed by the IR, which holds the sizes).
-    ``plan``, ``config`` and ``source`` describe the kernel at the spec's sizes.
+    ``plan``, ``config`` and ``source`` describe the kernel at the spec's sizes. Where the spec
+    leaves a size open (``channels = any``) nothing is built before a call; ``config`` is None
+    and ``source`` says which sizes it needs.
     """
 
     def __init__(self, plan: KernelPlan, target: Target, config: dict, kernel,
@@ -176,7 +178,7 @@ class CompiledKernel:
 
     def kernel_for(self, family: SSMFamily):
         """The backend kernel for ``family`` (this family at other sizes), built on first use."""
-        if family is self.family:
+        if family is self.family and self._kernel is not None:
             return self._kernel
         kernel = self._sized.get(family.dims)
         if kernel is None:
@@ -229,7 +231,8 @@ class CompiledKernel:
     @property
     def source(self) -> str:
         """The generated source, as ``ssmc compile`` writes it."""
-        return backend_module(self.target).lower(self.plan, self.config)
+        config = self.config or resolve_config(self.plan, self.target, self._user_config)
+        return backend_module(self.target).lower(self.plan, config)
 
 
 def compile(spec_or_path, target: str = "reference", family: Optional[str] = None,  # noqa: A001
@@ -250,6 +253,9 @@ def compile(spec_or_path, target: str = "reference", family: Optional[str] = Non
     if isinstance(algorithm, str):
         algorithm = Algorithm(algorithm)
     plan = make_plan(fam, algorithm)
+    if fam.dims.open:
+        # Sizes left to the call: each is built at the first call with its sizes.
+        return CompiledKernel(plan, tgt, None, None, user_config=config)
     cfg = resolve_config(plan, tgt, config)
     backend = backend_module(tgt)
     if show:

@@ -135,37 +135,40 @@ def _check_dims(family: ir.SSMFamily, fail, prefix: str) -> None:
     loc = _at(dims.loc, family.loc)
     for name in ("state", "heads", "head_dim", "channels", "groups", "rank"):
         value = getattr(dims, name)
-        if value < 0 or (name == "groups" and value < 1):
+        if value < 0 or (name == "groups" and value < 1 and name not in dims.open):
             require_positive(value, name, loc, prefix)
     scalar = structure is ir.AStructure.SCALAR
     needed = ("heads", "head_dim", "state") if scalar else ("channels", "state")
-    missing = [n for n in needed if getattr(dims, n) == 0]
+    missing = [n for n in needed if getattr(dims, n) == 0 and n not in dims.open]
     if missing:
         fail(f"dims lacks {', '.join(missing)}: A {_structure_words(structure)} needs "
              f"{', '.join(needed)}", loc,
              "e.g. dims heads = 80, head_dim = 64, state = 128" if scalar
              else "e.g. dims channels = 1536, state = 16")
     if scalar:
-        if dims.channels and dims.channels != dims.heads * dims.head_dim:
+        if "channels" in dims.open:
+            fail("a scalar-A family is sized by heads and head_dim: leave those open, not "
+                 "channels", loc)
+        if dims.channels and dims.heads and dims.channels != dims.heads * dims.head_dim:
             fail(f"channels = {dims.channels} but heads * head_dim = {dims.heads * dims.head_dim}; "
                  f"a scalar-A family is sized by heads and head_dim", loc)
         sized, count = "heads", dims.heads
     else:
-        if dims.heads:
+        if dims.heads or "heads" in dims.open:
             fail(f"A {_structure_words(structure)} is sized by channels, not heads", loc,
                  f"e.g. dims channels = {dims.heads * max(dims.head_dim, 1)}, state = {dims.state}")
         if dims.head_dim != 1:
             fail(f"head_dim applies only to A scalar per head; A {_structure_words(structure)} "
                  f"has one state vector per channel", loc)
         sized, count = "channels", dims.channels
-    if count % dims.groups:
+    if count and dims.groups and count % dims.groups:
         fail(f"{sized} = {count} is not divisible by groups = {dims.groups} "
              f"(B and C are shared by {sized} / groups {sized} each)", loc)
     if structure is ir.AStructure.DPLR:
         if dims.rank == 0:
             fail("A dplr needs a rank", _at(family.A.loc, loc),
                  "write 'A dplr(rank = 1)' or add 'rank = 1' to dims")
-        if dims.rank >= dims.state:
+        if dims.state and dims.rank >= dims.state:
             fail(f"rank = {dims.rank} must be smaller than state = {dims.state} "
                  f"(the low-rank correction P^T Q is {dims.state} x {dims.state} of rank {dims.rank})",
                  loc)

@@ -100,9 +100,23 @@ def _versions() -> dict:
     return out
 
 
+def _sizes(items) -> dict:
+    """``--size channels=1536,state=16`` (repeatable) as {name: int}."""
+    from .errors import SSMCError
+    out = {}
+    for item in items or ():
+        for part in filter(None, item.split(",")):
+            name, _, value = part.partition("=")
+            if not value.strip().isdigit():
+                raise SSMCError(f"--size {part!r}: expected NAME=N, e.g. --size channels=1536")
+            out[name.strip()] = int(value)
+    return out
+
+
 def cmd_compile(args) -> int:
     import hashlib
     from .api import artifact_cache, backend_module, parse_target, resolve_config
+    from . import signature
     from .plan import ir_hash, make_plan
 
     spec = _load(args.spec)
@@ -125,7 +139,11 @@ def cmd_compile(args) -> int:
         "versions": _versions(),
         "kernels": [],
     }
+    sizes = _sizes(args.size)
     for fam in _selected_families(spec, args.family):
+        if sizes:
+            fam = signature.resized(fam, **{k: v for k, v in sizes.items()
+                                            if k in fam.dims.open or getattr(fam.dims, k, 1)})
         for algorithm in algorithms:
             plan = make_plan(fam, algorithm)
             config = resolve_config(plan, target, user_config)
@@ -205,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile this algorithm instead of the spec's (repeatable)")
     k.add_argument("--step", action="store_true", help="also compile the decode step")
     k.add_argument("--config", help="backend config overrides as JSON, e.g. '{\"num_warps\": 4}'")
+    k.add_argument("--size", action="append", metavar="NAME=N[,NAME=N]",
+                   help="compile for these sizes instead of the spec's dims (needed for a size "
+                        "the spec leaves open, e.g. --size channels=1536); repeatable")
     k.set_defaults(func=cmd_compile)
 
     try:

@@ -28,6 +28,9 @@ from .syntax import parser as _parser  # noqa: F401  (tests/test_grammar.py read
 __all__ = ["parse", "parse_file", "SSM_STATEMENTS", "MODEL_STATEMENTS", "DIM_NAMES"]
 
 DIM_NAMES = ("heads", "head_dim", "channels", "state", "groups", "rank")
+# What a spec may leave to the call (``channels = any``): the sizes mamba_ssm's functions take
+# from their tensors. (A DPLR rank changes the algorithm's structure, so it is always written.)
+OPEN_DIM_NAMES = ("heads", "head_dim", "channels", "state", "groups")
 MODEL_DIM_NAMES = ("d_model", "vocab")
 DTYPE_FIELDS = ("inputs", "state", "accum")
 
@@ -218,8 +221,18 @@ class _Builder:
 
     def dims(self, stmt: _Stmt, structure: ir.AStructure, rank: Optional[Tuple[int, Token]]) -> ir.Dims:
         given = self.kwargs(_first_tree(stmt.tree, "kwargs"), DIM_NAMES, "dimension")
-        sizes = {}
+        sizes, open_sizes = {}, []
         for key, (name, value) in given.items():
+            if value.data == "word" and str(value.children[0]) == "any":
+                if key not in OPEN_DIM_NAMES:
+                    self.fail(f"{key} cannot be left open", value,
+                              f"sizes a call may set: {', '.join(OPEN_DIM_NAMES)}")
+                sizes[key] = 0
+                open_sizes.append(key)
+                continue
+            if value.data == "word":
+                self.fail(f"{key} must be a number or 'any' (a size each call's tensors give), "
+                          f"got {self.show(value)}", value, f"e.g. {key} = 16 or {key} = any")
             sizes[key] = self.whole(value, key)
             # 0 stands for "not given" in ir.Dims, so a written size must be >= 1 right here.
             require_positive(sizes[key], key, self.loc(value))
@@ -234,7 +247,7 @@ class _Builder:
             # channel is a head of size 1.
             sizes["head_dim"] = 0 if structure is ir.AStructure.SCALAR else 1
         sizes.setdefault("state", 0)
-        return ir.Dims(loc=stmt.loc, **sizes)
+        return ir.Dims(loc=stmt.loc, open=tuple(sorted(open_sizes)), **sizes)
 
     def selective(self, tree: Tree, default: bool) -> bool:
         sel = _first_tree(tree, "selective", "constant")

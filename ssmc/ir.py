@@ -94,6 +94,10 @@ class Dims:
 
     ``channels`` is the number of independent state vectors of size ``state`` (Mamba-1's d_inner).
     For scalar-A families channels == heads * head_dim.
+
+    Every size is a default: a call runs a kernel specialized for its tensors' sizes. ``open``
+    names the sizes the spec leaves to the call (``channels = any``); they hold 0 here, and a
+    kernel is generated only once a call (or ``--size``) gives them.
     """
     state: int
     heads: int = 0
@@ -101,6 +105,7 @@ class Dims:
     channels: int = 0
     groups: int = 1
     rank: int = 0          # DPLR only
+    open: Tuple[str, ...] = ()
     loc: Loc = NOLOC
 
     @property

@@ -41,6 +41,21 @@ def make_plan(family: SSMFamily, algorithm: Optional[Algorithm] = None) -> Kerne
                       chunk_size=chunk_size_of(family, algorithm))
 
 
+def require_sizes(fam: SSMFamily, what: str, how: str) -> None:
+    """A SpecError naming the sizes ``fam`` leaves open, where ``what`` needs every size;
+    ``how`` says how to give them."""
+    if fam.dims.open:
+        names = ", ".join(fam.dims.open)
+        example = ", ".join(f"{n}={_EXAMPLE_SIZE[n]}" for n in fam.dims.open)
+        raise SpecError(f"{fam.name} leaves {names} open (each call's tensors give "
+                        f"{'it' if len(fam.dims.open) == 1 else 'them'}), so {what} needs "
+                        f"{'it' if len(fam.dims.open) == 1 else 'them'}", fam.dims.loc,
+                        how.format(sizes=example, cli=example.replace(", ", ",")))
+
+
+_EXAMPLE_SIZE = {"heads": 80, "head_dim": 64, "channels": 1536, "state": 16, "groups": 1}
+
+
 TRAPEZOIDAL_STEP = ("the trapezoidal method's decode step needs the previous token's B x, which "
                     "the state_update convention does not carry")
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CallError
+from .plan import require_sizes
 from .ir import AStructure, Convention, DType, Method, Sharing, SSMFamily
 from .operands import DIM_WORDS as _DIM_WORDS
 from .operands import Form, Need, Operand, Role, operand_table
@@ -333,7 +334,8 @@ def _sized_family(fam: SSMFamily, binder: _Binder) -> SSMFamily:
     unit = "h" if ssd_like else "d"
     # No tensor of the call has a groups axis (B and C per head, or a (b, n, l) form): the
     # spec's groups if they still divide, else one; nothing reads it.
-    groups = env.get("g", dims.groups if env[unit] % dims.groups == 0 else 1)
+    spec_groups = dims.groups or 1      # 0: left open by the spec
+    groups = env.get("g", spec_groups if env[unit] % spec_groups == 0 else 1)
     if env[unit] % groups:
         raise _err(f"{binder.fixed_by['g']}, which does not divide the {env[unit]} "
                    f"{_DIM_WORDS[unit]} ({binder.fixed_by[unit]})",
@@ -352,15 +354,16 @@ SIZE_NAMES = ("heads", "head_dim", "channels", "state", "groups", "rank")
 
 
 @lru_cache(maxsize=256)
-def _resized(fam: SSMFamily, sizes: Tuple[int, ...]) -> SSMFamily:
-    return dataclasses.replace(fam, dims=dataclasses.replace(fam.dims, **dict(zip(SIZE_NAMES,
-                                                                                  sizes))))
+def _resized(fam: SSMFamily, sizes: Tuple[int, ...], open_sizes: Tuple[str, ...]) -> SSMFamily:
+    return dataclasses.replace(fam, dims=dataclasses.replace(
+        fam.dims, open=open_sizes, **dict(zip(SIZE_NAMES, sizes))))
 
 
 def resized(fam: SSMFamily, **sizes: int) -> SSMFamily:
     """``fam`` with other sizes (``heads``, ``head_dim``, ``channels``, ``state``, ``groups``,
     ``rank``); one object per (family, sizes), so that kernels specialized for a size are found
-    by it. A scalar-A family's channels follow heads x head_dim."""
+    by it. A size the spec leaves open is given this way (or by a call's tensors). A scalar-A
+    family's channels follow heads x head_dim."""
     unknown = set(sizes) - set(SIZE_NAMES)
     if unknown:
         raise _err(f"unknown size {sorted(unknown)[0]!r}; sizes are {', '.join(SIZE_NAMES)}")
@@ -368,13 +371,14 @@ def resized(fam: SSMFamily, **sizes: int) -> SSMFamily:
         if not (isinstance(value, (int, np.integer)) and value > 0) and not (name == "rank"
                                                                               and value == 0):
             raise _err(f"size {name}={value!r} must be a positive int")
-    if fam.A.structure is AStructure.SCALAR and fam.dims.channels:
+    if fam.A.structure is AStructure.SCALAR and (fam.dims.channels or fam.dims.open):
         heads = sizes.get("heads", fam.dims.heads)
         sizes["channels"] = heads * sizes.get("head_dim", fam.dims.head_dim)
-    if all(getattr(fam.dims, k) == v for k, v in sizes.items()):
+    still_open = tuple(n for n in fam.dims.open if n not in sizes)
+    if all(getattr(fam.dims, k) == v for k, v in sizes.items()) and still_open == fam.dims.open:
         return fam          # the spec's sizes: the caller's own object (kernels compare by identity)
     full = dict({k: getattr(fam.dims, k) for k in SIZE_NAMES}, **sizes)
-    return _resized(fam, tuple(int(full[k]) for k in SIZE_NAMES))
+    return _resized(fam, tuple(int(full[k]) for k in SIZE_NAMES), still_open)
 
 
 def _chunk(chunk, fam):
@@ -417,6 +421,7 @@ def example_inputs(family: SSMFamily, convention=None, batch: int = 2, seqlen: i
     sequence lengths) packs them into batch 1 with ``cu_seqlens`` (batch and seqlen are then
     taken from it). For the state_update convention ``seqlen`` is ignored and ``state`` included.
     """
+    require_sizes(family, "example_inputs", "as keywords: example_inputs({sizes})")
     conv = Convention(convention) if convention is not None else family.convention
     act_dtype = _DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
     gen = torch.Generator().manual_seed(int(seed))

@@ -98,3 +98,95 @@ def test_example_inputs_take_sizes_as_keywords():
     assert inputs["x"].shape == (2, 5, 3, 7) and inputs["B"].shape == (2, 5, 3, 9)
     with pytest.raises(ssmc.CallError, match="unknown size 'width'"):
         kernel.example_inputs(width=3)
+
+
+OPEN_SPEC = """
+ssm OpenMamba {
+  dims       channels = any, state = any
+  A          diagonal = -exp(A_log)
+  delta      selective = softplus(dt + dt_bias)
+  B, C       selective per group
+  D          per channel
+  gate       silu(z)
+  discretize exp_euler
+  compute    scan
+}
+"""
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_spec_may_leave_sizes_open(target, seed):
+    """``channels = any, state = any``: nothing is built at compile time; each call's sizes get
+    their kernel (against the float64 oracle, itself compiled from the same open spec)."""
+    if target == "cpu":
+        pytest.importorskip("tvm", reason="the cpu target needs apache-tvm")
+    if target == "c" and shutil.which("gcc") is None:
+        pytest.skip("the c target builds with gcc, which is not on PATH")
+    device = "cuda" if target == "cuda" and ON_CUDA else "cpu"
+    oracle = ssmc.compile(OPEN_SPEC, target="reference")
+    kernel = ssmc.compile(OPEN_SPEC, target=target)
+    assert kernel.config is None and not kernel._sized
+    for i, sizes in enumerate([dict(channels=6, state=5), dict(channels=12, state=16)]):
+        inputs = oracle.example_inputs(batch=2, seqlen=11, seed=seed + i, with_state=True,
+                                       **sizes)
+        expected = oracle(**inputs)
+        got = kernel(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                        for k, v in inputs.items()})
+        assert_close("y", got[0].cpu(), expected[0])
+        assert_close("final state", got[1].cpu(), expected[1])
+        assert got[1].shape == (2, sizes["channels"], sizes["state"])
+    assert len(kernel._sized) == 2
+
+
+def test_open_sizes_say_what_needs_them(tmp_path):
+    from ssmc.errors import SpecError
+    from ssmc.cli import main
+    kernel = ssmc.compile(OPEN_SPEC, target="reference")
+    with pytest.raises(SpecError, match=r"leaves channels, state open .* example_inputs needs "
+                                        r"them") as e:
+        kernel.example_inputs()
+    assert "example_inputs(channels=1536, state=16)" in str(e.value)
+    assert "channels = any" in str(e.value)         # the spec line, with a caret under dims
+    with pytest.raises(SpecError, match="generating its kernel needs them"):
+        kernel.source
+    spec = tmp_path / "open.ssm"
+    spec.write_text(OPEN_SPEC)
+    assert main(["compile", str(spec), "--target", "reference", "-o", str(tmp_path / "a")]) == 1
+    assert main(["compile", str(spec), "--target", "reference", "-o", str(tmp_path / "b"),
+                 "--size", "channels=24,state=8"]) == 0
+    import json
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [k["family"] for k in manifest["kernels"]] == ["OpenMamba"]
+    layer = pytest.raises(SpecError, ssmc.nn.SSMLayer, OPEN_SPEC, d_model=16)
+    assert "sizes=dict(channels=1536, state=16)" in str(layer.value)
+    sized = ssmc.nn.SSMLayer(OPEN_SPEC, d_model=16, sizes=dict(channels=32, state=4))
+    assert sized.d_inner == 32 and sized.d_state == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("channels = 16, state = 4, rank = any", "rank cannot be left open"),
+    ("channels = many, state = 4", "channels must be a number or 'any'"),
+])
+def test_what_may_be_left_open(text, message):
+    from ssmc.errors import SpecError
+    with pytest.raises(SpecError, match=message) as e:
+        ssmc.parse(OPEN_SPEC.replace("channels = any, state = any", text))
+    assert "^" in str(e.value)
+
+
+def test_a_scalar_family_leaves_heads_open_not_channels():
+    from ssmc.errors import SpecError
+    spec = """
+ssm OpenSSD {
+  dims       heads = any, head_dim = 64, state = 128
+  A          scalar per head = -exp(A_log)
+  delta      selective = softplus(dt + dt_bias)
+  B, C       selective per group
+  D          per head
+  discretize exp_euler
+  compute    chunked(64)
+}
+"""
+    assert ssmc.parse(spec).family(None).dims.open == ("heads",)
+    with pytest.raises(SpecError, match="sized by heads and head_dim"):
+        ssmc.parse(spec.replace("heads = any", "heads = 4, channels = any"))
