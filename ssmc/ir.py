@@ -14,7 +14,7 @@ structure uses the selective-scan layout (u: b,d,l) with one state vector of siz
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Optional, Tuple, Union
 
@@ -182,6 +182,19 @@ class SSMFamily:
     gate: Optional[GateSpec] = None
     dtypes: DTypes = field(default_factory=DTypes)
     loc: Loc = NOLOC
+
+    def __hash__(self) -> int:
+        # Kept after the first call: every call at a size other than the spec's looks its
+        # family up by (family, sizes), and hashing the nested fields each time cost 5 us.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self):
+        # str hashes differ between processes: a pickled family recomputes its own
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     @property
     def is_lti(self) -> bool:

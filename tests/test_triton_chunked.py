@@ -318,3 +318,14 @@ def test_source_is_generated_from_the_plan():
 def test_unknown_config_key_is_rejected():
     with pytest.raises(ValueError, match="unknown chunked SSD config key"):
         calls.build(tb, make_plan(small()), {"block_q": 32})
+
+
+def test_a_call_chunk_size_where_the_spec_sets_none(seed):
+    """mamba_ssm callers pass their own chunk_size; where the spec leaves it open it is
+    accepted and the kernel runs its plan's chunk (the same result)."""
+    fam = small(chunk=None)
+    assert make_plan(fam).chunk_size == 64
+
+    def pass_chunk(kw):
+        kw["chunk_size"] = 256
+    check(fam, seed, seqlen=37, edit=pass_chunk)

@@ -218,10 +218,6 @@ class ChunkedKernel:
             from ssmc.errors import CallError
             raise CallError(f"x: dtype {x.dtype} is not supported by the chunked SSD kernel "
                             "(float32, float16, bfloat16)")
-        if problem.chunk_size is not None and int(problem.chunk_size) != self.plan.chunk_size:
-            from ssmc.errors import CallError
-            raise CallError(f"chunk_size={problem.chunk_size} but this kernel was compiled for "
-                            f"chunk {self.plan.chunk_size}")
         return self.module.launch(problem, self.config, y=y, final_states=final_states)
 
 
