@@ -211,8 +211,9 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
     if isinstance(algorithm, str):
         algorithm = Algorithm(algorithm)
     plan = make_plan(fam, algorithm)
-    # Support is decided once, here; each candidate is the defaults it overrides.
-    defaults = backends.resolve_config(backend, plan)
+    # Support is decided once, here (a TargetError says why not); each candidate is then
+    # resolved as a user config would be: the defaults it overrides, checked by the backend.
+    backends.resolve_config(backend, plan)
     convention = convention_of(plan)
     device = tgt.device
     gpu = device == "cuda"
@@ -261,9 +262,14 @@ def tune(spec_or_family, target: str = "cuda", shape: Optional[Dict[str, int]] =
             results.append(result)
             bar.update(result)
             continue
-        config = {**defaults, **cand, **tgt.options}
-        result = _run_candidate(backend, plan, tgt, config, cand, oracle, check_dtypes, tol,
-                                device, timer, timing_inputs, artifact_cache())
+        try:
+            # the backend's own check of a config, as for any user config
+            config = backends.resolve_config(backend, plan, cand, tgt.options)
+        except ValueError as e:     # ConfigError, or a generator's own check
+            result = CandidateResult(cand, "error", None, f"config refused: {e}")
+        else:
+            result = _run_candidate(backend, plan, tgt, config, cand, oracle, check_dtypes, tol,
+                                    device, timer, timing_inputs, artifact_cache())
         db.record(key, header, cand, {"status": result.status, "ms": result.ms,
                                       "detail": result.detail})
         results.append(result)

@@ -91,6 +91,27 @@ def test_wrong_candidate_is_rejected_and_never_picked(tmp_path, monkeypatch):
     assert ssmc.compile(FAMILY, target="cpu").config["variant"] == "fast"
 
 
+class CheckingBackend(InjectedBackend):
+    """Also lists a candidate its own check_config refuses (as the Triton scan refuses a split
+    that does not divide the state)."""
+
+    def candidates(self, plan):
+        return super().candidates(plan) + [{"variant": "fast", "split": 3}]
+
+    def check_config(self, plan, config):
+        return "split 3 does not divide the state size 2" if config.get("split") == 3 else None
+
+
+def test_a_candidate_the_backend_refuses_is_reported_not_built(tmp_path):
+    backend = CheckingBackend()
+    result, _ = _tune(backend, tmp_path)
+    refused, = [r for r in result.results if r.config.get("split") == 3]
+    assert refused.status == "error" and "config refused" in refused.detail
+    assert "does not divide" in refused.detail and refused.ms is None
+    assert backend.built.count("fast") == 1, "the refused candidate was built"
+    assert result.best == {"variant": "fast", "llvm_target": "llvm -mcpu=native"}
+
+
 def test_interrupted_tuning_resumes(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _tune(InjectedBackend(interrupt_at="fast"), tmp_path)
