@@ -224,7 +224,9 @@ class ArtifactCache:
         """Remove every kernel entry (and the tuning database when ``tuning``); returns how many
         entries were removed."""
         count = len(self.ls())
-        for name in ("kernels", "tmp", "locks"):
+        # "triton": where generated Triton modules went before they became cache entries
+        # (416a8a7); nothing writes it now, so clearing is the only way it goes.
+        for name in ("kernels", "tmp", "locks", "triton"):
             folder = self.root / name
             if folder.exists():
                 self._remove(folder)

@@ -150,7 +150,10 @@ def test_ls_and_clear(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 kernel entries" in out and "ir_hash=k1" in out
     (tmp_path / "tuning.json").write_text('{"version": 1, "entries": {}}')
+    (tmp_path / "triton").mkdir()                 # an older release's module folder
+    (tmp_path / "triton" / "ssmc_scan_x.py").write_text("# generated")
     assert main(["cache", "--dir", str(tmp_path), "clear"]) == 0
+    assert not (tmp_path / "triton").exists()
     assert "removed 3 kernel entries" in capsys.readouterr().out
     assert c.ls() == [] and (tmp_path / "tuning.json").exists()
     assert main(["cache", "--dir", str(tmp_path), "clear", "--all"]) == 0
