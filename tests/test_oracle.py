@@ -132,15 +132,8 @@ def _cells():
                                        marks=marks)
 
 
-# Cases that fail against the oracle today (a real bug): strict, so a fix turns them red.
-_EMPTY_SEQUENCE_CRASH = pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "the Triton conv's matrix-A (DPLR, dense) path crashes on a packed sequence of length 0: "
-    "IndexError: index 0 is out of bounds for dimension 1 with size 0, at "
-    "`xp = torch.zeros_like(x[..., 0])` in the generated ssmc_conv module"))
-XFAIL: Dict[Tuple[str, Algorithm, str, str], tuple] = {
-    ("cuda", Algorithm.CONV, "s4-dplr", "varlen"): (_EMPTY_SEQUENCE_CRASH,),
-    ("cuda", Algorithm.CONV, "dense", "varlen"): (_EMPTY_SEQUENCE_CRASH,),
-}
+# Cases that fail against the oracle today (a real bug): strict xfails, so a fix turns them red.
+XFAIL: Dict[Tuple[str, Algorithm, str, str], tuple] = {}
 
 
 # --------------------------------------------------------------------------------------------

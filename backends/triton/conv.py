@@ -225,7 +225,7 @@ def _final_state(co, x, h0):
     x = x.to(torch.float64)
     if MATRIX:
         h = h0.to(torch.float64).clone()
-        xp = torch.zeros_like(x[..., 0])
+        xp = x.new_zeros(x.shape[:-1])  # (b, d): no previous input before the first step
         for t in range(L):
             h = torch.einsum("dij,bdj->bdi", co["abar"], h) + co["w"] * x[..., t, None]
             if co["wp"] is not None:
