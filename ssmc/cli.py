@@ -116,7 +116,6 @@ def _sizes(items) -> dict:
 def cmd_compile(args) -> int:
     import hashlib
     from .api import artifact_cache, backend_module, parse_target, resolve_config
-    from . import signature
     from .plan import ir_hash, make_plan
 
     spec = _load(args.spec)
@@ -142,6 +141,7 @@ def cmd_compile(args) -> int:
     sizes = _sizes(args.size)
     for fam in _selected_families(spec, args.family):
         if sizes:
+            from . import signature   # imports torch: only when sizes are given
             fam = signature.resized(fam, **{k: v for k, v in sizes.items()
                                             if k in fam.dims.open or getattr(fam.dims, k, 1)})
         for algorithm in algorithms:

@@ -105,7 +105,7 @@ def test_sizes_are_whole_numbers():
 
 def test_size_must_be_a_number():
     assert_error(error(spec(dims="dims channels = many, state = 8")), 2, 19,
-                 "channels must be a number, got 'many'")
+                 "channels must be a number or 'any' (a size each call's tensors give), got 'many'")
 
 
 def test_channels_not_divisible_by_groups():
