@@ -113,7 +113,10 @@ def kernel_params(plan: KernelPlan, sel: Dict[str, bool]) -> List[str]:
     """The scan kernel's parameters (``forward`` below passes its arguments in this order)."""
     f = plan.family
     optional = optional_inputs(plan)
-    p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"] + [ptr for ptr, _ in optional]
+    # the convention's required inputs and parameters in its order, then the optional terms
+    required = [f"{op.name}_ptr" for op in plan.operands.tensors()
+                if op.role in (Role.INPUT, Role.PARAMETER) and not op.nullable]
+    p = required + [ptr for ptr, _ in optional]
     p += ["h0_ptr", "out_ptr", "hT_ptr", "cu_ptr", "n_channels", "seqlen", "cpg_B", "cpg_C",
           "stride_u_b", "stride_u_d"]
     if sel["dt"]:
