@@ -27,8 +27,10 @@ from . import codegen
 # launcher's _n_segments). segments: 0 = decide by size, k = always k segments per sequence.
 # Timed on the H100 at b1 d4096 l16384 (bench/NOTES_scan.md): 32 segments (8 programs per SM)
 # with B/C tiles of 4 states carried across chunks in passes 1 and 3: 1.24 ms; 16 segments
-# without: 1.50 ms; 64 segments: 1.53 ms (the combine's sequential walk grows).
-SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 8, "seg_min_len": 256,
+# without: 1.50 ms; 64 segments: 1.53 ms (the combine's sequential walk grows). On the H200
+# with the exact softplus (bench/gpu_scan.py --sweep, 2026-12-02, one run): 16 segments
+# (4 programs per SM) 1.215 ms, 32: 1.268, 64: 1.371.
+SEGMENT_DEFAULTS = {"segments": 0, "seg_below": 1.0, "seg_programs": 4, "seg_min_len": 256,
                     "seg_prefetch_bc": 4}
 
 
