@@ -177,19 +177,20 @@ class CompiledKernel:
         return gradients.no_backward(gradients.message_for(self), out, sources)
 
     def kernel_for(self, family: SSMFamily):
-        """The backend kernel for ``family`` (this family at other sizes), built on first use."""
+        """The backend kernel for ``family`` (this family at other sizes, or without the terms a
+        call omitted), built on first use."""
         if family is self.family and self._kernel is not None:
             return self._kernel
-        kernel = self._sized.get(family.dims)
+        kernel = self._sized.get(family)
         if kernel is None:
             with self._lock:
-                kernel = self._sized.get(family.dims)
+                kernel = self._sized.get(family)
                 if kernel is None:
                     plan = make_plan(family, self.plan.algorithm)
                     config = resolve_config(plan, self.target, self._user_config)
                     kernel = backend_module(self.target).build(plan, config,
                                                                artifact_cache())
-                    self._sized[family.dims] = kernel
+                    self._sized[family] = kernel
         return kernel
 
     def _check_device(self, problem):

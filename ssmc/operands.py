@@ -182,7 +182,10 @@ def operand_table(fam: SSMFamily, convention: Convention) -> OperandTable:
 
     def term(name, has, forms, what, lacks, role=Role.PARAMETER, dtypes=params, same_as=None,
              nullable=True):
-        return Operand(name, role, Need.REQUIRED if has else Need.ABSENT, forms, dtypes,
+        # A term the family has may be omitted (None), as mamba_ssm allows: the call then runs
+        # the family without it (signature.without_terms).
+        need = (Need.OPTIONAL if nullable else Need.REQUIRED) if has else Need.ABSENT
+        return Operand(name, role, need, forms, dtypes,
                        same_as, what=what, why="" if has else lacks, nullable=nullable)
 
     def bc(name):

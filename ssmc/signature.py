@@ -295,6 +295,11 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
             fields[name] = binder.tensor(name, values[name], op)
 
     fam = _sized_family(fam, binder)
+    omitted = tuple(table.key_of(op.name) for op in table.tensors()
+                    if op.need is Need.OPTIONAL and op.nullable and values.get(op.name) is None
+                    and op.role in (Role.INPUT, Role.PARAMETER))
+    if omitted:
+        fam = without_terms(fam, omitted)
     pos = POSITIONAL[conv]
     softplus = "delta_softplus" if conv is Convention.SELECTIVE_SCAN else "dt_softplus"
     fields.update(family=fam, nseq=nseq, dt_limit=_limit(values.get("dt_limit"), fam))
@@ -348,6 +353,21 @@ def _size_words(env, ssd_like: bool, groups: int, dims) -> dict:
     if ssd_like:
         return dict(heads=env["h"], head_dim=env["p"], state=env["n"], groups=groups)
     return dict(channels=env["d"], state=env["n"], groups=groups, rank=env.get("r", dims.rank))
+
+
+@lru_cache(maxsize=256)
+def without_terms(fam: SSMFamily, terms: Tuple[str, ...]) -> SSMFamily:
+    """``fam`` without the optional terms a call omitted (``D``, ``z``, ``dt_bias``), as
+    mamba_ssm computes with None: no skip, no gate, Δ without its bias. One object per
+    (family, terms): the call runs the kernel generated for that family."""
+    changes = {}
+    if "D" in terms:
+        changes["D"] = None
+    if "z" in terms:
+        changes["gate"] = None
+    if "dt_bias" in terms:
+        changes["delta"] = dataclasses.replace(fam.delta, bias=False)
+    return dataclasses.replace(fam, **changes)
 
 
 SIZE_NAMES = ("heads", "head_dim", "channels", "state", "groups", "rank")
