@@ -78,6 +78,9 @@ class Operand:
     # A kernel runs without it (None / a NULL pointer): the term is dropped (D, z, the Δ bias),
     # the state starts at zero, the final state is not written.
     nullable: bool = False
+    # float32 accepted beside ``same_as``'s dtype: mamba_ssm's callers pass fp32 Δ, A, B, C
+    # with bf16/fp16 x (Mamba-2 computes dt in fp32).
+    fp32_too: bool = False
 
     @property
     def dims(self) -> Tuple[str, ...]:
@@ -176,9 +179,10 @@ def operand_table(fam: SSMFamily, convention: Convention) -> OperandTable:
         if complex_:
             dtypes, same = complex_params, None
         else:
-            dtypes, same = (inputs, primary) if selective else (params, None)
+            dtypes, same = (params, primary) if selective else (params, None)
         return Operand(name, Role.INPUT if selective else Role.PARAMETER, Need.REQUIRED, forms,
-                       dtypes, same, complex_, selective, sharing, what, other=other)
+                       dtypes, same, complex_, selective, sharing, what, other=other,
+                       fp32_too=selective and not complex_)
 
     def term(name, has, forms, what, lacks, role=Role.PARAMETER, dtypes=params, same_as=None,
              nullable=True):

@@ -109,12 +109,13 @@ class _Binder:
     def dtype(self, name, t, op: Operand):
         ok = {getattr(torch, d) for d in op.dtypes}
         if op.same_as is not None:
-            ok &= {self.ref.dtype}
+            ok &= {self.ref.dtype} | ({torch.float32} if op.fp32_too else set())
         if t.dtype not in ok:
             names = ", ".join(sorted(str(o).replace("torch.", "") for o in ok))
             why = ""
             if op.same_as is not None:
-                why = f" (per-token inputs share the dtype of {self.ref_name})"
+                why = (f" (per-token inputs share the dtype of {self.ref_name}"
+                       + (", or are float32)" if op.fp32_too else ")"))
             elif op.role is Role.INITIAL_STATE:
                 why = " (states are kept in the spec's state dtype)"
             if op.complex:
