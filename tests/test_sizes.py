@@ -59,7 +59,7 @@ def test_a_family_runs_at_sizes_its_spec_does_not_name(target, case, seed):
     else:
         assert_close("y", got[0], expected[0])
         assert_close("final state", got[1], expected[1])
-    assert [d for d in kernel._sized] == [kernel_dims(family, sizes)], "one kernel per size"
+    assert [f.dims for f in kernel._sized] == [kernel_dims(family, sizes)], "one kernel per size"
     kernel(**call)                                       # a second call reuses it
     assert len(kernel._sized) == 1
 
