@@ -106,11 +106,10 @@ def _recurrence_source(plan: KernelPlan) -> str:
         out.append("        y[t] = 2.0 * (at(C, t) * h).sum(-1).real  # conjugate pairs")
     else:
         out.append("        y[t] = (at(C, t) * h).sum(-1)")
-    # A term the family has may be omitted by the call (None): the term is absent.
     if fam.D is not None:
-        out.append("    if D is not None:\n        y = y + D * x")
+        out.append("    y = y + D * x")
     if fam.gate is not None:
-        out.append("    if z is not None:\n        y = y * (z / (1.0 + np.exp(-z)))  # silu(z)")
+        out.append("    y = y * (z / (1.0 + np.exp(-z)))  # silu(z)")
     out.append("    return y, h")
     return "\n".join(out)
 

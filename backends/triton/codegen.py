@@ -10,8 +10,6 @@ families is printed from the IR here:
   (``exp(a*dt)`` costs one multiply and one MUFU.EX2, not two multiplies), and expm1 through
   Kahan's formula so that zoh's B = expm1(a dt)/a keeps its precision in fp32.
 - ``print_block``: several expressions printed with shared subexpressions (sympy cse).
-- ``split_tree`` / ``join_tree``: a [rows, W] register tile into W column vectors and back
-  (``tl.split``/``tl.join``), so time steps can be loaded 16 bytes wide and walked one by one.
 - ``Lines``: an indented source buffer; ``header``; ``load_module``: put the source in an entry
   of the artifact cache it is given (Triton's @jit reads a kernel's source through
   ``inspect``, so it must be a real file) and import it.
@@ -221,63 +219,6 @@ class Lines:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
-
-
-def split_tree(out: Lines, tile: str, rows: str, width: int, prefix: str,
-               suffix: str = "", offset: int = 0) -> List[str]:
-    """Emit code splitting ``tile`` [rows, width] into ``width`` vectors [rows]; return their names
-    (``{prefix}{offset + t}{suffix}`` for column t).
-
-    Each level halves the columns with ``tl.split(tl.reshape(x, (rows, w/2, 2)))`` (even and odd
-    columns). When a thread holds a whole row (16-byte loads of a 16-byte row) no data moves.
-    """
-    assert width >= 1 and width & (width - 1) == 0, width
-    if width == 1:
-        out(f"{prefix}{offset}{suffix} = tl.reshape({tile}, ({rows},))")
-        return [f"{prefix}{offset}{suffix}"]
-    names: Dict[int, str] = {}
-
-    def rec(var: str, cols: List[int]):
-        if len(cols) == 2:
-            a, b = f"{prefix}{offset + cols[0]}{suffix}", f"{prefix}{offset + cols[1]}{suffix}"
-            out(f"{a}, {b} = tl.split({var})")
-            names[cols[0]], names[cols[1]] = a, b
-            return
-        even, odd = cols[0::2], cols[1::2]
-        # intermediate tiles named by their first column and stride: x_s1_4 holds 1, 5, 9...
-        step = even[1] - even[0]
-        ev = f"{prefix}_s{offset + even[0]}_{step}{suffix}"
-        od = f"{prefix}_s{offset + odd[0]}_{step}{suffix}"
-        out(f"{ev}, {od} = tl.split(tl.reshape({var}, ({rows}, {len(cols) // 2}, 2)))")
-        rec(ev, even)
-        rec(od, odd)
-
-    rec(tile, list(range(width)))
-    return [names[t] for t in range(width)]
-
-
-def join_tree(out: Lines, vectors: Sequence[str], rows: str, name: str) -> str:
-    """Emit code joining ``vectors`` (column t = vectors[t]) into one [rows, len] tile ``name``."""
-    width = len(vectors)
-    assert width >= 1 and width & (width - 1) == 0, width
-    if width == 1:
-        out(f"{name} = tl.reshape({vectors[0]}, ({rows}, 1))")
-        return name
-    counter = [0]
-
-    def rec(cols: List[int]) -> str:
-        if len(cols) == 2:
-            return f"tl.join({vectors[cols[0]]}, {vectors[cols[1]]})"
-        even, odd = rec(cols[0::2]), rec(cols[1::2])
-        tmp = f"{name}_{counter[0]}"
-        counter[0] += 1
-        out(f"{tmp} = tl.reshape(tl.join({even}, {odd}), ({rows}, {len(cols)}))")
-        return tmp
-
-    top = rec(list(range(width)))
-    if top != name:
-        out(f"{name} = {top}")
-    return name
 
 
 # Small numerics helpers every generated module carries (jit functions, inlined by Triton):

@@ -50,7 +50,6 @@ from .scan_launcher import (SEGMENT_DEFAULTS, candidates, check_config,  # noqa:
                             launcher_source, segmented_config, supports)
 
 WHAT = "selective scan"
-MODES = ("full", "local", "apply")
 
 # A [rows, W] register tile to its W columns and back, for W = 1, 2, 4, 8, 16: each level halves
 # the columns with tl.split(tl.reshape(x, (rows, W/2, 2))) (even and odd columns). When a thread
@@ -142,7 +141,6 @@ class _ScanGen:
     """
 
     def __init__(self, plan: KernelPlan, config: dict):
-        check_config(plan, config)
         self.plan, self.cfg = plan, config
         f = self.f = plan.family
         self.N = f.dims.state
