@@ -296,9 +296,8 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
             fields[name] = binder.tensor(name, values[name], op)
 
     fam = _sized_family(fam, binder)
-    omitted = tuple(table.key_of(op.name) for op in table.tensors()
-                    if op.need is Need.OPTIONAL and op.nullable and values.get(op.name) is None
-                    and op.role in (Role.INPUT, Role.PARAMETER))
+    omitted = tuple(key for key in table.droppable_terms()
+                    if values.get(table.keyword.get(key, key)) is None)
     if omitted:
         fam = without_terms(fam, omitted)
     pos = POSITIONAL[conv]
