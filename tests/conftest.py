@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,20 @@ FULL = os.environ.get("SSMC_TEST_FULL") == "1"
 DEVICE = "cuda" if ON_CUDA else "cpu"
 if not ON_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def require_target_tools(target: str):
+    """Skip the calling test when ``target`` needs a tool this machine lacks: apache-tvm for
+    cpu, gcc for c (the cuda target runs under the interpreter without a GPU)."""
+    if target == "cpu":
+        pytest.importorskip("tvm", reason="the cpu target needs apache-tvm")
+    if target == "c" and shutil.which("gcc") is None:
+        pytest.skip("the c target builds with gcc, which is not on PATH")
+
+
+def target_device(target: str) -> str:
+    """Where a target's tensors live in this run: the GPU for cuda under SSMC_TEST_CUDA=1."""
+    return "cuda" if target == "cuda" and ON_CUDA else "cpu"
 
 
 def require_cuda_device():

@@ -17,7 +17,6 @@ whose reason is the backend's own sentence; there is one test id for every cell 
 from __future__ import annotations
 
 import functools
-import shutil
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -26,7 +25,8 @@ import pytest
 import torch
 
 import families as F
-from conftest import EXAMPLES, ON_CUDA, TOL, poison, rel_err, require_cuda_device
+from conftest import (EXAMPLES, ON_CUDA, TOL, poison, rel_err, require_cuda_device,
+                      require_target_tools)
 from ssmc import api, signature
 from ssmc import backends as registry
 from ssmc.backends import reference
@@ -138,13 +138,6 @@ XFAIL: Dict[Tuple[str, Algorithm, str, str], tuple] = {}
 
 # --------------------------------------------------------------------------------------------
 # Building and running one target's kernel, outputs poisoned
-
-def _require_tools(target):
-    if target == "cpu":
-        pytest.importorskip("tvm", reason="the cpu target needs apache-tvm")
-    if target == "c" and shutil.which("gcc") is None:
-        pytest.skip("the c target builds with gcc, which is not on PATH")
-
 
 @functools.lru_cache(maxsize=None)
 def kernel_for(target: str, family: SSMFamily, algorithm: Algorithm):
@@ -363,7 +356,7 @@ def inputs_for(fam: Family, algorithm: Algorithm, mode: str, seed: int):
 
 @pytest.mark.parametrize("target,algorithm,name,mode", list(_cells()))
 def test_matches_the_float64_oracle(target, algorithm, name, mode, seed):
-    _require_tools(target)
+    require_target_tools(target)
     fam = family_of(name)
     conv, kwargs = inputs_for(fam, algorithm, mode, seed)
     device = registry.get(TARGETS[target]).CAPABILITIES.device_now()

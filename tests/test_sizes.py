@@ -5,7 +5,6 @@ specializes the same way).
 One suite for target x algorithm x family, with a state and a head_dim that are not powers of
 two and several groups. Kernels specialize per size on first use and are kept per size.
 """
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import families as F
 import ssmc
 from ssmc.ir import Algorithm
 
-from conftest import ON_CUDA, TOL, rel_err, require_cuda_device
+from conftest import TOL, rel_err, require_cuda_device, require_target_tools, target_device
 
 require_cuda_device()
 
@@ -36,12 +35,9 @@ def _ids(case):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_a_family_runs_at_sizes_its_spec_does_not_name(target, case, seed):
     _, make, algorithm, sizes = case
-    if target == "cpu":
-        pytest.importorskip("tvm", reason="the cpu target needs apache-tvm")
-    if target == "c" and shutil.which("gcc") is None:
-        pytest.skip("the c target builds with gcc, which is not on PATH")
+    require_target_tools(target)
     family = make()
-    device = "cuda" if target == "cuda" and ON_CUDA else "cpu"
+    device = target_device(target)
     oracle = ssmc.compile(family, target="reference", algorithm=algorithm)
     kernel = ssmc.compile(family, target=target, algorithm=algorithm)
     step = algorithm is Algorithm.STEP
@@ -118,11 +114,8 @@ ssm OpenMamba {
 def test_a_spec_may_leave_sizes_open(target, seed):
     """``channels = any, state = any``: nothing is built at compile time; each call's sizes get
     their kernel (against the float64 oracle, itself compiled from the same open spec)."""
-    if target == "cpu":
-        pytest.importorskip("tvm", reason="the cpu target needs apache-tvm")
-    if target == "c" and shutil.which("gcc") is None:
-        pytest.skip("the c target builds with gcc, which is not on PATH")
-    device = "cuda" if target == "cuda" and ON_CUDA else "cpu"
+    require_target_tools(target)
+    device = target_device(target)
     oracle = ssmc.compile(OPEN_SPEC, target="reference")
     kernel = ssmc.compile(OPEN_SPEC, target=target)
     assert kernel.config is None and not kernel._sized
