@@ -65,6 +65,9 @@ class Capabilities:
     device: str = "cpu"
     # The environment variable that, set to 1, runs a cuda backend's kernels on the CPU.
     interpreter: Optional[str] = None
+    # Algorithms whose kernels read ``state_batch_indices`` themselves (each row's state slot
+    # in a pool); for the others the caller gathers the rows' states and scatters them back.
+    indexed_state: FrozenSet[Algorithm] = frozenset()
 
     def interpreted(self) -> bool:
         """Whether this cuda backend's interpreter switch is set (its kernels run on the CPU)."""

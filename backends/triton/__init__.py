@@ -20,7 +20,7 @@ import os
 from typing import Callable, List, Optional
 
 from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
-from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
+from ssmc.ir import Algorithm, AStructure, Convention, DType, KernelPlan
 from ssmc.problems import FINAL_STATE_FLAG
 
 from . import codegen
@@ -32,17 +32,20 @@ CAPABILITIES = Capabilities(
              (Algorithm.STEP, ELEMENTWISE),
              (Algorithm.CHUNKED, frozenset({AStructure.SCALAR})),
              (Algorithm.CONV, ALL_STRUCTURES - {AStructure.SCALAR})),
-    state_dtypes=frozenset(DType), device="cuda", interpreter="TRITON_INTERPRET")
+    state_dtypes=frozenset(DType), device="cuda", interpreter="TRITON_INTERPRET",
+    indexed_state=frozenset({Algorithm.STEP}))
 
 _MODULES = {Algorithm.SCAN: "scan", Algorithm.STEP: "step", Algorithm.CONV: "conv"}
 
 
 def forward_arguments(plan: KernelPlan) -> List[str]:
     """The keyword arguments a generated ``forward`` takes: the tensors the operand table says
-    the family has, and the flag asking for the final state."""
+    the family has, the flag asking for the final state, and the pad slot where rows pick
+    their state slot."""
     table = plan.operands
     flag = FINAL_STATE_FLAG.get(table.convention)
-    return [op.name for op in table.tensors()] + ([flag] if flag else [])
+    pad = ["pad_slot_id"] if "pad_slot_id" in table and table.convention is Convention.STATE_UPDATE else []
+    return [op.name for op in table.tensors()] + ([flag] if flag else []) + pad
 
 
 def _chunked():

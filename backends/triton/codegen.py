@@ -361,8 +361,10 @@ def _tokens(t, complex_, fp32=False):
 
 def _param(t, complex_):
     """A parameter as a kernel reads it: fp32 contiguous, complex as (..., 2) real pairs."""
-    return (torch.view_as_real(t.to(torch.complex64)) if complex_
-            else t.to(torch.float32)).contiguous()
+    if complex_:
+        return torch.view_as_real(t.to(torch.complex64)).contiguous()
+    # already so (the usual case, and every decode step's): no torch call at all
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 '''
 
 

@@ -135,20 +135,50 @@ def _barrier_if_replicated(o: Lines, replicated: bool):
           "tl.debug_barrier()")
 
 
+_SLOT_PARAMS = ("slots_ptr", "n_slots", "pad_slot")
+
+
+def _layout(*names: str) -> List[str]:
+    """Sizes and strides as compile-time constants. A decode step is launched every token with
+    the same layout, and Triton's launch costs about a microsecond per runtime argument (the
+    host side of a step is most of its time at small batch): a new layout compiles once."""
+    return [f"{name}: tl.constexpr" for name in names]
+
+
+def _slot(o: Lines):
+    """Which state slot this batch row updates: its own row, or the slot state_batch_indices
+    names in a pool. A padded row (pad_slot, or an index outside the pool) reads and writes
+    no state."""
+    o("if HAS_SLOTS:",
+      "    slot = tl.load(slots_ptr + bat).to(tl.int64)",
+      "    live = (slot != pad_slot) & (slot >= 0) & (slot < n_slots)",
+      "    slot = tl.where(live, slot, 0)",
+      "else:",
+      "    slot = bat",
+      "    live = bat >= 0")
+
+
+def _zero_padded(o: Lines):
+    o("if HAS_SLOTS:", "    y = tl.where(live, y, 0.0)")
+
+
 def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     f = plan.family
     N = f.dims.state
     o = Lines()
     params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(plan)]
-    params += ["y_ptr", "head_dim", "heads_per_group_B", "heads_per_group_C",
-               "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
-               "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
-               "stride_z_b", "stride_z_h", "stride_y_b", "stride_y_h",
+    params += ["y_ptr", *_SLOT_PARAMS, *_layout(
+        "head_dim", "heads_per_group_B", "heads_per_group_C",
+        "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
+        "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
+        "stride_z_b", "stride_z_h", "stride_y_b", "stride_y_h"),
                "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
-               "HAS_DT_BIAS: tl.constexpr"]
+               "HAS_DT_BIAS: tl.constexpr", "HAS_SLOTS: tl.constexpr"]
     o.jit_def(name, params)
     o("pid_r = tl.program_id(0)", "head = tl.program_id(1)",
-      "bat = tl.program_id(2).to(tl.int64)",
+      "bat = tl.program_id(2).to(tl.int64)")
+    _slot(o)
+    o(
       "rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "r_ok = rows < head_dim",
       f"nn = tl.arange(0, {codegen.pow2_at_least(N)})", f"n_ok = nn < {N}")
     # Δ, A: one scalar per head for this program
@@ -171,9 +201,10 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
         o(f"{w.lower()}_vec = tl.load({src}, mask=n_ok, other=0.0).to(tl.float32)")
     o("x = tl.load(x_ptr + bat * stride_x_b + head * stride_x_h + rows, mask=r_ok, "
       "other=0.0).to(tl.float32)",
-      "s_ptrs = state_ptr + bat * stride_s_b + head * stride_s_h + rows[:, None] * stride_s_p "
+      "s_ptrs = state_ptr + slot * stride_s_b + head * stride_s_h + rows[:, None] * stride_s_p "
       "+ nn[None, :]",
-      "s_mask = r_ok[:, None] & n_ok[None, :]",
+      # where(), not `& live`: the interpreter gives a scalar & tensor of bools a non-bool dtype
+      "s_mask = tl.where(live, r_ok[:, None] & n_ok[None, :], False)",
       "h = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)")
     _barrier_if_replicated(o, replicated)
     bx = cmul(bbar, ("x", None))[0]
@@ -191,6 +222,7 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
           "    z = tl.load(z_ptr + bat * stride_z_b + head * stride_z_h + rows, mask=r_ok, "
           "other=0.0).to(tl.float32)",
           "    y = y * _silu(z)")
+    _zero_padded(o)
     o("tl.store(y_ptr + bat * stride_y_b + head * stride_y_h + rows, "
       "y.to(y_ptr.dtype.element_ty), mask=r_ok)")
     return o.text()
@@ -203,13 +235,16 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     cplx = f.A.structure is AStructure.COMPLEX_DIAGONAL
     o = Lines()
     params = ["state_ptr", "x_ptr", "dt_ptr", "A_ptr", "B_ptr", "C_ptr", *_optional_ptrs(plan)]
-    params += ["y_ptr", "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
-               "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
-               "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b",
+    params += ["y_ptr", *_SLOT_PARAMS, *_layout(
+        "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
+        "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
+        "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b"),
                "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
-               "HAS_DT_BIAS: tl.constexpr"]
+               "HAS_DT_BIAS: tl.constexpr", "HAS_SLOTS: tl.constexpr"]
     o.jit_def(name, params)
-    o("pid_r = tl.program_id(0)", "bat = tl.program_id(1).to(tl.int64)",
+    o("pid_r = tl.program_id(0)", "bat = tl.program_id(1).to(tl.int64)")
+    _slot(o)
+    o(
       "ch = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)", "ok = ch < n_channels",
       "chl = tl.minimum(ch, n_channels - 1).to(tl.int64)",
       f"nn = tl.arange(0, {NP})", f"n_ok = nn < {N}", "tile_ok = ok[:, None] & n_ok[None, :]",
@@ -244,30 +279,32 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
             o(f"{letter}_t = tl.load({w}_ptr + {row} + nl[None, :]).to(tl.float32)")
             vals[w] = (f"{letter}_t", None)
     o("x = tl.load(x_ptr + bat * stride_x_b + chl).to(tl.float32)",
-      "s_ptrs = state_ptr + bat * stride_s_b + chl[:, None] * stride_s_d + nn[None, :] * stride_s_n")
+      "s_ptrs = state_ptr + slot * stride_s_b + chl[:, None] * stride_s_d + nn[None, :] * stride_s_n",
+      "s_ok = tl.where(live, tile_ok, False)")
     if cplx:
-        o("h_re = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)",
-          "h_im = tl.load(s_ptrs + 1, mask=tile_ok, other=0.0).to(tl.float32)")
+        o("h_re = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)",
+          "h_im = tl.load(s_ptrs + 1, mask=s_ok, other=0.0).to(tl.float32)")
         h = ("h_re", "h_im")
     else:
-        o("h = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)")
+        o("h = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)")
         h = ("h", None)
     _barrier_if_replicated(o, replicated)
     new = cadd(cmul(abar, h), cmul(bbar, cmul(vals["B"], ("x[:, None]", None))))
     o(f"new_re = {as_text(new[0])}")
     if cplx:
         o(f"new_im = {as_text(new[1])}",
-          "tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=tile_ok)",
-          "tl.store(s_ptrs + 1, new_im.to(state_ptr.dtype.element_ty), mask=tile_ok)",
+          "tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=s_ok)",
+          "tl.store(s_ptrs + 1, new_im.to(state_ptr.dtype.element_ty), mask=s_ok)",
           # padded n columns load 0 for h but may not be 0 for C: mask the reduction
           "y = 2.0 * tl.sum(tl.where(tile_ok, c_re * new_re - c_im * new_im, 0.0), axis=1)")
     else:
-        o("tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=tile_ok)",
+        o("tl.store(s_ptrs, new_re.to(state_ptr.dtype.element_ty), mask=s_ok)",
           "y = tl.sum(tl.where(tile_ok, c_t * new_re, 0.0), axis=1)")
     if f.D:
         o("if HAS_D:", "    y += tl.load(D_ptr + chl).to(tl.float32) * x")
     if f.gate:
         o("if HAS_Z:", "    y = y * _silu(tl.load(z_ptr + bat * stride_z_b + chl).to(tl.float32))")
+    _zero_padded(o)
     o("tl.store(y_ptr + bat * stride_y_b + ch, y.to(y_ptr.dtype.element_ty), mask=ok)")
     return o.text()
 
@@ -276,35 +313,38 @@ SCALAR_LAUNCHER = '''
 CONFIG = {config!r}
 
 
-def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
-    """{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None)."""
-    batch, heads, head_dim, n = state.shape
-    assert state.stride(-1) == 1, "state must be contiguous along n"
+def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+            pad_slot_id=-1, out=None, **_):
+    """{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None).
+    With state_batch_indices (b,), state is a pool (slots, h, p, n) and row i updates slot
+    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
+    and its y is zero."""
+    slots, heads, head_dim, n = state.shape
+    batch = x.shape[0]
+    ss = state.stride()
+    assert ss[-1] == 1, "state must be contiguous along n"
     x = x if x.stride(-1) == 1 else x.contiguous()
     A = A.contiguous()
     dt = dt.contiguous()
-    groups = []
-    bc = []
-    for t, selective in ((B, {sel_B}), (C, {sel_C})):
-        t = t.contiguous() if selective else t.to(torch.float32).contiguous()
-        bc.append(t)
-        groups.append(t.shape[-2])
+    B = B.contiguous() if {sel_B} else _param(B, False)
+    C = C.contiguous() if {sel_C} else _param(C, False)
+    bs, cs = B.stride(), C.stride()
     y = out if out is not None else torch.empty((batch, heads, head_dim), device=x.device,
                                                 dtype=x.dtype)
     opt = []
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None)
 {opt}
-    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-    grid = (triton.cdiv(head_dim, CONFIG["block_r"]), heads, batch)
-    {kernel}[grid](
-        state, x, dt, A, bc[0], bc[1], *opt, y, head_dim,
-        max(heads // groups[0], 1), max(heads // groups[1], 1),
-        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
-        dt.stride(0) if dt.dim() == 2 else 0, A.stride(0) if A.dim() == 2 else 0,
-        bc[0].stride(0) if bc[0].dim() == 3 else 0, bc[0].stride(-2),
-        bc[1].stride(0) if bc[1].dim() == 3 else 0, bc[1].stride(-2),
-        *zs, y.stride(0), y.stride(1),
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], **flags)
+    zs = z.stride() if z is not None else (0, 0)
+    slots_ptr = state_batch_indices if state_batch_indices is not None else y
+    xs = x.stride()
+    {kernel}[(triton.cdiv(head_dim, CONFIG["block_r"]), heads, batch)](
+        state, x, dt, A, B, C, *opt, y, slots_ptr, slots, pad_slot_id,
+        head_dim, max(heads // B.shape[-2], 1), max(heads // C.shape[-2], 1),
+        ss[0], ss[1], ss[2], xs[0], xs[1], dt.stride(0) if dt.dim() == 2 else 0,
+        A.stride(0) if A.dim() == 2 else 0, bs[0] if B.dim() == 3 else 0, bs[-2],
+        cs[0] if C.dim() == 3 else 0, cs[-2], zs[0], zs[1], *y.stride()[:2],
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_SLOTS=state_batch_indices is not None)
     return y, None
 '''
 
@@ -318,13 +358,18 @@ def _real(t, selective):
     return t.contiguous() if selective and not COMPLEX else _param(t, COMPLEX)
 
 
-def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
-    """{name}: one decode step; updates state (b, d, n) in place, returns (y, None)."""
-    batch, d, n = state.shape
+def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+            pad_slot_id=-1, out=None, **_):
+    """{name}: one decode step; updates state (b, d, n) in place, returns (y, None).
+    With state_batch_indices (b,), state is a pool (slots, d, n) and row i updates slot
+    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
+    and its y is zero."""
+    slots, d, n = state.shape
+    batch = x.shape[0]
     if COMPLEX:
         assert state.is_complex() and state.stride(-1) == 1, "state: complex, contiguous along n"
         s = torch.view_as_real(state)
-        s_strides = (s.stride(0), s.stride(1), s.stride(2))
+        s_strides = s.stride()[:3]
     else:
         assert state.stride(-1) == 1, "state must be contiguous along n"
         s = state
@@ -342,7 +387,6 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
         groups.append(t.shape[-3 if COMPLEX else -2])
     y = out if out is not None else torch.empty((batch, d), device=x.device, dtype=x.dtype)
     opt = []
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None)
 {opt}
     zs = (z.stride(0),) if z is not None else (0,)
     sel = ({sel_B}, {sel_C})
@@ -350,12 +394,15 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None, **_):
     for t, selective in zip(bc, sel):
         per = 2 if COMPLEX else 1
         bstr += [t.stride(0) // per if selective else 0, t.stride(1) // per if selective else 0]
-    grid = (triton.cdiv(d, CONFIG["block_r"]), batch)
-    {kernel}[grid](
-        s, x, dt, A, bc[0], bc[1], *opt, y, d, max(d // groups[0], 1), max(d // groups[1], 1),
+    slots_ptr = state_batch_indices if state_batch_indices is not None else y
+    {kernel}[(triton.cdiv(d, CONFIG["block_r"]), batch)](
+        s, x, dt, A, bc[0], bc[1], *opt, y, slots_ptr, slots, pad_slot_id,
+        d, max(d // groups[0], 1), max(d // groups[1], 1),
         *s_strides, x.stride(0), dt.stride(0) if dt.dim() == 2 else 0,
         (A.stride(0) // (2 if COMPLEX else 1)) if {sel_A} else 0, *bstr, *zs, y.stride(0),
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], **flags)
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_SLOTS=state_batch_indices is not None)
     return y, None
 '''
 
@@ -367,13 +414,12 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     kname = f"ssmc_step_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
     opt = []
     if f.D:
-        opt.append("    opt.append(D.to(torch.float32).contiguous() if D is not None else y)")
+        opt.append("    opt.append(_param(D, False) if D is not None else y)")
     if f.gate:
         opt.append("    z = z if z is None or z.stride(-1) == 1 else z.contiguous()")
         opt.append("    opt.append(z if z is not None else y)")
     if f.delta.bias:
-        opt.append("    opt.append(dt_bias.to(torch.float32).contiguous() "
-                   "if dt_bias is not None else y)")
+        opt.append("    opt.append(_param(dt_bias, False) if dt_bias is not None else y)")
     if _is_scalar(plan):
         body = _scalar_kernel(plan, kname, replicated)
         launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
