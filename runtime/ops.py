@@ -22,7 +22,7 @@ import torch
 
 from ssmc.errors import CallError
 from ssmc.ir import AStructure, Convention, DType
-from ssmc.problems import FINAL_STATE_FLAG, KEYWORD_ONLY, MUTATED, POSITIONAL, PROBLEMS
+from ssmc.problems import KEYWORD_ONLY, MUTATED, OUTPUT_FLAGS, POSITIONAL, PROBLEMS
 
 from . import gradients
 
@@ -31,14 +31,15 @@ _NAMESPACE = "ssmc"
 # Problem field types (ssmc/problems.py) as op schema types. A field with a default is optional
 # in the op too: None means the term is absent, or the spec's value.
 _SCHEMA_TYPES = {"torch.Tensor": "Tensor", "Optional[torch.Tensor]": "Tensor",
-                 "Optional[int]": "SymInt", "bool": "bool", "Tuple[float, float]": "float[]"}
+                 "Optional[int]": "SymInt", "int": "int", "bool": "bool",
+                 "Tuple[float, float]": "float[]"}
 
 
 def schema_of(convention: Convention) -> str:
     """The op schema of a convention, read off its Problem dataclass (the one statement of its
     arguments, their order and their optionality). The op always returns (y, final_state) where
     the convention has a final state (empty when not asked for: an op's number of outputs
-    cannot depend on a flag), and y alone for the decode step, which updates its state."""
+    cannot depend on a flag; SSD adds the varlen states), and y alone for the decode step, which updates its state."""
     problem = PROBLEMS[convention]
     names = set(problem.argument_names())
     parts = []
@@ -48,7 +49,8 @@ def schema_of(convention: Convention) -> str:
         kind = _SCHEMA_TYPES[f.type] + ("(a!)" if f.name in MUTATED[convention] else "")
         optional = f.default is not dataclasses.MISSING
         parts.append(f"{kind}{'?' if optional else ''} {f.name}")
-    outputs = "(Tensor, Tensor)" if convention in FINAL_STATE_FLAG else "Tensor"
+    count = 1 + len(OUTPUT_FLAGS[convention])
+    outputs = f"({', '.join(['Tensor'] * count)})" if count > 1 else "Tensor"
     return f"({', '.join(parts)}) -> {outputs}"
 
 
@@ -80,16 +82,19 @@ def op_name(kernel) -> str:
     return f"{family}_{kernel.plan.algorithm.value}_{target}_{digest}"
 
 
-def _final_state_shape(kernel, bound: dict):
-    """The final state's shape, read off the operand table with the sizes of this call's
-    tensors (the family compiles for any size consistent with its structure)."""
+def _state_output_shape(kernel, bound: dict, flag: str):
+    """The shape of the state output ``flag`` asks for, read off the operand table with the
+    sizes of this call's tensors (the family compiles for any size consistent with its
+    structure): one state per sequence, except SSD's final_states, one per batch row."""
     from ssmc.operands import Role, shape_of
     from ssmc.signature import sizes_from_shapes
     table = kernel.plan.operands
     cu_seqlens = bound["cu_seqlens"]
     shapes = {k: tuple(v.shape) for k, v in bound.items() if isinstance(v, torch.Tensor)}
     sizes = sizes_from_shapes(kernel.family, kernel.convention, shapes)
-    sizes["s"] = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else sizes["b"]
+    per_row = flag == "return_final_states"
+    sizes["s"] = (cu_seqlens.shape[0] - 1 if cu_seqlens is not None and not per_row
+                  else sizes["b"])
     final = next(op for op in table.outputs if op.role is Role.FINAL_STATE)
     return shape_of(final, sizes)
 
@@ -113,30 +118,27 @@ def _register(name: str, kernel):
         op.register_fake(fake)
         return op
 
-    flag = FINAL_STATE_FLAG[convention]
+    flags = OUTPUT_FLAGS[convention]
 
     def real(*args):
         call = _call_kwargs(convention, args)
-        wants_state = bool(call.get(flag))
         out = _KERNELS[name](**call)
-        y, final = out if wants_state else (out, None)
+        asked = iter(out[1:] if isinstance(out, tuple) else ())
         main = args[0]
-        y = y.to(main.dtype)
-        if final is None:
-            final = main.new_empty((0,), dtype=state_dtype)
-        else:
-            final = final.to(state_dtype)
-        return _fresh(y, args), _fresh(final, args)
+        y = (out[0] if isinstance(out, tuple) else out).to(main.dtype)
+        states = [next(asked).to(state_dtype) if call.get(flag) else
+                  main.new_empty((0,), dtype=state_dtype) for flag in flags]
+        outs = []
+        for t in (y, *states):      # SSD's final_states is a view of its varlen_states
+            outs.append(_fresh(t, (*args, *outs)))
+        return tuple(outs)
 
     def fake(*args):
         bound = dict(zip(ARGUMENT_NAMES[convention], args))
         main = args[0]
-        y = main.new_empty(main.shape)
-        if bound[flag]:
-            final = main.new_empty(_final_state_shape(kernel, bound), dtype=state_dtype)
-        else:
-            final = main.new_empty((0,), dtype=state_dtype)
-        return y, final
+        states = [main.new_empty(_state_output_shape(kernel, bound, flag) if bound[flag]
+                                 else (0,), dtype=state_dtype) for flag in flags]
+        return (main.new_empty(main.shape), *states)
 
     op = torch.library.custom_op(qualname, real, mutates_args=(), schema=schema_of(convention))
     op.register_fake(fake)
@@ -205,7 +207,7 @@ def as_op(kernel) -> Callable:
     names = ARGUMENT_NAMES[convention]
     required = [f.name for f in dataclasses.fields(PROBLEMS[convention])
                 if f.name in names and f.default is dataclasses.MISSING]
-    flag = FINAL_STATE_FLAG.get(convention)
+    flags = OUTPUT_FLAGS[convention]
 
     def fn(*args, **kwargs):
         from ssmc.signature import collect
@@ -221,9 +223,10 @@ def as_op(kernel) -> Callable:
         sources = gradients.sources_of(op_args)
         out = op(*gradients.detached(op_args)) if sources else op(*op_args)
         out = gradients.no_backward(refusal, out, sources)
-        if flag is None:
+        if not flags:
             return out
-        return out if values.get(flag) else out[0]
+        asked = tuple(t for flag, t in zip(flags, out[1:]) if values.get(flag))
+        return (out[0], *asked) if asked else out[0]
 
     fn.__signature__ = _python_signature(convention)
     fn.__name__ = f"{kernel.family.name}_{kernel.plan.algorithm.value}"

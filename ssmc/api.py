@@ -6,6 +6,7 @@ kernel launches.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -153,28 +154,50 @@ class CompiledKernel:
         self._sized: Dict[object, Any] = {}
         self._lock = threading.Lock()
         self._step: Optional[CompiledKernel] = None
+        # The op is registered now, not at the first traced call: dynamo cannot trace the
+        # registration (it hashes the IR's sympy expressions).
+        from ssmc.runtime import gradients, ops
+        from . import signature
+        self._op = ops.as_op(self)
+        # Looked up once: a decode step's host time is spent per call.
+        import torch
+        self._bind, self._gradients = signature.bind, gradients
+        self._is_compiling = torch.compiler.is_compiling
+        self._devices_checked: set = set()
 
     def __repr__(self):
         return (f"<ssmc {self.family.name} {self.plan.algorithm.value} for {self.target.name} "
                 f"({self.convention.value} convention)>")
 
     def __call__(self, *args, **kwargs):
-        from . import signature
-        problem = signature.bind(self.family, self.convention, args, kwargs)
-        self._check_device(problem)
-        from ssmc.runtime import gradients
+        if self._is_compiling():
+            # Under torch.compile the call is the registered op (runtime/ops.py), which dynamo
+            # traces as one node; eagerly the op would only add its dispatch to every call.
+            return self.as_op()(*args, **kwargs)
+        problem = self._bind(self.family, self.convention, args, kwargs)
+        device = problem.input.device
+        if device not in self._devices_checked:
+            self._check_device(problem)
+            self._devices_checked.add(device)
         kernel = self.kernel_for(problem.family)
+        if problem.convention is Convention.STATE_UPDATE and problem.state_batch_indices is not None \
+                and Algorithm.STEP not in self.target.capabilities.indexed_state:
+            kernel = functools.partial(_on_slots, kernel)
+        gradients = self._gradients
         sources = gradients.sources_of((*args, *kwargs.values()))
-        if sources:
-            # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
-            # would record a partial graph, a silently wrong gradient.
-            import torch
-            with torch.no_grad():
-                y, final = kernel(problem)
-        else:
+        if not sources:
+            return problem.outputs(*kernel(problem))
+        # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
+        # would record a partial graph, a silently wrong gradient.
+        import torch
+        with torch.no_grad():
             y, final = kernel(problem)
-        out = (y, final) if problem.wants_final_state else y
-        return gradients.no_backward(gradients.message_for(self), out, sources)
+        return gradients.no_backward(gradients.message_for(self), problem.outputs(y, final),
+                                     sources)
+
+    def as_op(self):
+        """This callable through its torch.library custom op (what torch.compile traces)."""
+        return self._op
 
     def kernel_for(self, family: SSMFamily):
         """The backend kernel for ``family`` (this family at other sizes, or without the terms a
@@ -234,6 +257,28 @@ class CompiledKernel:
         """The generated source, as ``ssmc compile`` writes it."""
         config = self.config or resolve_config(self.plan, self.target, self._user_config)
         return backend_module(self.target).lower(self.plan, config)
+
+
+def _on_slots(kernel, problem):
+    """The decode step on a pool of states, for a backend whose kernel takes one state per
+    batch row: the rows' slots are gathered, stepped and written back; a padded row's slot is
+    neither read nor written and its y is zero. (The tensors are on the CPU here: reading the
+    indices costs no sync.)"""
+    import dataclasses
+    import torch
+    pool, pad = problem.state, problem.pad_slot_id
+    idx = problem.state_batch_indices.tolist()
+    rows = [i for i, v in enumerate(idx) if v != pad and 0 <= v < pool.shape[0]]
+    slots = [idx[i] for i in rows]
+    own = torch.zeros((len(idx),) + tuple(pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+    own[rows] = pool[slots]
+    y, final = kernel(dataclasses.replace(problem, state=own, state_batch_indices=None))
+    pool[slots] = own[rows]
+    kept = set(rows)
+    padded = [i for i in range(len(idx)) if i not in kept]
+    if padded:
+        y[padded] = 0
+    return y, final
 
 
 def compile(spec_or_path, target: str = "reference", family: Optional[str] = None,  # noqa: A001

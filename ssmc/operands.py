@@ -11,10 +11,12 @@ off it. Names and order come from the convention's ``Problem`` dataclass (ssmc/p
 the table cannot list an argument the normalized call lacks, or miss one.
 
 Size letters: b batch, l seqlen, h heads, p head_dim, d channels, n state, g groups, r rank,
-s sequences (the batch, or the number of packed sequences when varlen).
+s sequences (the batch, or the number of packed sequences when varlen), c state slots (a state
+pool indexed by ``state_batch_indices``).
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +27,7 @@ from .problems import FINAL_STATE_FLAG, PROBLEMS
 
 # What each size letter is, in words.
 DIM_WORDS = {"b": "batch", "l": "seqlen", "h": "heads", "p": "head_dim", "d": "channels",
-             "n": "state", "g": "groups", "r": "rank", "s": "sequences"}
+             "n": "state", "g": "groups", "r": "rank", "s": "sequences", "c": "state slots"}
 
 
 class Role(enum.Enum):
@@ -33,7 +35,7 @@ class Role(enum.Enum):
     PARAMETER = "parameter"          # a learned constant
     INITIAL_STATE = "initial state"  # the state each sequence starts from
     CACHE = "cache"                  # the decode step's state, updated in place
-    INDEX = "index"                  # integer sequence boundaries (cu_seqlens, seq_idx)
+    INDEX = "index"                  # integers: sequence boundaries (cu_seqlens, seq_idx), state slots
     OPTION = "option"                # a flag or number (chunk_size, softplus, dt_limit, ...)
     OUTPUT = "output"
     FINAL_STATE = "final state"
@@ -52,6 +54,9 @@ class Form:
     expanded: Tuple[int, ...] = ()   # axes that must be broadcasts (mamba_ssm's expanded step forms)
     insert: Optional[int] = None     # axis inserted to reach the normalized form: (b,n,l) -> (b,1,n,l)
     implies: Tuple[Tuple[str, int], ...] = ()   # sizes the form fixes without an axis: (b,n,l) is g=1
+    # A tensor of this form that is not a broadcast along ``expanded`` is taken whole, by the
+    # family with this term per head x head_dim (mamba_ssm's D of shape (h, p)).
+    widens: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +242,7 @@ def operand_table(fam: SSMFamily, convention: Convention) -> OperandTable:
         if per_dim:
             d_forms = _forms(("h", "p"))
         else:
-            d_forms = (Form(("h",)),) + ((Form(("h", "p"), expanded=(1,)),) if step else ())
+            d_forms = (Form(("h",)), Form(("h", "p"), expanded=(1,), widens=True))
         d_what = "D is per head x head_dim" if per_dim else "D is per head"
         bias_what = "the Δ bias is one per head"
     else:
@@ -266,8 +271,23 @@ def operand_table(fam: SSMFamily, convention: Convention) -> OperandTable:
         ops[name] = term(name, dplr, _forms(("d", "r", "n")), "low-rank factor of A", no_dplr,
                          nullable=False)
     init = {Convention.SSD: "initial_states", Convention.SELECTIVE_SCAN: "initial_state"}.get(conv)
+    slots = Operand("state_batch_indices", Role.INDEX, Need.OPTIONAL, _forms(("s" if init else "b",)),
+                    ("int32", "int64"), what="each sequence's slot in a state pool (c, ...) "
+                    "given as the state; pad_slot_id marks a padded row", nullable=True)
+    if step:
+        ops["state_batch_indices"] = slots
+        ops["pad_slot_id"] = option("pad_slot_id", "the slot index of a padded row (-1)")
     if init:
         ops[init] = state_operand(init, Role.INITIAL_STATE, ("s",) + row + ("n",), Need.OPTIONAL)
+        if conv is Convention.SSD:
+            # mamba_ssm's form: one state per batch row, which for packed sequences is the
+            # first sequence's (the others start from zeros).
+            ops[init] = dataclasses.replace(ops[init], forms=ops[init].forms
+                                            + _forms(("b",) + row + ("n",)))
+            ops["state_batch_indices"] = slots
+            ops["pad_slot_id"] = option("pad_slot_id", "the slot index of a padded sequence (-1)")
+            ops["return_varlen_states"] = option(
+                "return_varlen_states", "whether each packed sequence's final state is returned")
         ops["cu_seqlens"] = Operand("cu_seqlens", Role.INDEX, Need.OPTIONAL, _forms(("s+1",)),
                                     ("int32", "int64"), what="offsets of sequences packed along "
                                     "l (batch 1)")

@@ -18,6 +18,9 @@ if TYPE_CHECKING:   # the annotations only: planning (ssmc.operands) reads this 
     import torch
 
 INF = float("inf")
+# The slot index that marks a padded batch row (vLLM's PAD_SLOT_ID): its state is neither read
+# nor written.
+PAD_SLOT_ID = -1
 _NOT_ARGUMENTS = ("family", "nseq", "convention")
 
 
@@ -83,13 +86,29 @@ class SSDProblem(_ProblemBase):
     dt_softplus: bool = False
     dt_limit: Tuple[float, float] = (0.0, INF)
     return_final_states: bool = False
+    return_varlen_states: bool = False
+    state_batch_indices: Optional[torch.Tensor] = None
+    pad_slot_id: int = PAD_SLOT_ID
     nseq: int = 0
     convention: Convention = field(default=Convention.SSD, init=False)
 
     input = property(lambda self: self.x)
     seqlen = property(lambda self: self.x.shape[1])
     initial = property(lambda self: self.initial_states)
-    wants_final_state = property(lambda self: self.return_final_states)
+    # The kernels write each sequence's final state; mamba_ssm's final_states is each batch
+    # row's (for packed sequences the last one's), its varlen_states each sequence's.
+    wants_final_state = property(lambda self: self.return_final_states
+                                 or self.return_varlen_states)
+
+    def outputs(self, y, final):
+        """What mamba_chunk_scan_combined returns: y, then final_states if asked for, then
+        varlen_states if asked for."""
+        out = (y,)
+        if self.return_final_states:
+            out += (final[-1:] if self.varlen else final,)
+        if self.return_varlen_states:
+            out += (final,)
+        return out if len(out) > 1 else y
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +137,9 @@ class SelectiveScanProblem(_ProblemBase):
     initial = property(lambda self: self.initial_state)
     wants_final_state = property(lambda self: self.return_last_state)
 
+    def outputs(self, y, final):
+        return (y, final) if self.return_last_state else y
+
 
 @dataclass(frozen=True, eq=False)
 class StateUpdateProblem(_ProblemBase):
@@ -132,9 +154,11 @@ class StateUpdateProblem(_ProblemBase):
     z: Optional[torch.Tensor] = None
     dt_bias: Optional[torch.Tensor] = None
     dt_softplus: bool = False
+    state_batch_indices: Optional[torch.Tensor] = None
     P: Optional[torch.Tensor] = None
     Q: Optional[torch.Tensor] = None
     dt_limit: Tuple[float, float] = (0.0, INF)
+    pad_slot_id: int = PAD_SLOT_ID
     nseq: int = 0
     convention: Convention = field(default=Convention.STATE_UPDATE, init=False)
 
@@ -142,6 +166,9 @@ class StateUpdateProblem(_ProblemBase):
     seqlen = property(lambda self: 1)
     initial = property(lambda self: self.state)
     wants_final_state = property(lambda self: False)
+
+    def outputs(self, y, final):
+        return y
 
 
 PROBLEMS = {Convention.SSD: SSDProblem, Convention.SELECTIVE_SCAN: SelectiveScanProblem,
@@ -154,8 +181,13 @@ MUTATED = {Convention.SSD: (), Convention.SELECTIVE_SCAN: (), Convention.STATE_U
 # The flag that asks for the final state as a second output, where the convention has one.
 FINAL_STATE_FLAG = {Convention.SSD: "return_final_states",
                     Convention.SELECTIVE_SCAN: "return_last_state"}
+# The flags that each add a state output after y, in the order the outputs come
+# (Problem.outputs): mamba_chunk_scan_combined's final_states, then varlen_states.
+OUTPUT_FLAGS = {Convention.SSD: ("return_final_states", "return_varlen_states"),
+                Convention.SELECTIVE_SCAN: ("return_last_state",), Convention.STATE_UPDATE: ()}
 
-KEYWORD_ONLY = {Convention.SSD: (), Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
-                Convention.STATE_UPDATE: ("P", "Q", "dt_limit")}
+KEYWORD_ONLY = {Convention.SSD: ("state_batch_indices", "pad_slot_id"),
+                Convention.SELECTIVE_SCAN: ("P", "Q", "dt_limit"),
+                Convention.STATE_UPDATE: ("P", "Q", "dt_limit", "pad_slot_id")}
 POSITIONAL = {conv: tuple(name for name in cls.argument_names() if name not in KEYWORD_ONLY[conv])
               for conv, cls in PROBLEMS.items()}

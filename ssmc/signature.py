@@ -28,7 +28,7 @@ from .ir import AStructure, Convention, DType, Method, Sharing, SSMFamily
 from .operands import DIM_WORDS as _DIM_WORDS
 from .operands import Form, Need, Operand, Role, operand_table
 # The problems live in ssmc.problems; importing them from here keeps working.
-from .problems import (INF, KEYWORD_ONLY, POSITIONAL, PROBLEMS, Problem,  # noqa: F401
+from .problems import (INF, KEYWORD_ONLY, PAD_SLOT_ID, POSITIONAL, PROBLEMS, Problem,  # noqa: F401
                        SelectiveScanProblem, SSDProblem, StateUpdateProblem)
 
 TORCH_DTYPE = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
@@ -76,6 +76,12 @@ class _Binder:
         self.fixed_by: Dict[str, str] = {}
         self.inputs = {TORCH_DTYPE[t] for t in family.dtypes.inputs}
         self.ref = None   # the primary input (x / u): fixes dtype and device
+        # How each tensor became its normalized form (_normalize), replayed by a later call
+        # with the same shape signature; and whether any check read tensor values (a call
+        # whose validity depends on values is never replayed).
+        self.steps: Dict[str, tuple] = {}
+        self.read_values = False
+        self.widened: set = set()   # terms taken whole by a form that widens (D (h, p))
 
     def shape(self, name, t, slot: Operand) -> Form:
         shape = tuple(t.shape)
@@ -124,6 +130,8 @@ class _Binder:
                        f"expected {names}{why}")
 
     def tensor(self, name, v, slot: Operand):
+        if not isinstance(v, torch.Tensor):
+            self.read_values = True     # a numpy array: converted, not replayed
         t = _as_tensor(name, v)
         if self.ref is not None and t.device != self.ref.device:
             raise _err(f"argument {name!r} is on {t.device} but {self.ref_name} is on "
@@ -137,20 +145,50 @@ class _Binder:
         else:
             self.dtype(name, t, slot)
         if form.expanded:
-            for ax in sorted(form.expanded):
-                if t.shape[ax] > 1 and t.stride(ax) != 0 and not torch.equal(
-                        t, t.narrow(ax, 0, 1).expand_as(t)):
-                    raise _err(f"argument {name!r} varies along {_DIM_WORDS[form.dims[ax]]} but "
-                               f"the spec says {slot.what}")
-            for ax in sorted(form.expanded, reverse=True):
-                t = t.select(ax, 0)
-            return t.contiguous()
+            broadcast = all(t.shape[ax] == 1 or t.stride(ax) == 0 for ax in form.expanded)
+            if not broadcast and form.widens:
+                self.widened.add(name)
+                return self._normalize(name, t, ("whole",))
+            if not broadcast:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise _err(f"argument {name!r} is a full {tuple(t.shape)} tensor under CUDA "
+                               f"graph capture, where its values cannot be checked",
+                               f"pass it expanded (stride 0) along "
+                               + ", ".join(_DIM_WORDS[form.dims[ax]] for ax in form.expanded))
+                self.read_values = True
+                for ax in sorted(form.expanded):
+                    if t.shape[ax] > 1 and not torch.equal(t, t.narrow(ax, 0, 1).expand_as(t)):
+                        raise _err(f"argument {name!r} varies along {_DIM_WORDS[form.dims[ax]]} "
+                                   f"but the spec says {slot.what}")
+            return self._normalize(name, t, ("select", tuple(ax for ax in range(t.dim())
+                                                             if ax not in form.expanded)))
         if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise _err(f"argument {name!r} must be contiguous along its last dim "
                        f"({_DIM_WORDS.get(form.dims[-1], form.dims[-1])}); got strides "
                        f"{tuple(t.stride())} (stride {t.stride(-1)} along the last dim)",
                        "call .contiguous() on it first")
-        return t.unsqueeze(form.insert) if form.insert is not None else t
+        if form.insert is not None:
+            return self._normalize(name, t, ("unsqueeze", form.insert))
+        return self._normalize(name, t, ("whole",))
+
+    def _normalize(self, name, t, step):
+        self.steps[name] = step
+        return normalize(t, step)
+
+
+def normalize(t: torch.Tensor, step: tuple) -> torch.Tensor:
+    """One argument's normalized form: ``("whole",)`` as given, ``("select", kept axes)`` the
+    broadcast axes dropped, ``("unsqueeze", axis)`` an axis added ((b, n, l) -> (b, 1, n, l))."""
+    kind = step[0]
+    if kind == "select":
+        # t.select(ax, 0) for each broadcast axis, as one view (a call's cost is mostly per
+        # torch op)
+        shape, stride = t.shape, t.stride()
+        return t.as_strided([shape[ax] for ax in step[1]], [stride[ax] for ax in step[1]],
+                            t.storage_offset()).contiguous()
+    if kind == "unsqueeze":
+        return t.unsqueeze(step[1])
+    return t
 
 
 def _flag(name, v, spec_value: bool, what: str, fam):
@@ -206,17 +244,23 @@ def _seq_idx_of(offsets, seqlen, device):
     return idx.to(torch.int32).reshape(1, seqlen).to(device)
 
 
+_NAMES = {conv: frozenset(POSITIONAL[conv] + KEYWORD_ONLY[conv]) for conv in POSITIONAL}
+
+
 def collect(conv, args, kwargs):
     """A call's arguments by name; a CallError for too many, unknown or doubled ones."""
-    pos, kwo = POSITIONAL[conv], KEYWORD_ONLY[conv]
+    pos = POSITIONAL[conv]
     if len(args) > len(pos):
         raise _err(f"{conv.value} takes at most {len(pos)} positional arguments "
                    f"({', '.join(pos)}); got {len(args)}")
     values = dict(zip(pos, args))
+    names = _NAMES[conv]
+    # Plain loops and set membership: dynamo traces this (the op wrapper calls it), and it runs
+    # on every call.
     for k, v in (kwargs or {}).items():
-        if k not in pos and k not in kwo:
+        if k not in names:
             raise _err(f"unexpected keyword argument {k!r} for the {conv.value} convention",
-                       f"it takes: {', '.join(pos + kwo)}")
+                       f"it takes: {', '.join(pos + KEYWORD_ONLY[conv])}")
         if k in values:
             raise _err(f"argument {k!r} given both by position and by keyword")
         values[k] = v
@@ -266,8 +310,111 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     """Validate one call of ``family`` under ``convention``; returns the normalized Problem.
 
     Raises ``CallError`` naming the offending argument (expected vs got) before anything runs.
+    A call whose tensors have the shapes, strides, dtypes and devices of an earlier valid call,
+    and whose other arguments are equal, is not checked again: the earlier call's normalization
+    is replayed (no tensor values are read, nothing syncs; what a decode step in a CUDA graph
+    needs). A call whose validity depends on tensor values (``cu_seqlens``, ``seq_idx``, a
+    materialized broadcast, numpy arrays) is checked every time.
     """
-    conv, fam = Convention(convention), family
+    conv = Convention(convention)
+    values = collect(conv, args, kwargs)
+    key = _shape_signature(family, conv, values)
+    try:
+        replay = _REPLAYS.get(key) if key is not None else None
+    except TypeError:           # an argument that cannot be hashed: check the call
+        key = replay = None
+    if replay is not None:
+        return replay(values)
+    problem, replay = _bind(family, conv, values)
+    if key is not None and replay is not None:
+        if len(_REPLAYS) >= _REPLAY_LIMIT:
+            _REPLAYS.clear()
+        _REPLAYS[key] = replay
+    return problem
+
+
+_REPLAYS: Dict[tuple, object] = {}
+_REPLAY_LIMIT = 4096
+
+
+def _shape_signature(family, conv, values) -> Optional[tuple]:
+    """What a call's validity depends on, when it does not depend on tensor values; None when
+    it may (index tensors are checked by value). Other arguments enter as they are: one that
+    cannot be hashed (a list) makes the lookup fail, and the call is checked."""
+    if values.get("cu_seqlens") is not None or values.get("seq_idx") is not None:
+        return None
+    tensor = torch.Tensor
+    return (_Identity(family), conv) + tuple(
+        (name, v.shape, v.stride(), v.dtype, v.device) if isinstance(v, tensor) else (name, v)
+        for name, v in values.items())
+
+
+class _Identity:
+    """A family as a cache key by identity: an equal family from another spec is another
+    object, and the kernels a CompiledKernel keeps are found by the object it was given."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
+def _contiguous(shape, stride) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _replayer(fields: dict, values: dict, steps: Dict[str, tuple], conv: Convention, gather):
+    """The Problem of a later call with the same shape signature: the same sizes, family and
+    options; its tensors normalized the same way."""
+    static = {k: v for k, v in fields.items() if k not in steps}
+    cls = PROBLEMS[conv]
+    whole = tuple(name for name, step in steps.items() if step == ("whole",))
+    # The signature fixes a broadcast's shape and strides, so its normalized view is one
+    # as_strided whose sizes and strides are known now (and a copy only if it was one now).
+    views, other = [], []
+    for name, step in steps.items():
+        if step[0] == "select":
+            t = values[name]
+            shape = [t.shape[ax] for ax in step[1]]
+            stride = [t.stride(ax) for ax in step[1]]
+            if _contiguous(shape, stride):
+                views.append((name, shape, stride))
+                continue
+        if step != ("whole",):
+            other.append((name, step))
+    new = object.__new__
+
+    def replay(values):
+        tensors = {name: values[name] for name in whole}
+        for name, shape, stride in views:
+            t = values[name]
+            tensors[name] = t.as_strided(shape, stride, t.storage_offset())
+        for name, step in other:
+            tensors[name] = normalize(values[name], step)
+        if gather is not None:
+            tensors = gather(tensors)
+        # The fields a checked call of this signature had; the dataclass's __init__ is skipped
+        # (its defaults are class attributes), a few microseconds of every decode step.
+        problem = new(cls)
+        problem.__dict__.update(static)
+        problem.__dict__.update(tensors)
+        return problem
+    return replay
+
+
+def _bind(fam: SSMFamily, conv: Convention, values: dict):
+    """The checks and the normalization: (Problem, a replayer for calls of the same shape
+    signature or None)."""
     st = fam.A.structure
     if conv is not Convention.STATE_UPDATE and (conv is Convention.SSD) != (st is AStructure.SCALAR):
         need = "A scalar per head" if conv is Convention.SSD else "an A that is not scalar per head"
@@ -276,7 +423,6 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
         raise _err(f"{fam.name} uses the trapezoidal method, whose decode step needs the previous "
                    "token's B x; the state_update convention carries only the state",
                    "run the scan/chunked form, or ask for a convention with a previous-input cache")
-    values = collect(conv, args, kwargs)
     table = operand_table(fam, conv)
     primary = table.primary
     binder = _Binder(fam, primary)
@@ -286,33 +432,121 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     x = binder.ref = binder.tensor(primary, values[primary], table[primary])
     batch, seqlen = x.shape[0], binder.env.setdefault("l", 1)
     cu, seq_idx, nseq = _varlen(binder, values, table, conv, batch, seqlen, x.device)
+    if cu is not None or seq_idx is not None:
+        binder.read_values = True
     binder.env["s"] = nseq
     binder.fixed_by["s"] = (f"'cu_seqlens' holds {nseq} sequences" if cu is not None
                             else f"argument {primary!r} has batch {nseq}")
+    slots = _slot_indices(binder, values, table, conv, x.device)
+    pooled = "state" if conv is Convention.STATE_UPDATE else table.keyword.get("initial")
     fields = {primary: x}
     for op in table.tensors():
         name = op.name
         if name not in fields and op.role is not Role.INDEX and values.get(name) is not None:
+            if slots is not None and name == pooled:
+                op = _pool_operand(op)
             fields[name] = binder.tensor(name, values[name], op)
+    if slots is not None:
+        fields["state_batch_indices"] = slots
+        binder.steps["state_batch_indices"] = ("whole",)
 
     fam = _sized_family(fam, binder)
     omitted = tuple(key for key in table.droppable_terms()
                     if values.get(table.keyword.get(key, key)) is None)
     if omitted:
         fam = without_terms(fam, omitted)
+    if binder.widened:
+        fam = with_full_terms(fam, tuple(sorted(binder.widened)))
     pos = POSITIONAL[conv]
     softplus = "delta_softplus" if conv is Convention.SELECTIVE_SCAN else "dt_softplus"
     fields.update(family=fam, nseq=nseq, dt_limit=_limit(values.get("dt_limit"), fam))
     fields[softplus] = _flag(softplus, values.get(softplus), fam.delta.softplus, "softplus to Δ",
                              fam)
-    for flag in ("return_final_states", "return_last_state"):
+    for flag in ("return_final_states", "return_last_state", "return_varlen_states"):
         if flag in pos:
             fields[flag] = _bool(flag, values.get(flag))
+    if "pad_slot_id" in table:
+        fields["pad_slot_id"] = _pad_slot(values.get("pad_slot_id"))
     if "cu_seqlens" in pos:
         fields["cu_seqlens"] = cu
+    gather = None
     if conv is Convention.SSD:
         fields.update(seq_idx=seq_idx, chunk_size=_chunk(values.get("chunk_size"), fam))
-    return PROBLEMS[conv](**fields)
+        if fields["return_varlen_states"] and cu is None:
+            raise _err("return_varlen_states=True needs the packed sequences: pass cu_seqlens "
+                       "(or seq_idx)")
+        init = fields.get("initial_states")
+        if slots is not None and init is not None:
+            pad = fields["pad_slot_id"]
+            gather = lambda t: _gather_initial(t, pad)  # noqa: E731
+            fields.update(gather(fields))
+        elif init is not None and cu is not None and init.shape[0] != nseq:
+            # mamba_ssm's (b, h, p, n) with packed sequences: the first sequence's state.
+            first = torch.zeros((nseq,) + tuple(init.shape[1:]), dtype=init.dtype,
+                                device=init.device)
+            first[0] = init[0]
+            fields["initial_states"] = first
+    problem = PROBLEMS[conv](**fields)
+    if binder.read_values:
+        return problem, None
+    return problem, _replayer(fields, values, binder.steps, conv, gather)
+
+
+def _pool_operand(op: Operand) -> Operand:
+    """The state (or initial states) as a pool of slots that state_batch_indices picks from."""
+    return dataclasses.replace(op, forms=(Form(("c",) + op.dims[1:]),))
+
+
+def _slot_indices(binder: _Binder, values, table, conv, device):
+    """state_batch_indices, checked: 1-d integers, one per batch row (per sequence for the
+    initial states of packed sequences), on the inputs' device. Their values are checked
+    where that costs no sync (on the CPU); on a GPU an index outside the pool that is not the
+    pad slot is treated as the pad slot: never read or written."""
+    idx = values.get("state_batch_indices")
+    if idx is None:
+        return None
+    if conv is Convention.SSD and values.get("initial_states") is None:
+        raise _err("argument 'state_batch_indices' picks the initial states' slots: pass the "
+                   "pool of states as initial_states")
+    idx = _as_tensor("state_batch_indices", idx)
+    rows = binder.env["s"] if conv is Convention.SSD else binder.env["b"]
+    what = "sequences" if conv is Convention.SSD else "batch rows"
+    if idx.dim() != 1 or idx.shape[0] != rows or idx.dtype not in (torch.int32, torch.int64):
+        raise _err(f"argument 'state_batch_indices' must be a 1-d int32/int64 tensor of one slot "
+                   f"per {what[:-1]} ({rows} {what}), got shape {tuple(idx.shape)} dtype "
+                   f"{str(idx.dtype).replace('torch.', '')}")
+    if idx.device != device:
+        raise _err(f"argument 'state_batch_indices' is on {idx.device} but the inputs are on "
+                   f"{device}")
+    if idx.device.type == "cpu":
+        binder.read_values = True
+        pool = values["state" if conv is Convention.STATE_UPDATE else "initial_states"]
+        slots = pool.shape[0] if isinstance(pool, torch.Tensor) and pool.dim() else 0
+        pad = _pad_slot(values.get("pad_slot_id"))
+        bad = [int(v) for v in idx.tolist() if v != pad and not 0 <= v < slots]
+        if bad:
+            raise _err(f"argument 'state_batch_indices' holds slot {bad[0]}, outside the pool of "
+                       f"{slots} slots (and not the pad slot {pad})")
+    return idx
+
+
+def _gather_initial(tensors: dict, pad: int) -> dict:
+    """Each sequence's initial state picked from the pool by state_batch_indices; a padded
+    sequence (or one whose index is outside the pool) starts from zeros. Tensor ops only: no
+    value is read on the host."""
+    pool, idx = tensors["initial_states"], tensors["state_batch_indices"]
+    ok = (idx != pad) & (idx >= 0) & (idx < pool.shape[0])
+    picked = pool.index_select(0, torch.where(ok, idx, torch.zeros_like(idx)))
+    ok = ok.view(-1, *([1] * (pool.dim() - 1)))
+    return dict(tensors, initial_states=torch.where(ok, picked, torch.zeros_like(picked)))
+
+
+def _pad_slot(v) -> int:
+    if v is None:
+        return PAD_SLOT_ID
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise _err(f"argument 'pad_slot_id' must be an int, got {v!r}")
+    return int(v)
 
 
 def sizes_from_shapes(family: SSMFamily, convention, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:
@@ -368,6 +602,15 @@ def without_terms(fam: SSMFamily, terms: Tuple[str, ...]) -> SSMFamily:
     if "dt_bias" in terms:
         changes["delta"] = dataclasses.replace(fam.delta, bias=False)
     return dataclasses.replace(fam, **changes)
+
+
+@lru_cache(maxsize=256)
+def with_full_terms(fam: SSMFamily, terms: Tuple[str, ...]) -> SSMFamily:
+    """``fam`` with the terms a call gave whole where the spec has them per head: D of shape
+    (h, p) is D per head x head_dim, as mamba_ssm takes it."""
+    if "D" in terms and fam.D is not None:
+        return dataclasses.replace(fam, D=dataclasses.replace(fam.D, sharing=Sharing.HEAD_DIM))
+    return fam
 
 
 SIZE_NAMES = ("heads", "head_dim", "channels", "state", "groups", "rank")

@@ -91,13 +91,17 @@ def test_layer_compiles_fullgraph(family, seed):
         assert_rel_close("conv state", state_compiled.conv, state_eager.conv, "float32")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")   # dynamo's notes while it gives up
-def test_without_the_op_the_reference_breaks_the_graph(seed):
-    """The reason the op exists: dynamo cannot trace the oracle's numpy in fullgraph mode."""
+def test_a_layer_calling_the_kernel_itself_compiles_fullgraph(seed):
+    """The oracle's numpy cannot be traced; a layer that calls the compiled callable directly
+    (not through as_op) still compiles in fullgraph mode, since the callable under dynamo is
+    its op."""
     torch.manual_seed(seed)
     layer = SSMLayer(SCAN, d_model=8, use_custom_op=False)
-    with torch.no_grad(), pytest.raises(Exception):
-        torch.compile(layer, fullgraph=True, backend="eager")(torch.randn(1, 3, 8))
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        eager = layer(x)
+        got = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert_rel_close("y", got, eager, "float32")
 
 
 def test_hybrid_model_compiles_fullgraph(seed):
@@ -137,3 +141,41 @@ def test_op_schemas_and_wrappers_are_read_off_the_problem_dataclasses():
                                                           .argument_names())
     with pytest.raises(ssmc.CallError, match="unexpected keyword argument 'delta_bias_'"):
         fn(**_kernel(SCAN).example_inputs(batch=1, seqlen=3), delta_bias_=None)
+
+
+@pytest.mark.parametrize("family", [SSD, SCAN], ids=["ssd", "selective_scan"])
+def test_code_calling_a_compiled_callable_compiles_fullgraph(family, seed):
+    """torch.compile over user code that calls ``ssmc.compile(...)``'s callable itself (not an
+    nn layer): the call is traced as the registered op, and gives the eager result."""
+    kernel = _kernel(family)
+    step = kernel.step
+    inputs = kernel.example_inputs(batch=2, seqlen=9, seed=seed)
+    step_inputs = step.example_inputs(batch=2, seed=seed)
+
+    def block(inputs, step_inputs):
+        y, final = kernel(**inputs, **{_flag(family): True})
+        out = step(**step_inputs)
+        return y * 2.0, final, out + 1.0
+
+    eager_state = step_inputs["state"].clone()
+    expected = block(inputs, dict(step_inputs, state=eager_state))
+    torch._dynamo.reset()
+    got = torch.compile(block, fullgraph=True, backend="aot_eager")(inputs, step_inputs)
+    for a, b in zip(got, expected):
+        assert_rel_close("output", a, b, "float32", tol=0)
+    assert_rel_close("state", step_inputs["state"], eager_state, "float32", tol=0)
+
+
+def test_varlen_states_through_the_op(seed):
+    kernel = _kernel(SSD)
+    inputs = kernel.example_inputs(varlen=[3, 6], seed=seed)
+    y, final, varlen = kernel(**inputs, return_final_states=True, return_varlen_states=True)
+    y2, final2, varlen2 = as_op(kernel)(**inputs, return_final_states=True,
+                                       return_varlen_states=True)
+    assert final.shape[0] == 1 and varlen.shape[0] == 2
+    for a, b in ((y, y2), (final, final2), (varlen, varlen2)):
+        assert_rel_close("output", b, a, "float32", tol=0)
+    compiled = torch.compile(lambda kw: kernel(**kw, return_varlen_states=True),
+                             fullgraph=True, backend="aot_eager")
+    y3, varlen3 = compiled(inputs)
+    assert_rel_close("varlen states", varlen3, varlen, "float32", tol=0)

@@ -135,12 +135,13 @@ def test_step_expanded_forms_are_broadcasts(seed):
     kw = example_inputs(fam, "state_update", 2, 0, seed=seed)
     expanded = dict(kw, dt=kw["dt"][..., None].expand(2, 3, 4),
                     A=kw["A"][:, None, None].expand(3, 4, 5),
-                    dt_bias=kw["dt_bias"][:, None].expand(3, 4),
-                    D=kw["D"][:, None].expand(3, 4).contiguous())   # equal values, stride != 0
+                    dt_bias=kw["dt_bias"][:, None].expand(3, 4).contiguous(),  # stride != 0
+                    D=kw["D"][:, None].expand(3, 4))
     p = bind(fam, "state_update", (), expanded)
     assert isinstance(p, StateUpdateProblem)
     for k in ("dt", "A", "dt_bias", "D"):
         assert torch.equal(getattr(p, k), kw[k]), k
+    assert p.family.D.sharing is Sharing.HEAD
     varying = kw["A"][:, None, None].expand(3, 4, 5).clone()
     varying[0, 1, 0] += 1.0
     raises(fam, "state_update", "A", dict(kw, A=varying), "varies along head_dim",
@@ -148,6 +149,19 @@ def test_step_expanded_forms_are_broadcasts(seed):
     dt = kw["dt"][..., None].expand(2, 3, 4).clone()
     dt[1, 2, 3] = 0.0
     raises(fam, "state_update", "dt", dict(kw, dt=dt), "varies along head_dim")
+
+
+def test_a_whole_d_of_shape_h_p_runs_the_family_with_d_per_head_dim(seed):
+    """mamba_ssm takes D as (h,) or (h, p) for any Mamba-2: a (h, p) D that is not a broadcast
+    is used whole (the family with D per head x head_dim), in the chunked form and the step."""
+    fam = F.mamba2(heads=3, head_dim=4, state=5, D=Sharing.HEAD)
+    for conv, length in (("ssd", 6), ("state_update", 0)):
+        kw = example_inputs(fam, conv, 2, length, seed=seed)
+        full = torch.randn(3, 4)
+        p = bind(fam, conv, (), dict(kw, D=full))
+        assert p.family.D.sharing is Sharing.HEAD_DIM and torch.equal(p.D, full)
+        same = bind(fam, conv, (), dict(kw, D=kw["D"][:, None].expand(3, 4)))
+        assert same.family.D.sharing is Sharing.HEAD and same.D.shape == (3,)
 
 
 def test_kwargs_round_trip(seed):
@@ -187,7 +201,7 @@ def test_wrong_shapes_name_the_tensor_and_the_dim():
     raises(fam, "ssd", "A", dict(kw, A=torch.zeros(5)), "heads")
     raises(fam, "ssd", "initial_states", dict(kw, initial_states=torch.zeros(2, 4, 8, 3)),
            "state")
-    raises(fam, "ssd", "D", dict(kw, D=torch.zeros(4, 8)), "expected (h,)")
+    raises(fam, "ssd", "D", dict(kw, D=torch.zeros(4, 7)), "expected (h,) = (4,) or (h, p)")
     skw = scan_kw()
     raises(F.mamba1(), "selective_scan", "u", dict(skw, u=torch.zeros(2, 15, 10)), "channels")
     raises(F.s4_dplr(), "selective_scan", "P",
@@ -278,8 +292,10 @@ def test_varlen_rules():
     raises(fam, "ssd", "cu_seqlens", dict(kw, cu_seqlens=torch.tensor([1, 3, 8])), "from 0")
     raises(fam, "ssd", "cu_seqlens", dict(kw, cu_seqlens=torch.tensor([0, 3, 7])), "seqlen 8")
     raises(fam, "ssd", "cu_seqlens", dict(kw, cu_seqlens=torch.tensor([0.0, 3.0, 8.0])), "int")
-    raises(fam, "ssd", "initial_states", dict(kw, initial_states=torch.zeros(1, 4, 8, 16)),
-           "sequences", "is 1, but 'cu_seqlens' holds 2 sequences")
+    raises(fam, "ssd", "initial_states", dict(kw, initial_states=torch.zeros(3, 4, 8, 16)),
+           "sequences", "is 3, but 'cu_seqlens' holds 2 sequences")
+    raises(fam, "ssd", "return_varlen_states", dict(ssd_kw(), return_varlen_states=True),
+           "needs the packed sequences")
     raises(fam, "ssd", "seq_idx", dict(kw, seq_idx=torch.zeros(1, 8, dtype=torch.int32)),
            "different sequences")
     two = ssd_kw()
@@ -290,11 +306,10 @@ def test_varlen_rules():
 def test_call_form_errors():
     fam = F.mamba2()
     kw = ssd_kw()
-    raises(fam, "ssd", "return_varlen_states", dict(kw, return_varlen_states=True),
-           "unexpected keyword")
+    raises(fam, "ssd", "return_varlen", dict(kw, return_varlen=True), "unexpected keyword")
     raises(fam, "ssd", "x", kw, "both by position and by keyword", args=(kw["x"],))
-    with pytest.raises(CallError, match="at most 15 positional"):
-        bind(fam, "ssd", tuple(range(16)), {})
+    with pytest.raises(CallError, match="at most 16 positional"):
+        bind(fam, "ssd", tuple(range(17)), {})
     raises(fam, "ssd", "x", dict(kw, x=[[1.0]]), "torch tensor or numpy array")
     with pytest.raises(CallError, match="scalar per head"):
         bind(F.mamba1(), "ssd", (), {})

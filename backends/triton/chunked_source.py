@@ -307,7 +307,7 @@ def launch(problem, config, y=None, final_states=None):
     else:
         nseq = batch
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    store_final = bool(problem.return_final_states)
+    store_final = bool(problem.wants_final_state)
     if y is None:
         y = torch.empty_like(x)
     if store_final and final_states is None:
@@ -402,7 +402,7 @@ def forward(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, s
     """Standalone entry (already validated tensors, the spec's softplus and dt_limit)."""
     problem = types.SimpleNamespace(
         x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-        seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_states=return_final_states,
+        seq_idx=seq_idx, cu_seqlens=cu_seqlens, wants_final_state=return_final_states,
         dt_limit={clamp_default})
     return launch(problem, config or CONFIG)
 '''
