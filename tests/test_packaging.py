@@ -8,7 +8,7 @@ import tomllib
 from conftest import ROOT
 
 MAPPED = {"ssmc": "ssmc", "ssmc.grammar": "grammar", "ssmc.backends": "backends",
-          "ssmc.runtime": "runtime"}
+          "ssmc.runtime": "runtime", "ssmc.integrations": "integrations"}
 
 
 def _packages_in_tree():
@@ -30,7 +30,7 @@ def test_every_package_is_listed_in_pyproject():
 def test_top_level_folders_are_not_importable_by_their_own_names(tmp_path):
     # In a fresh interpreter outside the source tree: `python -m pytest` puts the tree on sys.path.
     code = ("import importlib.util as u; "
-            "print([n for n in ('backends', 'runtime', 'grammar') if u.find_spec(n)])")
+            "print([n for n in ('backends', 'runtime', 'grammar', 'integrations') if u.find_spec(n)])")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"top-level modules installed: {out.stdout}"

@@ -1,0 +1,1 @@
+"""ssmc kernels inside other people's model code (``ssmc.integrations.transformers``)."""
