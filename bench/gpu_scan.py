@@ -351,7 +351,11 @@ def rows(ceil, sweep=False, cuda_scan=None):
     None: only if already built)."""
     if "exp_rate" not in ceil:
         ceil = dict(ceil, exp_rate=measure_exp_rate())
-    return scan_rows(ceil, sweep, cuda_scan) + step_rows(ceil, sweep)
+    import decode
+    # The decode rows are the public call, eager and in a CUDA graph (bench/decode.py); the
+    # kernel-only step rows are for --sweep, which tunes the kernel's config.
+    return (scan_rows(ceil, sweep, cuda_scan)
+            + (step_rows(ceil, sweep) if sweep else decode.rows(ceil)))
 
 
 def table(rs, ceil) -> str:
