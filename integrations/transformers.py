@@ -11,6 +11,12 @@ and makes the fused training kernels (``mamba_inner_fn``, ``mamba_split_conv1d_s
 decline, so that the model runs its unfused path, whose SSM calls are these. Everything else
 (projections, the causal conv, norms, the cache) stays the model's own code.
 
+Only the five models above are patched (``MODULES``); transformers' other hybrids with an SSM
+(FalconH1, GraniteMoeHybrid, NemotronH, Zamba, Zamba2) have their own kernel functions and stay
+on transformers' path. The kernels are inference-only until ssmc generates backward kernels:
+with ``enable()`` a training step's ``loss.backward()`` raises an SSMCError naming the family
+(call ``disable()`` to train with transformers' own path).
+
 The kernels are compiled from the specs below, sizes left open (``any``): each call runs a
 kernel specialized for the sizes of its tensors, built on first use. Mamba-2's chunk size and
 Δ clamp (``dt_limit``) come from the call, one family per pair. ``calls`` counts the calls
@@ -163,8 +169,8 @@ def _declines(*args, **kwargs):
 
 
 def enable(target: str = "cuda", kernels: Optional[Kernels] = None) -> Kernels:
-    """Point every installed Mamba-family modeling module of transformers at ssmc kernels for
-    ``target``. Returns the Kernels object (its compiled callables are kept there)."""
+    """Point the installed modeling modules of ``MODULES`` (Mamba, FalconMamba, Jamba, Mamba-2,
+    Bamba) at ssmc kernels for ``target``. Returns the Kernels object (its compiled callables are kept there)."""
     kernels = kernels or Kernels(target)
     found = False
     for name, (scan_name, step_name, fused_name) in MODULES.items():

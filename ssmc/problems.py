@@ -100,12 +100,20 @@ class SSDProblem(_ProblemBase):
     wants_final_state = property(lambda self: self.return_final_states
                                  or self.return_varlen_states)
 
+    def _row_final(self, final):
+        """The batch row's final state with packed sequences: that of the sequence holding the
+        last token (trailing empty sequences, as padding makes them, hold none); found on the
+        device, without reading cu_seqlens on the host."""
+        import torch
+        last = torch.searchsorted(self.cu_seqlens, self.cu_seqlens[-1:] - 1, right=True) - 1
+        return final.index_select(0, last.clamp(0, final.shape[0] - 1))
+
     def outputs(self, y, final):
         """What mamba_chunk_scan_combined returns: y, then final_states if asked for, then
         varlen_states if asked for."""
         out = (y,)
         if self.return_final_states:
-            out += (final[-1:] if self.varlen else final,)
+            out += (self._row_final(final) if self.varlen else final,)
         if self.return_varlen_states:
             out += (final,)
         return out if len(out) > 1 else y

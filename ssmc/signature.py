@@ -188,6 +188,8 @@ def normalize(t: torch.Tensor, step: tuple) -> torch.Tensor:
                             t.storage_offset()).contiguous()
     if kind == "unsqueeze":
         return t.unsqueeze(step[1])
+    if kind == "contiguous":
+        return t.contiguous()
     return t
 
 
@@ -344,9 +346,13 @@ def _shape_signature(family, conv, values) -> Optional[tuple]:
     if values.get("cu_seqlens") is not None or values.get("seq_idx") is not None:
         return None
     tensor = torch.Tensor
+    dt_limit = values.get("dt_limit")
+    if dt_limit is not None and not isinstance(dt_limit, tuple):
+        return None             # a list or a tensor: its values are what is checked
+    # Non-tensors with their type: 1.0 == True hashes alike, and bind refuses the float.
     return (_Identity(family), conv) + tuple(
-        (name, v.shape, v.stride(), v.dtype, v.device) if isinstance(v, tensor) else (name, v)
-        for name, v in values.items())
+        (name, v.shape, v.stride(), v.dtype, v.device) if isinstance(v, tensor)
+        else (name, type(v), v) for name, v in values.items())
 
 
 class _Identity:
@@ -448,7 +454,8 @@ def _bind(fam: SSMFamily, conv: Convention, values: dict):
             fields[name] = binder.tensor(name, values[name], op)
     if slots is not None:
         fields["state_batch_indices"] = slots
-        binder.steps["state_batch_indices"] = ("whole",)
+        binder.steps["state_batch_indices"] = ("whole",) if slots is values[
+            "state_batch_indices"] else ("contiguous",)
 
     fam = _sized_family(fam, binder)
     omitted = tuple(key for key in table.droppable_terms()
@@ -472,9 +479,10 @@ def _bind(fam: SSMFamily, conv: Convention, values: dict):
     gather = None
     if conv is Convention.SSD:
         fields.update(seq_idx=seq_idx, chunk_size=_chunk(values.get("chunk_size"), fam))
-        if fields["return_varlen_states"] and cu is None:
-            raise _err("return_varlen_states=True needs the packed sequences: pass cu_seqlens "
-                       "(or seq_idx)")
+        if fields["return_varlen_states"] and values.get("cu_seqlens") is None:
+            # as mamba_ssm asks; with seq_idx alone the number of states would be a value
+            raise _err("return_varlen_states=True needs the packed sequences as cu_seqlens "
+                       "(seq_idx alone does not say how many states to return)")
         init = fields.get("initial_states")
         if slots is not None and init is not None:
             pad = fields["pad_slot_id"]
@@ -527,7 +535,9 @@ def _slot_indices(binder: _Binder, values, table, conv, device):
         if bad:
             raise _err(f"argument 'state_batch_indices' holds slot {bad[0]}, outside the pool of "
                        f"{slots} slots (and not the pad slot {pad})")
-    return idx
+    # Kernels read one slot per row with unit stride: a strided view (a column of a table) is
+    # copied, here and on every replay (the stride is in the signature).
+    return idx if idx.stride(0) == 1 or idx.shape[0] <= 1 else idx.contiguous()
 
 
 def _gather_initial(tensors: dict, pad: int) -> dict:

@@ -71,6 +71,13 @@ def test_step_on_a_state_pool_with_padded_rows(target, which, seed):
     assert torch.count_nonzero(y.cpu()[1]) == 0, "a padded row's y is not zero"
     with pytest.raises(ssmc.CallError, match="state_batch_indices"):
         kernel(**_on(device, dict(inputs, state=pool, state_batch_indices=index[:3])))
+    # The same slots as a strided view (a column of a table): the same result.
+    table = torch.stack([index, torch.full_like(index, 6)], 1)
+    strided = dict(_on(device, dict(inputs, state=pool)), state_batch_indices=table.to(device)[:, 0])
+    assert strided["state_batch_indices"].stride(0) == 2
+    y2 = kernel(**strided)
+    assert rel_err(strided["state"].cpu(), expected) <= 4 * TOL["float32"]
+    assert rel_err(y2.cpu()[live], y_live) <= TOL["float32"]
     if device == "cpu":
         with pytest.raises(ssmc.CallError, match="outside the pool of 7 slots"):
             kernel(**dict(inputs, state=pool, state_batch_indices=torch.tensor([5, -1, 7, 3])))
@@ -166,6 +173,18 @@ def test_varlen_states_need_packed_sequences():
     inputs = kernel.example_inputs(batch=2, seqlen=8)
     with pytest.raises(ssmc.CallError, match="return_varlen_states=True needs"):
         kernel(**inputs, return_varlen_states=True)
+
+
+@pytest.mark.parametrize("target", ["reference", "cuda"])
+def test_final_states_with_trailing_empty_sequences(target, seed):
+    """Padding cu_seqlens with empty sequences (a CUDA graph's fixed count) keeps mamba_ssm's
+    final_states: the state after the row's last token, not the empty sequence's zeros."""
+    oracle, kernel = _kernels(target, "Mamba2")
+    inputs = oracle.example_inputs(seed=seed, varlen=[5, 9, 0, 0], heads=4, groups=1)
+    y, final, varlen = kernel(**_on(target_device(target), inputs), return_final_states=True,
+                              return_varlen_states=True)
+    assert torch.equal(final.cpu()[0], varlen.cpu()[1])
+    assert torch.count_nonzero(varlen.cpu()[1]) > 0
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU (SSMC_TEST_CUDA=1)")

@@ -349,3 +349,14 @@ def test_sizes_from_shapes_reads_shapes_only():
     shapes = {k: tuple(v.shape) for k, v in kw.items() if isinstance(v, torch.Tensor)}
     env = sizes_from_shapes(fam, "selective_scan", shapes)
     assert (env["d"], env["n"], env["l"], env["b"]) == (10, 3, 7, 2)
+
+
+def test_a_replayed_call_is_refused_as_a_checked_one_would_be():
+    """The validation cache keys non-tensor arguments with their type, and never replays a
+    dt_limit given as a tensor or a list (its values are what is checked)."""
+    fam = F.mamba2()
+    kw = ssd_kw()
+    bind(fam, "ssd", (), dict(kw, dt_softplus=True))
+    raises(fam, "ssd", "dt_softplus", dict(kw, dt_softplus=1.0), "must be a bool")
+    bind(fam, "ssd", (), dict(kw, dt_limit=torch.tensor([0.0, float("inf")])))
+    raises(fam, "ssd", "dt_limit", dict(kw, dt_limit=torch.tensor([0.5, 0.6])), "contradicts")
