@@ -266,18 +266,16 @@ def _on_slots(kernel, problem):
     indices costs no sync.)"""
     import dataclasses
     import torch
-    pool, pad = problem.state, problem.pad_slot_id
-    idx = problem.state_batch_indices.tolist()
-    rows = [i for i, v in enumerate(idx) if v != pad and 0 <= v < pool.shape[0]]
-    slots = [idx[i] for i in rows]
-    own = torch.zeros((len(idx),) + tuple(pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-    own[rows] = pool[slots]
+    from .signature import live_slots
+    pool, idx = problem.state, problem.state_batch_indices
+    live = live_slots(idx, problem.pad_slot_id, pool.shape[0])
+    slots = idx[live].long()
+    own = torch.zeros((idx.shape[0],) + tuple(pool.shape[1:]), dtype=pool.dtype,
+                      device=pool.device)
+    own[live] = pool[slots]
     y, final = kernel(dataclasses.replace(problem, state=own, state_batch_indices=None))
-    pool[slots] = own[rows]
-    kept = set(rows)
-    padded = [i for i in range(len(idx)) if i not in kept]
-    if padded:
-        y[padded] = 0
+    pool[slots] = own[live]
+    y[~live] = 0
     return y, final
 
 

@@ -531,7 +531,7 @@ def _slot_indices(binder: _Binder, values, table, conv, device):
         pool = values["state" if conv is Convention.STATE_UPDATE else "initial_states"]
         slots = pool.shape[0] if isinstance(pool, torch.Tensor) and pool.dim() else 0
         pad = _pad_slot(values.get("pad_slot_id"))
-        bad = [int(v) for v in idx.tolist() if v != pad and not 0 <= v < slots]
+        bad = idx[~live_slots(idx, pad, slots) & (idx != pad)].tolist()
         if bad:
             raise _err(f"argument 'state_batch_indices' holds slot {bad[0]}, outside the pool of "
                        f"{slots} slots (and not the pad slot {pad})")
@@ -540,12 +540,19 @@ def _slot_indices(binder: _Binder, values, table, conv, device):
     return idx if idx.stride(0) == 1 or idx.shape[0] <= 1 else idx.contiguous()
 
 
+def live_slots(idx: torch.Tensor, pad: int, slots: int) -> torch.Tensor:
+    """Which rows of state_batch_indices name a state (a bool tensor beside ``idx``): not the
+    pad slot and inside the pool of ``slots``. What the Triton step computes as ``live``; a row
+    that is not is neither read nor written."""
+    return (idx != pad) & (idx >= 0) & (idx < slots)
+
+
 def _gather_initial(tensors: dict, pad: int) -> dict:
     """Each sequence's initial state picked from the pool by state_batch_indices; a padded
     sequence (or one whose index is outside the pool) starts from zeros. Tensor ops only: no
     value is read on the host."""
     pool, idx = tensors["initial_states"], tensors["state_batch_indices"]
-    ok = (idx != pad) & (idx >= 0) & (idx < pool.shape[0])
+    ok = live_slots(idx, pad, pool.shape[0])
     picked = pool.index_select(0, torch.where(ok, idx, torch.zeros_like(idx)))
     ok = ok.view(-1, *([1] * (pool.dim() - 1)))
     return dict(tensors, initial_states=torch.where(ok, picked, torch.zeros_like(picked)))

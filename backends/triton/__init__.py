@@ -20,7 +20,7 @@ import os
 from typing import Callable, List, Optional
 
 from ssmc.backends import ALL_STRUCTURES, ELEMENTWISE, Capabilities
-from ssmc.ir import Algorithm, AStructure, Convention, DType, KernelPlan
+from ssmc.ir import Algorithm, AStructure, DType, KernelPlan
 from ssmc.problems import FINAL_STATE_FLAG
 
 from . import codegen
@@ -44,7 +44,7 @@ def forward_arguments(plan: KernelPlan) -> List[str]:
     their state slot."""
     table = plan.operands
     flag = FINAL_STATE_FLAG.get(table.convention)
-    pad = ["pad_slot_id"] if "pad_slot_id" in table and table.convention is Convention.STATE_UPDATE else []
+    pad = ["pad_slot_id"] if "pad_slot_id" in table else []
     return [op.name for op in table.tensors()] + ([flag] if flag else []) + pad
 
 

@@ -111,6 +111,27 @@ def optional_inputs(plan: KernelPlan) -> List[Tuple[str, str]]:
     return [(f"{key}_ptr", f"HAS_{key.upper()}") for key in plan.operands.droppable_terms()]
 
 
+def optional_term_lines(plan: KernelPlan, args: str, fallback: str,
+                        token_fix: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Launcher lines appending each optional term the operand table says the family has to the
+    list ``args`` (``fallback`` where the call omitted it), converted as its role says: a
+    parameter to fp32 contiguous, a per-token input by ``token_fix`` (a format of its name);
+    and (constexpr flag, argument name) of each, in the kernel's parameter order."""
+    table = plan.operands
+    lines, flags = [], []
+    for (_, flag), key in zip(optional_inputs(plan), table.droppable_terms()):
+        name = table.keyword.get(key, key)
+        if table[name].role is Role.PARAMETER:
+            lines.append(f"    {args}.append(_param({name}, False) if {name} is not None "
+                         f"else {fallback})")
+        else:
+            lines += [f"    if {name} is not None:",
+                      f"        {name} = {token_fix.format(name=name)}",
+                      f"    {args}.append({name} if {name} is not None else {fallback})"]
+        flags.append((flag, name))
+    return lines, flags
+
+
 def kernel_params(plan: KernelPlan, sel: Dict[str, bool]) -> List[str]:
     """The scan kernel's parameters (``forward`` below passes its arguments in this order)."""
     f = plan.family
@@ -320,19 +341,10 @@ def launcher_source(plan: KernelPlan, config: dict, selective: Dict[str, bool],
     # its role says: a parameter to fp32, a per-token input to unit stride along l (the
     # kernel takes its (b, d) strides).
     table = plan.operands
-    opt, z_strides = [], "()"
-    for key in table.droppable_terms():
-        name = table.keyword.get(key, key)
-        if table[name].role is Role.PARAMETER:
-            opt.append(f"    opt_args.append({name}.to(torch.float32).contiguous() "
-                       f"if {name} is not None else out)")
-        else:
-            opt += [f"    if {name} is not None:",
-                    f"        {name} = _time_contiguous({name})",
-                    f"    opt_args.append({name} if {name} is not None else out)"]
-            z_strides = (f"({name}.stride(0), {name}.stride(1)) if {name} is not None "
-                         "else (0, 0)")
-        opt.append(f"    extra['HAS_{key.upper()}'] = {name} is not None")
+    opt, flags = optional_term_lines(plan, "opt_args", "out", "_time_contiguous({name})")
+    opt += [f"    extra['{flag}'] = {name} is not None" for flag, name in flags]
+    z_strides = next((f"({name}.stride(0), {name}.stride(1)) if {name} is not None else (0, 0)"
+                      for _, name in flags if table[name].role is Role.INPUT), "()")
     opt.append(f"    z_strides = {z_strides}")
     return COMBINE + LAUNCHER.format(
         N=f.dims.state, cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL, sel=selective,

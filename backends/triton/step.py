@@ -23,7 +23,7 @@ from ssmc.plan import plan_limits
 
 from . import codegen
 from .codegen import Lines, as_text, cadd, cmul
-from .scan_launcher import optional_inputs
+from .scan_launcher import optional_inputs, optional_term_lines
 
 WHAT = "decode step (state update)"
 
@@ -127,6 +127,11 @@ def _optional_ptrs(plan: KernelPlan) -> List[str]:
     return [ptr for ptr, _ in optional_inputs(plan)]
 
 
+def _optional_flags(plan: KernelPlan) -> List[str]:
+    """The constexpr saying, for each optional input, whether the call passed it."""
+    return [f"{flag}: tl.constexpr" for _, flag in optional_inputs(plan)]
+
+
 def _barrier_if_replicated(o: Lines, replicated: bool):
     """Between the state's load and its in-place store when the tile is replicated."""
     if replicated:
@@ -172,8 +177,7 @@ def _scalar_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
         "stride_s_b", "stride_s_h", "stride_s_p", "stride_x_b", "stride_x_h",
         "stride_dt_b", "stride_A_b", "stride_B_b", "stride_B_g", "stride_C_b", "stride_C_g",
         "stride_z_b", "stride_z_h", "stride_y_b", "stride_y_h"),
-               "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
-               "HAS_DT_BIAS: tl.constexpr", "HAS_SLOTS: tl.constexpr"]
+               "BLOCK_R: tl.constexpr", *_optional_flags(plan), "HAS_SLOTS: tl.constexpr"]
     o.jit_def(name, params)
     o("pid_r = tl.program_id(0)", "head = tl.program_id(1)",
       "bat = tl.program_id(2).to(tl.int64)")
@@ -239,8 +243,7 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
         "n_channels", "cpg_B", "cpg_C", "stride_s_b", "stride_s_d",
         "stride_s_n", "stride_x_b", "stride_dt_b", "stride_A_b", "stride_B_b",
         "stride_B_g", "stride_C_b", "stride_C_g", "stride_z_b", "stride_y_b"),
-               "BLOCK_R: tl.constexpr", "HAS_D: tl.constexpr", "HAS_Z: tl.constexpr",
-               "HAS_DT_BIAS: tl.constexpr", "HAS_SLOTS: tl.constexpr"]
+               "BLOCK_R: tl.constexpr", *_optional_flags(plan), "HAS_SLOTS: tl.constexpr"]
     o.jit_def(name, params)
     o("pid_r = tl.program_id(0)", "bat = tl.program_id(1).to(tl.int64)")
     _slot(o)
@@ -342,8 +345,7 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_ind
         ss[0], ss[1], ss[2], xs[0], xs[1], dt.stride(0) if dt.dim() == 2 else 0,
         A.stride(0) if A.dim() == 2 else 0, bs[0] if B.dim() == 3 else 0, bs[-2],
         cs[0] if C.dim() == 3 else 0, cs[-2], zs[0], zs[1], *y.stride()[:2],
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
         HAS_SLOTS=state_batch_indices is not None)
     return y, None
 '''
@@ -400,8 +402,7 @@ def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_ind
         d, max(d // groups[0], 1), max(d // groups[1], 1),
         *s_strides, x.stride(0), dt.stride(0) if dt.dim() == 2 else 0,
         (A.stride(0) // (2 if COMPLEX else 1)) if {sel_A} else 0, *bstr, *zs, y.stride(0),
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"], HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
         HAS_SLOTS=state_batch_indices is not None)
     return y, None
 '''
@@ -412,23 +413,18 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     replicated = tile_replicated(plan, config)
     f = plan.family
     kname = f"ssmc_step_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
-    opt = []
-    if f.D:
-        opt.append("    opt.append(_param(D, False) if D is not None else y)")
-    if f.gate:
-        opt.append("    z = z if z is None or z.stride(-1) == 1 else z.contiguous()")
-        opt.append("    opt.append(z if z is not None else y)")
-    if f.delta.bias:
-        opt.append("    opt.append(_param(dt_bias, False) if dt_bias is not None else y)")
+    opt, flags = optional_term_lines(plan, "opt", "y",
+                                     "{name} if {name}.stride(-1) == 1 else {name}.contiguous()")
+    flags = "".join(f"\n        {flag}={name} is not None," for flag, name in flags)
     if _is_scalar(plan):
         body = _scalar_kernel(plan, kname, replicated)
         launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
                                           sel_B=f.B.selective, sel_C=f.C.selective,
-                                          opt="\n".join(opt))
+                                          opt="\n".join(opt), flags=flags)
     else:
         body = _diagonal_kernel(plan, kname, replicated)
         launcher = DIAGONAL_LAUNCHER.format(
             config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
-            sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt),
+            sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt), flags=flags,
             cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL)
     return codegen.module_source(plan, config, WHAT, body + launcher, notes)
