@@ -33,6 +33,11 @@ class _ProblemBase:
     and ``wants_final_state``.
     """
     family: SSMFamily
+    # The call's shape signature (ssmc.signature): equal for two calls whose tensors have the
+    # same shapes, strides, dtypes and devices and whose other arguments are equal, None when
+    # validity depends on values. What a backend derives from shapes alone (a launch's grid
+    # and layout) it may keep by this key. Not a field: bind sets it.
+    signature = None
 
     heads = property(lambda self: self.family.dims.heads)
     head_dim = property(lambda self: self.family.dims.head_dim)

@@ -320,54 +320,51 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     """
     conv = Convention(convention)
     values = collect(conv, args, kwargs)
-    key = _shape_signature(family, conv, values)
+    key = _shape_signature(conv, values)
+    replays = _REPLAYS.get(id(family))
+    if replays is None or replays[0] is not family:
+        # Keyed by the family object (its value hash walks sympy trees); the entry holds the
+        # family so that its id is not reused while the entry lives.
+        replays = _REPLAYS[id(family)] = (family, {})
     try:
-        replay = _REPLAYS.get(key) if key is not None else None
+        replay = replays[1].get(key) if key is not None else None
     except TypeError:           # an argument that cannot be hashed: check the call
         key = replay = None
     if replay is not None:
-        return replay(values)
+        return replay(values, key)
     problem, replay = _bind(family, conv, values)
     if key is not None and replay is not None:
-        if len(_REPLAYS) >= _REPLAY_LIMIT:
-            _REPLAYS.clear()
-        _REPLAYS[key] = replay
+        object.__setattr__(problem, "signature", key)
+        if len(replays[1]) >= _REPLAY_LIMIT:
+            replays[1].clear()
+        replays[1][key] = replay
     return problem
 
 
-_REPLAYS: Dict[tuple, object] = {}
+_REPLAYS: Dict[int, tuple] = {}
 _REPLAY_LIMIT = 4096
 
 
-def _shape_signature(family, conv, values) -> Optional[tuple]:
+def _shape_signature(conv, values) -> Optional[tuple]:
     """What a call's validity depends on, when it does not depend on tensor values; None when
     it may (index tensors are checked by value). Other arguments enter as they are: one that
     cannot be hashed (a list) makes the lookup fail, and the call is checked."""
     if values.get("cu_seqlens") is not None or values.get("seq_idx") is not None:
         return None
-    tensor = torch.Tensor
     dt_limit = values.get("dt_limit")
     if dt_limit is not None and not isinstance(dt_limit, tuple):
         return None             # a list or a tensor: its values are what is checked
-    # Non-tensors with their type: 1.0 == True hashes alike, and bind refuses the float.
-    return (_Identity(family), conv) + tuple(
-        (name, v.shape, v.stride(), v.dtype, v.device) if isinstance(v, tensor)
-        else (name, type(v), v) for name, v in values.items())
-
-
-class _Identity:
-    """A family as a cache key by identity: an equal family from another spec is another
-    object, and the kernels a CompiledKernel keeps are found by the object it was given."""
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _Identity) and other.obj is self.obj
+    # One flat tuple, built in a loop: this runs on every decode step. Each entry is a name
+    # then (shape, strides, dtype, device) for a tensor or (type, value) otherwise, with the
+    # type because 1.0 == True hashes alike and bind refuses the float.
+    tensor = torch.Tensor
+    key = [conv]
+    for name, v in values.items():
+        if isinstance(v, tensor):
+            key += (name, v.shape, v.stride(), v.dtype, v.device)
+        else:
+            key += (name, type(v), v)
+    return tuple(key)
 
 
 def _contiguous(shape, stride) -> bool:
@@ -400,7 +397,7 @@ def _replayer(fields: dict, values: dict, steps: Dict[str, tuple], conv: Convent
             other.append((name, step))
     new = object.__new__
 
-    def replay(values):
+    def replay(values, signature):
         tensors = {name: values[name] for name in whole}
         for name, shape, stride in views:
             t = values[name]
@@ -414,6 +411,7 @@ def _replayer(fields: dict, values: dict, steps: Dict[str, tuple], conv: Convent
         problem = new(cls)
         problem.__dict__.update(static)
         problem.__dict__.update(tensors)
+        problem.__dict__["signature"] = signature
         return problem
     return replay
 

@@ -147,22 +147,26 @@ def test_a_whole_d_of_shape_h_p(target, conv, seed):
     assert rel_err(y.cpu(), expected) <= TOL["float32"]
 
 
+@pytest.mark.parametrize("which", sorted(STEP_FAMILIES))
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
-def test_a_repeated_call_is_replayed_with_the_new_values(target, seed):
-    """The second call of a shape signature skips the checks, not the work: fresh values give
-    fresh results, and a call that differs in shape is checked again."""
-    oracle, kernel = _kernels(target, "Mamba2Decode")
+def test_a_repeated_call_is_replayed_with_the_new_values(target, which, seed):
+    """The second call of a shape signature skips the checks and reuses the launch (the Triton
+    step keeps one per signature), not the work: fresh values give fresh results, calls of
+    another shape interleaved with it get their own, and a call that differs in shape is
+    checked again."""
+    family, sizes = STEP_FAMILIES[which]
+    oracle, kernel = _kernels(target, family)
     oracle, kernel = oracle.step, kernel.step
     device = target_device(target)
-    for k in range(3):
-        inputs = oracle.example_inputs(batch=3, seed=seed + k)
+    for k, batch in enumerate((3, 5, 3, 5, 3)):
+        inputs = oracle.example_inputs(batch=batch, seed=seed + k, **sizes)
         expected_state = inputs["state"].clone()
         y64 = oracle(**dict(inputs, state=expected_state))
         call = _on(device, inputs)
         y = kernel(**call)
         assert rel_err(y.cpu(), y64) <= TOL["float32"], f"call {k}"
         assert rel_err(call["state"].cpu(), expected_state) <= 4 * TOL["float32"]
-    bad = _on(device, oracle.example_inputs(batch=3, seed=seed))
+    bad = _on(device, oracle.example_inputs(batch=3, seed=seed, **sizes))
     bad["x"] = bad["x"][:2]
     with pytest.raises(ssmc.CallError, match="'x'|'state'"):
         kernel(**bad)

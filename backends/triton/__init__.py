@@ -16,6 +16,8 @@ imports it from an entry of the artifact cache it is given (``codegen.load_modul
 from __future__ import annotations
 
 import importlib
+import inspect
+import operator
 import os
 from typing import Callable, List, Optional
 
@@ -136,10 +138,31 @@ def build(plan: KernelPlan, config: dict, cache) -> Callable:
         return _chunked().build_chunked(plan, _generator_config(config), cache, _arch_note(config))
     module = codegen.load_module(lower(plan, config), cache, stem=f"ssmc_{plan.algorithm.value}")
     fields = forward_arguments(plan)
+    launcher = getattr(module, "launcher", None)
+    if launcher is None:
+        def kernel(problem):
+            return module.forward(**{name: getattr(problem, name, None) for name in fields})
+    else:
+        # A module with a launcher: its launch is a function of the shape signature, kept
+        # per signature (a decode step's host time is spent per call). Both take the
+        # problem's fields positionally, in the launcher's order.
+        names = [p.name for p in inspect.signature(launcher).parameters.values()
+                 if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "out"]
+        assert set(fields) <= set(names), (fields, names)
+        arguments = operator.attrgetter(*names)
+        launches: dict = {}
 
-    def kernel(problem):
-        kwargs = {name: getattr(problem, name, None) for name in fields}
-        return module.forward(**kwargs)
+        def kernel(problem):
+            args = arguments(problem)
+            key = problem.signature
+            launch = launches.get(key) if key is not None else None
+            if launch is None:
+                launch = launcher(*args)
+                if key is not None:
+                    if len(launches) >= 1024:
+                        launches.clear()
+                    launches[key] = launch
+            return launch(*args)
 
     kernel.module = module
     kernel.plan = plan

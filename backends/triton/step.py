@@ -312,42 +312,63 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
     return o.text()
 
 
+# A launcher module: ``forward`` is ``launcher(...)(...)``. ``launcher`` does the work that
+# depends only on shapes, strides and dtypes (the grid, the kernel's layout constants, which
+# tensors need a copy) and returns ``launch``, which converts and launches; ssmc keeps one
+# ``launch`` per shape signature of a call (ssmc.signature), so a decode step pays only that.
 SCALAR_LAUNCHER = '''
 CONFIG = {config!r}
 
 
+def _inputs(x, A, dt, B, C):
+    \"\"\"The required inputs as the kernel reads them.\"\"\"
+    return (x if x.stride(-1) == 1 else x.contiguous(), A.contiguous(), dt.contiguous(),
+            B.contiguous() if {sel_B} else _param(B, False),
+            C.contiguous() if {sel_C} else _param(C, False))
+
+
 def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
             pad_slot_id=-1, out=None, **_):
-    """{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None).
+    \"\"\"{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None).
     With state_batch_indices (b,), state is a pool (slots, h, p, n) and row i updates slot
     state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
-    and its y is zero."""
+    and its y is zero.\"\"\"
+    return launcher(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out=out)(
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, out)
+
+
+def launcher(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+             pad_slot_id=-1, out=None, **_):
+    \"\"\"The ``launch`` of every call whose tensors have these shapes, strides and dtypes.\"\"\"
     slots, heads, head_dim, n = state.shape
     batch = x.shape[0]
     ss = state.stride()
     assert ss[-1] == 1, "state must be contiguous along n"
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    A = A.contiguous()
-    dt = dt.contiguous()
-    B = B.contiguous() if {sel_B} else _param(B, False)
-    C = C.contiguous() if {sel_C} else _param(C, False)
-    bs, cs = B.stride(), C.stride()
-    y = out if out is not None else torch.empty((batch, heads, head_dim), device=x.device,
-                                                dtype=x.dtype)
+    x, A, dt, B, C = _inputs(x, A, dt, B, C)
+    bs, cs, xs = B.stride(), C.stride(), x.stride()
+    y_shape = (batch, heads, head_dim)
+    y = out if out is not None else torch.empty(y_shape, device=x.device, dtype=x.dtype)
     opt = []
 {opt}
     zs = z.stride() if z is not None else (0, 0)
-    slots_ptr = state_batch_indices if state_batch_indices is not None else y
-    xs = x.stride()
-    {kernel}[(triton.cdiv(head_dim, CONFIG["block_r"]), heads, batch)](
-        state, x, dt, A, B, C, *opt, y, slots_ptr, slots, pad_slot_id,
-        head_dim, max(heads // B.shape[-2], 1), max(heads // C.shape[-2], 1),
-        ss[0], ss[1], ss[2], xs[0], xs[1], dt.stride(0) if dt.dim() == 2 else 0,
-        A.stride(0) if A.dim() == 2 else 0, bs[0] if B.dim() == 3 else 0, bs[-2],
-        cs[0] if C.dim() == 3 else 0, cs[-2], zs[0], zs[1], *y.stride()[:2],
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
-        HAS_SLOTS=state_batch_indices is not None)
-    return y, None
+    layout = (head_dim, max(heads // B.shape[-2], 1), max(heads // C.shape[-2], 1),
+              ss[0], ss[1], ss[2], xs[0], xs[1], dt.stride(0) if dt.dim() == 2 else 0,
+              A.stride(0) if A.dim() == 2 else 0, bs[0] if B.dim() == 3 else 0, bs[-2],
+              cs[0] if C.dim() == 3 else 0, cs[-2], zs[0], zs[1], *y.stride()[:2])
+    flags = dict(BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
+                 HAS_SLOTS=state_batch_indices is not None)
+    run = {kernel}[(-(-head_dim // CONFIG["block_r"]), heads, batch)]
+
+    def launch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+               pad_slot_id=-1, out=None):
+        x, A, dt, B, C = _inputs(x, A, dt, B, C)
+        y = out if out is not None else torch.empty(y_shape, device=x.device, dtype=x.dtype)
+        opt = []
+{launch_opt}
+        slots_ptr = state_batch_indices if state_batch_indices is not None else y
+        run(state, x, dt, A, B, C, *opt, y, slots_ptr, slots, pad_slot_id, *layout, **flags)
+        return y, None
+    return launch
 '''
 
 DIAGONAL_LAUNCHER = '''
@@ -356,55 +377,70 @@ COMPLEX = {cplx}
 
 
 def _real(t, selective):
-    """Parameters as the kernel reads them (per-token ones keep their dtype)."""
+    \"\"\"Parameters as the kernel reads them (per-token ones keep their dtype).\"\"\"
     return t.contiguous() if selective and not COMPLEX else _param(t, COMPLEX)
 
 
-def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
-            pad_slot_id=-1, out=None, **_):
-    """{name}: one decode step; updates state (b, d, n) in place, returns (y, None).
-    With state_batch_indices (b,), state is a pool (slots, d, n) and row i updates slot
-    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
-    and its y is zero."""
-    slots, d, n = state.shape
-    batch = x.shape[0]
-    if COMPLEX:
-        assert state.is_complex() and state.stride(-1) == 1, "state: complex, contiguous along n"
-        s = torch.view_as_real(state)
-        s_strides = s.stride()[:3]
-    else:
-        assert state.stride(-1) == 1, "state must be contiguous along n"
-        s = state
-        s_strides = (s.stride(0), s.stride(1), 1)
-    x = x.contiguous()
-    dt = dt.contiguous()
-    A = _real(A, {sel_A})
-    groups = []
+def _inputs(state, x, dt, A, B, C):
+    \"\"\"The state and the required inputs as the kernel reads them: complex as real pairs,
+    B and C with a group dim.\"\"\"
     bc = []
     for t, selective in ((B, {sel_B}), (C, {sel_C})):
         if t.dim() == 2 and selective:
             t = t.unsqueeze(1)
-        t = _real(t, selective)
-        bc.append(t)
-        groups.append(t.shape[-3 if COMPLEX else -2])
-    y = out if out is not None else torch.empty((batch, d), device=x.device, dtype=x.dtype)
+        bc.append(_real(t, selective))
+    s = torch.view_as_real(state) if COMPLEX else state
+    return s, x.contiguous(), dt.contiguous(), _real(A, {sel_A}), bc[0], bc[1]
+
+
+def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+            pad_slot_id=-1, out=None, **_):
+    \"\"\"{name}: one decode step; updates state (b, d, n) in place, returns (y, None).
+    With state_batch_indices (b,), state is a pool (slots, d, n) and row i updates slot
+    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
+    and its y is zero.\"\"\"
+    return launcher(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out=out)(
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, out)
+
+
+def launcher(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+             pad_slot_id=-1, out=None, **_):
+    \"\"\"The ``launch`` of every call whose tensors have these shapes, strides and dtypes.\"\"\"
+    slots, d, n = state.shape
+    batch = x.shape[0]
+    if COMPLEX:
+        assert state.is_complex() and state.stride(-1) == 1, "state: complex, contiguous along n"
+    else:
+        assert state.stride(-1) == 1, "state must be contiguous along n"
+    s, x, dt, A, b, c = _inputs(state, x, dt, A, B, C)
+    s_strides = s.stride()[:3] if COMPLEX else (s.stride(0), s.stride(1), 1)
+    groups = [t.shape[-3 if COMPLEX else -2] for t in (b, c)]
+    y_shape = (batch, d)
+    y = out if out is not None else torch.empty(y_shape, device=x.device, dtype=x.dtype)
     opt = []
 {opt}
     zs = (z.stride(0),) if z is not None else (0,)
-    sel = ({sel_B}, {sel_C})
+    per = 2 if COMPLEX else 1
     bstr = []
-    for t, selective in zip(bc, sel):
-        per = 2 if COMPLEX else 1
+    for t, selective in ((b, {sel_B}), (c, {sel_C})):
         bstr += [t.stride(0) // per if selective else 0, t.stride(1) // per if selective else 0]
-    slots_ptr = state_batch_indices if state_batch_indices is not None else y
-    {kernel}[(triton.cdiv(d, CONFIG["block_r"]), batch)](
-        s, x, dt, A, bc[0], bc[1], *opt, y, slots_ptr, slots, pad_slot_id,
-        d, max(d // groups[0], 1), max(d // groups[1], 1),
-        *s_strides, x.stride(0), dt.stride(0) if dt.dim() == 2 else 0,
-        (A.stride(0) // (2 if COMPLEX else 1)) if {sel_A} else 0, *bstr, *zs, y.stride(0),
-        BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
-        HAS_SLOTS=state_batch_indices is not None)
-    return y, None
+    layout = (d, max(d // groups[0], 1), max(d // groups[1], 1),
+              *s_strides, x.stride(0), dt.stride(0) if dt.dim() == 2 else 0,
+              (A.stride(0) // per) if {sel_A} else 0, *bstr, *zs, y.stride(0))
+    flags = dict(BLOCK_R=CONFIG["block_r"], num_warps=CONFIG["num_warps"],{flags}
+                 HAS_SLOTS=state_batch_indices is not None)
+    run = {kernel}[(-(-d // CONFIG["block_r"]), batch)]
+
+    def launch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+               pad_slot_id=-1, out=None):
+        s, x, dt, A, b, c = _inputs(state, x, dt, A, B, C)
+        y = out if out is not None else torch.empty(y_shape, device=x.device, dtype=x.dtype)
+        opt = []
+{launch_opt}
+        slots_ptr = state_batch_indices if state_batch_indices is not None else y
+        run(s, x, dt, A, b, c, *opt, y, slots_ptr, slots, pad_slot_id, *layout, **flags)
+        return y, None
+    return launch
 '''
 
 
@@ -415,16 +451,19 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     kname = f"ssmc_step_{''.join(ch if ch.isalnum() else '_' for ch in f.name)}"
     opt, flags = optional_term_lines(plan, "opt", "y",
                                      "{name} if {name}.stride(-1) == 1 else {name}.contiguous()")
-    flags = "".join(f"\n        {flag}={name} is not None," for flag, name in flags)
+    flags = "".join(f"\n                 {flag}={name} is not None," for flag, name in flags)
+    launch_opt = "\n".join("    " + line for line in opt)
     if _is_scalar(plan):
         body = _scalar_kernel(plan, kname, replicated)
         launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
                                           sel_B=f.B.selective, sel_C=f.C.selective,
-                                          opt="\n".join(opt), flags=flags)
+                                          opt="\n".join(opt), launch_opt=launch_opt,
+                                          flags=flags)
     else:
         body = _diagonal_kernel(plan, kname, replicated)
         launcher = DIAGONAL_LAUNCHER.format(
             config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
             sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt), flags=flags,
+            launch_opt=launch_opt,
             cplx=f.A.structure is AStructure.COMPLEX_DIAGONAL)
     return codegen.module_source(plan, config, WHAT, body + launcher, notes)
