@@ -25,7 +25,7 @@ from sympy.codegen.cfunctions import expm1
 
 from .errors import TargetError
 from .functions import Clamp, Softplus
-from .ir import AStructure, DeltaSpec, Discretized, Method, SSMFamily
+from .ir import AStructure, DeltaSpec, Derivatives, Discretized, Method, SSMFamily
 from .printers import cse_print, stable_form
 
 # dt > 0 is Delta after softplus/bias/clamp. Real a is negative; complex a is declared complex,
@@ -354,6 +354,17 @@ def derive_matrix(method: Method) -> Tuple[object, object, object]:
 
 
 # --------------------------------------------------------------------------------------------
+# Derivatives (what the backward kernels print)
+
+@lru_cache(maxsize=None)
+def derive_derivatives(abar, bbar, bbar_prev, a, delta) -> Derivatives:
+    """∂/∂Δ and ∂/∂a of Ā, B̄, B̄₋ and ∂Δ/∂dt_raw, by sympy from the forward's expressions
+    (``ssmc.ir.Derivatives``). Simplified, so that e.g. ∂exp(aΔ)/∂Δ prints as a·Ā's exp."""
+    d = [sp.simplify(sp.diff(e, v)) for e in (abar, bbar, bbar_prev) for v in (DT, a)]
+    return Derivatives(*d, delta_raw=sp.diff(delta, DT_RAW))
+
+
+# --------------------------------------------------------------------------------------------
 # The pass
 
 def discretize(family: SSMFamily) -> Discretized:
@@ -368,7 +379,12 @@ def discretize(family: SSMFamily) -> Discretized:
         d = Discretized(family.method, st, DT, A_MATRIX, abar, bbar, bbar_prev)
     else:
         raise ValueError(f"unknown A structure {st}")
-    return dataclasses.replace(d, delta=delta_map(family.delta), dt_raw=DT_RAW, dt_bias=DT_BIAS)
+    delta = delta_map(family.delta)
+    derivatives = None
+    if st in (AStructure.SCALAR, AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
+        derivatives = derive_derivatives(d.abar, d.bbar, d.bbar_prev, d.a, delta)
+    return dataclasses.replace(d, delta=delta, dt_raw=DT_RAW, dt_bias=DT_BIAS,
+                               derivatives=derivatives)
 
 
 def is_matrix(disc: Discretized) -> bool:

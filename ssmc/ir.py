@@ -335,6 +335,30 @@ class Discretized:
     log_decay: object = None
     prev_input: object = None
     split: object = None
+    derivatives: Optional[Derivatives] = None
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """The partial derivatives a backward kernel prints, as sympy expressions (elementwise A),
+    differentiated once by the discretize pass from the very expressions the forward prints:
+    ``abar_dt`` = ∂Ā/∂Δ, ``abar_a`` = ∂Ā/∂a, the same for ``bbar`` and ``bbar_prev``, and
+    ``delta_raw`` = ∂Δ/∂dt_raw (= ∂Δ/∂dt_bias: the bias is added to dt_raw), with softplus'
+    and the clamp's indicator.
+
+    The adjoint recurrence they enter (per state element, λ_t = ∂L/∂h_t):
+        λ_t = C_t dy_t + Ā_{t+1} λ_{t+1}
+        ∂L/∂Δ_t += λ_t (∂Ā/∂Δ h_{t-1} + ∂B̄/∂Δ B_t x_t [+ ∂B̄₋/∂Δ B_{t-1} x_{t-1}])
+        ∂L/∂a   += λ_t (∂Ā/∂a h_{t-1} + ∂B̄/∂a B_t x_t [+ ∂B̄₋/∂a B_{t-1} x_{t-1}])
+        ∂L/∂B_t += λ_t B̄_t x_t,   ∂L/∂x_t += Σ_n λ_t B̄_t B_t [+ the next token's B̄₋ term]
+    """
+    abar_dt: object
+    abar_a: object
+    bbar_dt: object
+    bbar_a: object
+    bbar_prev_dt: object
+    bbar_prev_a: object
+    delta_raw: object = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ssmc.plan import chunk_size_of, plan_limits
 from ssmc.signature import COMPLEX_OF, TORCH_DTYPE, StateUpdateProblem
 
 from . import layout
-from .codegen import generate
+from .codegen import MATRIX_STRUCTURES, generate
 
 NAME = "reference"
 # Every family, in float64 whatever the spec's dtypes; tensors on any device (moved to the CPU
@@ -119,10 +119,29 @@ def run_float64(problem):
     return _kernel_for(problem.family).run_float64(problem)
 
 
+@functools.lru_cache(maxsize=64)
+def _differentiable_recurrence(family: SSMFamily):
+    plan = plan_for(family)
+    if plan.family.A.structure in MATRIX_STRUCTURES:
+        raise CallError(f"the gradient oracle covers elementwise A (scalar, diagonal, complex "
+                        f"diagonal); {family.name}'s A is {family.A.structure.value}")
+    source = header(plan, {}, "reference") + generate(plan, {}, "torch")
+    return _load(plan, source)["recurrence"]
+
+
+def run_float64_differentiable(problem):
+    """The gradient oracle: float64 (complex128) y and final state as torch tensors on the
+    CPU, in autograd's graph of the problem's tensors. The same recurrence as ``run_float64``,
+    printed in the torch dialect; ``torch.autograd.grad`` through it is the reference every
+    generated backward kernel is checked against (tests/test_gradients.py checks it with
+    gradcheck and finite differences)."""
+    return layout.run(_differentiable_recurrence(problem.family), problem, layout.Arrays.TORCH)
+
+
 def reference(problem):
     """The oracle as a kernel: (y in the input dtype, final state fp32 or None)."""
     return _kernel_for(problem.family)(problem)
 
 
 __all__ = ["supports", "default_config", "candidates", "lower", "build", "write_artifact",
-           "run_float64", "reference", "plan_for", "NAME"]
+           "run_float64", "run_float64_differentiable", "reference", "plan_for", "NAME"]

@@ -19,26 +19,37 @@ from ssmc.printers import print_expr
 
 MATRIX_STRUCTURES = (AStructure.DENSE, AStructure.DPLR)
 _NAMES = {"dt": "dt", "a": "a"}
+# The two prints of the oracle: numpy (every forward kernel's oracle) and float64 torch (the
+# gradient oracle: torch autograd differentiates this same recurrence). Only these spellings
+# differ; the math lines come from the printers' dialect of the same name.
+_LIBRARY = {
+    "numpy": dict(imports="import numpy as np", float64="np.array(h0, dtype=np.float64)",
+                  complex128="np.array(h0, dtype=np.complex128)", stack="np.stack",
+                  exp="np.exp", einsum="np.einsum"),
+    "torch": dict(imports="import torch", float64="h0.to(torch.float64)",
+                  complex128="h0.to(torch.complex128)", stack="torch.stack",
+                  exp="torch.exp", einsum="torch.einsum"),
+}
 
 
 def _disc(plan: KernelPlan):
     return plan.disc if plan.disc is not None else _discretize_pass.discretize(plan.family)
 
 
-def _coefficient_function(name: str, disc, doc: str) -> str:
+def _coefficient_function(name: str, disc, doc: str, dialect: str) -> str:
     lines = [f"def {name}(dt, a):", f'    """{doc}"""']
     for field in ("abar", "bbar", "bbar_prev"):
-        lines.append(f"    {field} = {print_expr(getattr(disc, field), 'numpy', _NAMES)}")
+        lines.append(f"    {field} = {print_expr(getattr(disc, field), dialect, _NAMES)}")
     lines.append("    return abar, bbar, bbar_prev")
     return "\n".join(lines)
 
 
-def _discretize_source(plan: KernelPlan) -> str:
+def _discretize_source(plan: KernelPlan, dialect: str) -> str:
     disc = _disc(plan)
     if disc.structure not in MATRIX_STRUCTURES:
         return _coefficient_function(
             "discretize", disc, "Abar, Bbar, Bbar_prev of elements a of A over steps dt "
-                                "(printed from ssmc.discretize).")
+                                "(printed from ssmc.discretize).", dialect)
     # Matrix functions (expm, solves) have no one-line numpy print: the pass evaluates them.
     return textwrap.dedent(f'''\
         DISC = None  # the plan's Discretized (matrix expressions); build() sets it
@@ -54,20 +65,20 @@ def _discretize_source(plan: KernelPlan) -> str:
             return evaluate(DISC, dt, a)''')
 
 
-def _delta_source(plan: KernelPlan) -> str:
+def _delta_source(plan: KernelPlan, dialect: str) -> str:
     disc = _disc(plan)
     names = {disc.dt_raw.name: "dt", disc.dt_bias.name: "dt_bias"}
     lines = ["def delta_of(dt, dt_bias):",
              '    """Δ from the raw dt (the spec\'s bias, softplus, clamp), printed from the Δ map',
              f'    {disc.delta} of ssmc.discretize."""']
     if plan.family.delta.bias:
-        plain = print_expr(_discretize_pass.without_bias(disc.delta), "numpy", names)
+        plain = print_expr(_discretize_pass.without_bias(disc.delta), dialect, names)
         lines += ["    if dt_bias is None:", f"        return {plain}"]
-    lines.append(f"    return {print_expr(disc.delta, 'numpy', names)}")
+    lines.append(f"    return {print_expr(disc.delta, dialect, names)}")
     return "\n".join(lines)
 
 
-def _recurrence_source(plan: KernelPlan) -> str:
+def _recurrence_source(plan: KernelPlan, lib: dict) -> str:
     fam = plan.family
     matrix = fam.A.structure in MATRIX_STRUCTURES
     complex_state = fam.A.structure is AStructure.COMPLEX_DIAGONAL
@@ -84,8 +95,8 @@ def _recurrence_source(plan: KernelPlan) -> str:
     ]
     # Coefficients per token (memory O(R c n), not O(L R c n)); once when nothing varies in time.
     dt_axes = "" if matrix else "[..., None]"
-    out += [f"    h = np.array(h0, dtype=np.{'complex128' if complex_state else 'float64'})",
-            "    y = np.zeros(x.shape)",
+    out += [f"    h = {lib['complex128' if complex_state else 'float64']}",
+            "    y = []",
             "    time_invariant = delta.shape[0] == 1 and a.shape[0] == 1",
             "    if time_invariant:",
             f"        abar, bbar, bbar_prev = discretize(delta[0]{dt_axes}, a[0])"]
@@ -103,13 +114,14 @@ def _recurrence_source(plan: KernelPlan) -> str:
     if trapezoid:
         out.append("        bx_prev = bx")
     if complex_state:
-        out.append("        y[t] = 2.0 * (at(C, t) * h).sum(-1).real  # conjugate pairs")
+        out.append("        y.append(2.0 * (at(C, t) * h).sum(-1).real)  # conjugate pairs")
     else:
-        out.append("        y[t] = (at(C, t) * h).sum(-1)")
+        out.append("        y.append((at(C, t) * h).sum(-1))")
+    out.append(f"    y = {lib['stack']}(y) if y else 0.0 * x")
     if fam.D is not None:
         out.append("    y = y + D * x")
     if fam.gate is not None:
-        out.append("    y = y * (z / (1.0 + np.exp(-z)))  # silu(z)")
+        out.append(f"    y = y * (z / (1.0 + {lib['exp']}(-z)))  # silu(z)")
     out.append("    return y, h")
     return "\n".join(out)
 
@@ -121,7 +133,7 @@ def at(v, t):
 
 
 def mv(m, v):
-    return np.einsum("...ij,...j->...i", m, v)'''
+    return {einsum}("...ij,...j->...i", m, v)'''
 
 
 def _has_previous_input(plan: KernelPlan) -> bool:
@@ -129,21 +141,24 @@ def _has_previous_input(plan: KernelPlan) -> bool:
     return not (getattr(bbar_prev, "is_zero", False) or getattr(bbar_prev, "is_ZeroMatrix", False))
 
 
-def generate(plan: KernelPlan, config: dict) -> str:
-    """The oracle's numpy module for ``plan`` (see the module docstring)."""
+def generate(plan: KernelPlan, config: dict, dialect: str = "numpy") -> str:
+    """The oracle's module for ``plan`` (see the module docstring), in numpy or, for the
+    gradient oracle, in float64 torch."""
     fam = plan.family
+    lib = _LIBRARY[dialect]
     selective = [n for n, s in (("delta", fam.delta), ("A", fam.A), ("B", fam.B), ("C", fam.C))
                  if s.selective] or ["none (LTI)"]
-    imports = "import numpy as np"
+    imports = lib["imports"]
     if fam.A.structure in MATRIX_STRUCTURES:
         imports += "\n\nfrom ssmc.discretize import evaluate"
-    body = "\n\n\n".join([imports, _delta_source(plan), _discretize_source(plan),
-                          _recurrence_source(plan), _HELPERS]) + "\n"
+    body = "\n\n\n".join([imports, _delta_source(plan, dialect), _discretize_source(plan, dialect),
+                          _recurrence_source(plan, lib), _HELPERS.format(**lib)]) + "\n"
     d = fam.dims
     dims = (f"{d.heads} heads x {d.head_dim} head_dim" if fam.A.structure is AStructure.SCALAR
             else f"{d.d_inner} channels" + (f", rank {d.rank}" if d.rank else ""))
     digest = hashlib.sha256(body.encode()).hexdigest()[:12]
-    header = (f'"""ssmc reference oracle (float64) for family {fam.name}.\n\n'
+    what = "float64, torch: the gradient oracle" if dialect == "torch" else "float64"
+    header = (f'"""ssmc reference oracle ({what}) for family {fam.name}.\n\n'
               f"A {fam.A.structure.value}, discretized by {fam.method.value}; selective: "
               f"{', '.join(selective)}; D: {'yes' if fam.D else 'no'}; "
               f"gate: {fam.gate.kind if fam.gate else 'none'}.\n"

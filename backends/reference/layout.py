@@ -6,6 +6,11 @@ vector of size n: x (L, R, c), dt (L|1, R|1, c), a (L|1, R|1, c, n[, n]), B/C (L
 h0 (S, c, n). Group sharing, per-head parameters and DPLR's diag(Λ) - PᵀQ are resolved here by
 indexing, so the generated math never depends on the convention. A decode step is a scan of
 length one whose initial state is the cache.
+
+The same layout runs in numpy (the oracle of every forward kernel) or in float64 torch
+(``Arrays.TORCH``: the gradient oracle, differentiated by torch autograd through the
+generated recurrence printed in the torch dialect); an ``Arrays`` names the few calls that
+differ between the two.
 """
 from __future__ import annotations
 
@@ -25,6 +30,32 @@ def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
         return None
     t = t.detach().to("cpu")
     return t.to(torch.complex128 if t.is_complex() else torch.float64).numpy()
+
+
+def to_float64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """float64 (complex128) torch form of a tensor on the host, still in autograd's graph."""
+    if t is None:
+        return None
+    return t.to("cpu").to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """The array library the layout runs in: numpy, or float64 torch for gradients."""
+    convert: Callable
+    moveaxis: Callable
+    concatenate: Callable
+    zeros: Callable
+    eye: Callable
+    einsum: Callable
+    copy: Callable
+
+
+Arrays.NUMPY = Arrays(to_numpy, np.moveaxis, np.concatenate, np.zeros, np.eye, np.einsum,
+                      np.copy)
+Arrays.TORCH = Arrays(to_float64, torch.movedim, torch.cat,
+                      lambda shape: torch.zeros(shape, dtype=torch.float64),
+                      lambda n: torch.eye(n, dtype=torch.float64), torch.einsum, torch.clone)
 
 
 @dataclass
@@ -61,9 +92,9 @@ def as_sequence(problem):
                                 return_last_state=True, P=p.P, Q=p.Q, **common)
 
 
-def _ssd(p: SSDProblem) -> Canonical:
+def _ssd(p: SSDProblem, xp: Arrays) -> Canonical:
     fam = p.family
-    x = to_numpy(p.x)
+    x = xp.convert(p.x)
     b, l, h, hd = x.shape
     n, g = fam.dims.state, fam.dims.groups
     c = h * hd
@@ -71,86 +102,86 @@ def _ssd(p: SSDProblem) -> Canonical:
     group = (np.arange(h) // (h // g))[head]      # channel -> group (heads split evenly)
 
     def tm(a):                                    # (b, l, ...) -> (l, b, ...)
-        return np.moveaxis(a, 1, 0)
+        return xp.moveaxis(a, 1, 0)
 
     def per_token_or_head(t):                     # (b, l, h) -> (l, b, c); (h,) -> (1, 1, c)
-        a = to_numpy(t)
+        a = xp.convert(t)
         return tm(a)[..., head] if a.ndim == 3 else a[head][None, None]
 
     def bc(t, spec):
-        a = to_numpy(t)
+        a = xp.convert(t)
         if a.ndim == 4:
             return tm(a)[:, :, group, :]
         return a[group if spec.sharing is Sharing.GROUP else head][None, None]
 
-    D = to_numpy(p.D)
+    D = xp.convert(p.D)
     if D is not None:
         D = D.reshape(c) if D.ndim == 2 else D[head]
-    h0 = to_numpy(p.initial_states)
-    h0 = np.zeros((p.nseq, c, n)) if h0 is None else h0.reshape(-1, c, n)
+    h0 = xp.convert(p.initial_states)
+    h0 = xp.zeros((p.nseq, c, n)) if h0 is None else h0.reshape(-1, c, n)
     arrays = dict(x=tm(x).reshape(l, b, c), dt=per_token_or_head(p.dt),
-                  dt_bias=None if p.dt_bias is None else to_numpy(p.dt_bias)[head],
+                  dt_bias=None if p.dt_bias is None else xp.convert(p.dt_bias)[head],
                   a=per_token_or_head(p.A)[..., None], B=bc(p.B, fam.B), C=bc(p.C, fam.C),
-                  D=D, z=None if p.z is None else tm(to_numpy(p.z)).reshape(l, b, c))
+                  D=D, z=None if p.z is None else tm(xp.convert(p.z)).reshape(l, b, c))
     timed = {"x", "z"} | {k for k, s in (("dt", fam.delta), ("a", fam.A), ("B", fam.B),
                                           ("C", fam.C)) if s.selective}
     return Canonical(arrays, timed, h0,
-                     y_out=lambda y: np.moveaxis(y.reshape(l, b, h, hd), 0, 1),
+                     y_out=lambda y: xp.moveaxis(y.reshape(l, b, h, hd), 0, 1),
                      state_out=lambda s: s.reshape(-1, h, hd, n))
 
 
-def _scan(p: SelectiveScanProblem) -> Canonical:
+def _scan(p: SelectiveScanProblem, xp: Arrays) -> Canonical:
     fam = p.family
-    u = to_numpy(p.u)
+    u = xp.convert(p.u)
     b, d, l = u.shape
     n, g = fam.dims.state, fam.dims.groups
     group = np.arange(d) // (d // g)              # channel -> group
 
     def tm(a):                                    # (b, ..., l) -> (l, b, ...)
-        return np.moveaxis(a, -1, 0)
+        return xp.moveaxis(a, -1, 0)
 
     def bc(t, spec):
-        a = to_numpy(t)
+        a = xp.convert(t)
         if spec.selective:
             return tm(a)[:, :, group, :]
         return (a[group] if spec.sharing is Sharing.GROUP else a)[None, None]
 
-    a = to_numpy(p.A)
+    a = xp.convert(p.A)
     a = tm(a) if fam.A.selective else a[None, None]
     if fam.A.structure is AStructure.DPLR:
         # The full matrix diag(Λ) - Pᵀ Q per channel (P, Q: (d, r, n)).
-        low_rank = np.einsum("drn,drm->dnm", to_numpy(p.P), to_numpy(p.Q))
-        a = a[..., :, None] * np.eye(n) - low_rank
-    delta = to_numpy(p.delta)
-    h0 = to_numpy(p.initial_state)
-    h0 = np.zeros((p.nseq, d, n)) if h0 is None else h0
+        low_rank = xp.einsum("drn,drm->dnm", xp.convert(p.P), xp.convert(p.Q))
+        a = a[..., :, None] * xp.eye(n) - low_rank
+    delta = xp.convert(p.delta)
+    h0 = xp.convert(p.initial_state)
+    h0 = xp.zeros((p.nseq, d, n)) if h0 is None else h0
     arrays = dict(x=tm(u), dt=tm(delta) if fam.delta.selective else delta[None, None],
-                  dt_bias=to_numpy(p.delta_bias), a=a, B=bc(p.B, fam.B), C=bc(p.C, fam.C),
-                  D=to_numpy(p.D), z=None if p.z is None else tm(to_numpy(p.z)))
+                  dt_bias=xp.convert(p.delta_bias), a=a, B=bc(p.B, fam.B), C=bc(p.C, fam.C),
+                  D=xp.convert(p.D), z=None if p.z is None else tm(xp.convert(p.z)))
     timed = {"x", "z"} | {k for k, s in (("dt", fam.delta), ("a", fam.A), ("B", fam.B),
                                           ("C", fam.C)) if s.selective}
-    return Canonical(arrays, timed, h0, y_out=lambda y: np.moveaxis(y, 0, -1),
+    return Canonical(arrays, timed, h0, y_out=lambda y: xp.moveaxis(y, 0, -1),
                      state_out=lambda s: s)
 
 
-def canonical(problem) -> Canonical:
+def canonical(problem, xp: Arrays = Arrays.NUMPY) -> Canonical:
     """The oracle's layout of any problem (a decode step becomes a one-token sequence)."""
     p = as_sequence(problem)
-    can = _ssd(p) if p.convention is Convention.SSD else _scan(p)
+    can = _ssd(p, xp) if p.convention is Convention.SSD else _scan(p, xp)
     can.offsets = list(p.seq_offsets)
     return can
 
 
-def run(recurrence, problem):
-    """y and final states (float64 / complex128 numpy, the convention's shapes) of a problem:
-    the recurrence runs once per packed sequence, each from its own initial state."""
-    can = canonical(problem)
+def run(recurrence, problem, xp: Arrays = Arrays.NUMPY):
+    """y and final states (float64 / complex128 arrays of ``xp``, the convention's shapes) of
+    a problem: the recurrence runs once per packed sequence, each from its own initial state."""
+    can = canonical(problem, xp)
     ys, finals = [], []
     varlen = len(can.offsets) > 2 or problem.varlen
     for i, (start, end) in enumerate(zip(can.offsets[:-1], can.offsets[1:])):
         h0 = can.h0[i:i + 1] if varlen else can.h0
         if end == start:
-            finals.append(h0.copy())
+            finals.append(xp.copy(h0))
             continue
         args = {k: (v[start:end] if k in can.timed and v is not None else v)
                 for k, v in can.arrays.items()}
@@ -158,8 +189,8 @@ def run(recurrence, problem):
         ys.append(y)
         finals.append(h)
     x = can.arrays["x"]
-    y = np.concatenate(ys, axis=0) if ys else np.zeros(x.shape)
-    y, state = can.y_out(y), can.state_out(np.concatenate(finals, axis=0))
+    y = xp.concatenate(ys, 0) if ys else xp.zeros(x.shape)
+    y, state = can.y_out(y), can.state_out(xp.concatenate(finals, 0))
     if isinstance(problem, StateUpdateProblem):
         y = y[:, 0] if problem.family.A.structure is AStructure.SCALAR else y[..., 0]
     return y, state
