@@ -322,9 +322,11 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
     values = collect(conv, args, kwargs)
     key = _shape_signature(conv, values)
     replays = _REPLAYS.get(id(family))
-    if replays is None or replays[0] is not family:
+    if replays is None:
         # Keyed by the family object (its value hash walks sympy trees); the entry holds the
         # family so that its id is not reused while the entry lives.
+        if len(_REPLAYS) >= _REPLAY_LIMIT:
+            _REPLAYS.clear()
         replays = _REPLAYS[id(family)] = (family, {})
     try:
         replay = replays[1].get(key) if key is not None else None
@@ -342,7 +344,7 @@ def bind(family: SSMFamily, convention, args: Sequence = (), kwargs: Optional[di
 
 
 _REPLAYS: Dict[int, tuple] = {}
-_REPLAY_LIMIT = 4096
+_REPLAY_LIMIT = 4096            # families, and signatures per family
 
 
 def _shape_signature(conv, values) -> Optional[tuple]:

@@ -48,9 +48,10 @@ def candidates(plan: KernelPlan) -> List[dict]:
     return [{}]
 
 
-def lower(plan: KernelPlan, config: dict) -> str:
-    """The generated numpy module (readable; ``build`` runs exactly this text)."""
-    return header(plan, config, "reference") + generate(plan, config)
+def lower(plan: KernelPlan, config: dict, dialect: str = "numpy") -> str:
+    """The generated numpy module (readable; ``build`` runs exactly this text); in the torch
+    dialect, the gradient oracle's."""
+    return header(plan, config, "reference") + generate(plan, config, dialect)
 
 
 def _load(plan: KernelPlan, source: str) -> dict:
@@ -125,8 +126,7 @@ def _differentiable_recurrence(family: SSMFamily):
     if plan.family.A.structure in MATRIX_STRUCTURES:
         raise CallError(f"the gradient oracle covers elementwise A (scalar, diagonal, complex "
                         f"diagonal); {family.name}'s A is {family.A.structure.value}")
-    source = header(plan, {}, "reference") + generate(plan, {}, "torch")
-    return _load(plan, source)["recurrence"]
+    return _load(plan, lower(plan, {}, "torch"))["recurrence"]
 
 
 def run_float64_differentiable(problem):

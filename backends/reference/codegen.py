@@ -23,12 +23,10 @@ _NAMES = {"dt": "dt", "a": "a"}
 # gradient oracle: torch autograd differentiates this same recurrence). Only these spellings
 # differ; the math lines come from the printers' dialect of the same name.
 _LIBRARY = {
-    "numpy": dict(imports="import numpy as np", float64="np.array(h0, dtype=np.float64)",
-                  complex128="np.array(h0, dtype=np.complex128)", stack="np.stack",
-                  exp="np.exp", einsum="np.einsum"),
-    "torch": dict(imports="import torch", float64="h0.to(torch.float64)",
-                  complex128="h0.to(torch.complex128)", stack="torch.stack",
-                  exp="torch.exp", einsum="torch.einsum"),
+    "numpy": dict(imports="import numpy as np", initial="np.array(h0, dtype=np.{dtype})",
+                  stack="np.stack", exp="np.exp", einsum="np.einsum"),
+    "torch": dict(imports="import torch", initial="h0.to(torch.{dtype})",
+                  stack="torch.stack", exp="torch.exp", einsum="torch.einsum"),
 }
 
 
@@ -95,7 +93,8 @@ def _recurrence_source(plan: KernelPlan, lib: dict) -> str:
     ]
     # Coefficients per token (memory O(R c n), not O(L R c n)); once when nothing varies in time.
     dt_axes = "" if matrix else "[..., None]"
-    out += [f"    h = {lib['complex128' if complex_state else 'float64']}",
+    initial = lib["initial"].format(dtype="complex128" if complex_state else "float64")
+    out += [f"    h = {initial}",
             "    y = []",
             "    time_invariant = delta.shape[0] == 1 and a.shape[0] == 1",
             "    if time_invariant:",

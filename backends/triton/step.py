@@ -316,6 +316,22 @@ def _diagonal_kernel(plan: KernelPlan, name: str, replicated: bool) -> str:
 # depends only on shapes, strides and dtypes (the grid, the kernel's layout constants, which
 # tensors need a copy) and returns ``launch``, which converts and launches; ssmc keeps one
 # ``launch`` per shape signature of a call (ssmc.signature), so a decode step pays only that.
+# Both launchers' entry points: the same calling convention, the state's trailing dims aside.
+STEP_ENTRY = '''def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+            pad_slot_id=-1, out=None, **_):
+    \"\"\"{name}: one decode step; updates state (b, {dims}) in place, returns (y, None).
+    With state_batch_indices (b,), state is a pool (slots, {dims}) and row i updates slot
+    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
+    and its y is zero.\"\"\"
+    return launcher(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out=out)(
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, out)
+
+
+def launcher(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
+             pad_slot_id=-1, out=None, **_):
+    \"\"\"The ``launch`` of every call whose tensors have these shapes, strides and dtypes.\"\"\"
+'''
+
 SCALAR_LAUNCHER = '''
 CONFIG = {config!r}
 
@@ -327,20 +343,7 @@ def _inputs(x, A, dt, B, C):
             C.contiguous() if {sel_C} else _param(C, False))
 
 
-def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
-            pad_slot_id=-1, out=None, **_):
-    \"\"\"{name}: one decode step; updates state (b, h, p, n) in place, returns (y, None).
-    With state_batch_indices (b,), state is a pool (slots, h, p, n) and row i updates slot
-    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
-    and its y is zero.\"\"\"
-    return launcher(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out=out)(
-        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, out)
-
-
-def launcher(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
-             pad_slot_id=-1, out=None, **_):
-    \"\"\"The ``launch`` of every call whose tensors have these shapes, strides and dtypes.\"\"\"
-    slots, heads, head_dim, n = state.shape
+{forward}    slots, heads, head_dim, n = state.shape
     batch = x.shape[0]
     ss = state.stride()
     assert ss[-1] == 1, "state must be contiguous along n"
@@ -393,20 +396,7 @@ def _inputs(state, x, dt, A, B, C):
     return s, x.contiguous(), dt.contiguous(), _real(A, {sel_A}), bc[0], bc[1]
 
 
-def forward(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
-            pad_slot_id=-1, out=None, **_):
-    \"\"\"{name}: one decode step; updates state (b, d, n) in place, returns (y, None).
-    With state_batch_indices (b,), state is a pool (slots, d, n) and row i updates slot
-    state_batch_indices[i]; a row whose index is pad_slot_id (or outside the pool) is skipped
-    and its y is zero.\"\"\"
-    return launcher(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out=out)(
-        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, out)
-
-
-def launcher(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, state_batch_indices=None,
-             pad_slot_id=-1, out=None, **_):
-    \"\"\"The ``launch`` of every call whose tensors have these shapes, strides and dtypes.\"\"\"
-    slots, d, n = state.shape
+{forward}    slots, d, n = state.shape
     batch = x.shape[0]
     if COMPLEX:
         assert state.is_complex() and state.stride(-1) == 1, "state: complex, contiguous along n"
@@ -455,13 +445,15 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     launch_opt = "\n".join("    " + line for line in opt)
     if _is_scalar(plan):
         body = _scalar_kernel(plan, kname, replicated)
-        launcher = SCALAR_LAUNCHER.format(config=dict(config), name=f.name, kernel=kname,
+        launcher = SCALAR_LAUNCHER.format(forward=STEP_ENTRY.format(name=f.name, dims="h, p, n"),
+                                          config=dict(config), name=f.name, kernel=kname,
                                           sel_B=f.B.selective, sel_C=f.C.selective,
                                           opt="\n".join(opt), launch_opt=launch_opt,
                                           flags=flags)
     else:
         body = _diagonal_kernel(plan, kname, replicated)
         launcher = DIAGONAL_LAUNCHER.format(
+            forward=STEP_ENTRY.format(name=f.name, dims="d, n"),
             config=dict(config), name=f.name, kernel=kname, sel_A=f.A.selective,
             sel_B=f.B.selective, sel_C=f.C.selective, opt="\n".join(opt), flags=flags,
             launch_opt=launch_opt,
