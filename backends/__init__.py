@@ -7,6 +7,10 @@ A backend is a package of this folder that provides::
     default_config(plan), candidates(plan) -> configs (the autotuner times the candidates)
     lower(plan, config) -> source text    what `ssmc compile` writes and a person reads
     build(plan, config, cache) -> kernel  kernel(problem) -> (y, final_state or None)
+                                          and, where the backend generates the backward,
+                                          kernel.backward(problem, dout, dfinal) ->
+                                          {argument name: gradient}, else
+                                          kernel.backward_refusal (why not, in words)
     write_artifact(plan, config, out_dir, cache) -> the paths it wrote
 
 and optionally ``check_config(plan, config) -> reason or None`` (a config it cannot use, e.g.

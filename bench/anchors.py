@@ -25,28 +25,49 @@ SCAN_SRC = ROOT / ".anchors" / "selective_scan"
 
 _state = {"selective_scan_cuda": None, "reason": None}
 
-# The backward pass is not benchmarked here; these instantiations satisfy the bindings' linker
-# needs without compiling the (slow to build) backward kernels.
+# The backward kernels take long to build (160 instantiations per dtype); the fwd+bwd rows need
+# one: bf16 inputs, real A, variable B and C, softplus, z, seqlen a multiple of 2048 (mamba_ssm's
+# own choice for seqlen > 1024: 128 threads x 16 items). The other dtypes link to a stub that
+# raises, and so does bf16 off that configuration.
 _BWD_STUB = r"""
 #include <cstdint>  // selective_scan.h uses uint64_t without including it
-#include "selective_scan.h"
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/complex.h>
-#include <cuda_runtime.h>
-template <typename input_t, typename weight_t>
-void selective_scan_bwd_cuda(SSMParamsBwd &params, cudaStream_t stream) {}
-template void selective_scan_bwd_cuda<float, float>(SSMParamsBwd &, cudaStream_t);
-template void selective_scan_bwd_cuda<float, c10::complex<float>>(SSMParamsBwd &, cudaStream_t);
-template void selective_scan_bwd_cuda<c10::Half, float>(SSMParamsBwd &, cudaStream_t);
-template void selective_scan_bwd_cuda<c10::Half, c10::complex<float>>(SSMParamsBwd &, cudaStream_t);
-template void selective_scan_bwd_cuda<c10::BFloat16, float>(SSMParamsBwd &, cudaStream_t);
-template void selective_scan_bwd_cuda<c10::BFloat16, c10::complex<float>>(SSMParamsBwd &, cudaStream_t);
+#include "selective_scan_bwd_kernel.cuh"
+#include <c10/util/Exception.h>
+
+#define SSMC_NOT_BUILT(input_t, weight_t) \
+  template <> void selective_scan_bwd_cuda<input_t, weight_t>(SSMParamsBwd &, cudaStream_t) { \
+    TORCH_CHECK(false, "ssmc bench: this backward of selective_scan_cuda is not built"); }
+SSMC_NOT_BUILT(float, float)
+SSMC_NOT_BUILT(float, c10::complex<float>)
+SSMC_NOT_BUILT(c10::Half, float)
+SSMC_NOT_BUILT(c10::Half, c10::complex<float>)
+SSMC_NOT_BUILT(c10::BFloat16, c10::complex<float>)
+
+template <> void selective_scan_bwd_cuda<c10::BFloat16, float>(SSMParamsBwd &params,
+                                                               cudaStream_t stream) {
+  TORCH_CHECK(params.seqlen % 2048 == 0 && params.is_variable_B && params.is_variable_C &&
+              params.delta_softplus && params.z_ptr != nullptr,
+              "ssmc bench: only the bf16 backward with seqlen % 2048 == 0, variable B/C, "
+              "softplus and z is built");
+  using Ktraits = Selective_Scan_bwd_kernel_traits<128, 16, true, true, true, true, true,
+                                                   c10::BFloat16, float>;
+  constexpr int kSmemSize = Ktraits::kSmemSize + MAX_DSTATE * sizeof(typename Ktraits::scan_t)
+                            + (128 + 4 * MAX_DSTATE) * sizeof(typename Ktraits::weight_t);
+  auto kernel = &selective_scan_bwd_kernel<Ktraits>;
+  if (kSmemSize >= 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemSize));
+  }
+  dim3 grid(params.batch, params.dim);
+  kernel<<<grid, 128, kSmemSize, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 """
 
 
 def build_selective_scan(build_dir: str = "/tmp/ssmc_anchor_build", jobs: int = 16):
-    """JIT-build mamba_ssm's CUDA selective scan (forward only) for sm_90; module or None."""
+    """JIT-build mamba_ssm's CUDA selective scan for sm_90 (forward; backward for bf16 at the
+    fwd+bwd rows' configuration, see _BWD_STUB); module or None."""
     if _state["selective_scan_cuda"] is not None:
         return _state["selective_scan_cuda"]
     if not SCAN_SRC.is_dir():

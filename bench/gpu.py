@@ -198,6 +198,7 @@ def main(argv=None):
     ap.add_argument("--no-cuda-scan", action="store_true", help="skip the CUDA selective scan anchor")
     ap.add_argument("--ssd-only", action="store_true", help="skip the scan/step rows")
     ap.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes)")
+    ap.add_argument("--no-train", action="store_true", help="skip the fwd+bwd rows (gpu_train.py)")
     ap.add_argument("--configs", type=json.loads, default=None,
                     help="time these SSD configs (a JSON list) instead of the first N candidates")
     ap.add_argument("--markdown", default=None, help="write the table here (default: $OUT or bench/)")
@@ -227,7 +228,13 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if not args.ssd_only:
         rows.extend(scan_rows(ceil, args.no_cuda_scan))
+    train = []
+    if not args.no_train:
+        import gpu_train
+        train = gpu_train.rows(ceil)
     text = table(rows, ceil, device)
+    if train:
+        text += "\n\n" + gpu_train.table(train)
     stamp = datetime.date.today().isoformat()
     md = f"# GPU benchmark ({stamp}, {device})\n\n{text}\n"
     out = args.markdown or (os.path.join(os.environ["OUT"], "results_gpu.md") if os.environ.get("OUT")

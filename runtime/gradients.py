@@ -1,11 +1,15 @@
-"""Until backward kernels are generated, a gradient through an ssmc kernel is a clear error.
+"""Gradients through ssmc kernels: the generated backward where the backend has one, else a
+clear error.
 
 A compiled kernel's outputs are computed outside autograd (Triton, TVM, C and numpy know nothing
-of it), so without this the outputs would either have no ``grad_fn`` (``loss.backward()`` then
-fails with torch's generic message, or silently leaves the SSM inputs without gradients when
-the loss also depends on other parameters) or torch would complain that no autograd formula is
-registered. ``no_backward`` gives each output a ``grad_fn`` whose backward raises an
-``SSMCError`` naming the family.
+of it). ``with_backward`` runs the kernel inside an ``autograd.Function`` whose backward is the
+backend's generated backward kernel (``kernel.backward(problem, dout, dfinal)``, a dict of
+gradients keyed by argument name): the gradients flow to the bound problem's tensors, and through
+``bind``'s views (an inserted group axis, say) to the caller's. Where the backend generates no
+backward for the plan, ``no_backward`` gives each output a ``grad_fn`` whose backward raises an
+``SSMCError`` naming the family and the reason (without it the outputs would have no
+``grad_fn``: ``loss.backward()`` would fail with torch's generic message, or silently leave the
+SSM inputs without gradients when the loss also depends on other parameters).
 
 The error is raised when the backward *runs*, not when it is traced: under ``torch.compile``
 outside ``no_grad`` the joint forward/backward graph is traced with fake tensors, so the backward
@@ -15,17 +19,72 @@ with parameters that require grad; only ``loss.backward()`` stops, with the reas
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ssmc.errors import SSMCError
 
 
-def message_for(kernel) -> str:
-    return (f"ssmc generates no backward kernels yet: the compiled {kernel.family.name} "
-            f"({kernel.plan.algorithm.value}, target {kernel.target.name}) is inference-only; "
-            "run it under torch.no_grad() or torch.inference_mode()")
+def message_for(kernel, backend_kernel=None) -> str:
+    """Why ``kernel`` (a CompiledKernel) cannot be differentiated; ``backend_kernel``, the one a
+    call ran, may say why its backend generated no backward."""
+    reason = getattr(backend_kernel, "backward_refusal", None) or (
+        f"target {kernel.target.name} generates no backward kernels yet")
+    return (f"no backward kernel for the compiled {kernel.family.name} "
+            f"({kernel.plan.algorithm.value}, target {kernel.target.name}): {reason}; the "
+            "kernel is inference-only here: run it under torch.no_grad() or "
+            "torch.inference_mode(), or compile it for a target that trains it (cuda: the "
+            "selective scan with real diagonal A)")
+
+
+def differentiable_names(problem, plan) -> List[str]:
+    """The problem's tensors a gradient is computed for: the inputs, parameters and initial
+    state the operand table lists and the call passed, floating point."""
+    from ssmc.operands import Role
+    roles = (Role.INPUT, Role.PARAMETER, Role.INITIAL_STATE)
+    out = []
+    for op in plan.operands.tensors():
+        value = getattr(problem, op.name, None)
+        if op.role in roles and isinstance(value, torch.Tensor) and (
+                value.is_floating_point() or value.is_complex()):
+            out.append(op.name)
+    return out
+
+
+class _Generated(torch.autograd.Function):
+    """The kernel's forward, and its generated backward kernel as the backward."""
+
+    @staticmethod
+    def forward(ctx, kernel, problem, names, *tensors):
+        ctx.set_materialize_grads(False)
+        y, final = kernel(problem)
+        ctx.kernel, ctx.problem, ctx.names = kernel, problem, names
+        ctx.save_for_backward(*tensors)
+        ctx.with_final = final is not None
+        return (y, final) if final is not None else y
+
+    @staticmethod
+    def backward(ctx, dout, dfinal=None):
+        import dataclasses
+        tensors = ctx.saved_tensors
+        problem = dataclasses.replace(ctx.problem, **dict(zip(ctx.names, tensors)))
+        if dout is None:
+            dout = torch.zeros_like(problem.input)
+        grads = ctx.kernel.backward(problem, dout, dfinal)
+        out = []
+        for name, t, needed in zip(ctx.names, tensors, ctx.needs_input_grad[3:]):
+            g = grads.get(name) if needed else None
+            out.append(None if g is None else g.to(t.dtype))
+        return (None, None, None, *out)
+
+
+def with_backward(kernel, problem) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, final state or None) of ``kernel`` on ``problem``, differentiable through the
+    backend's generated backward kernel (``kernel.backward``)."""
+    names = differentiable_names(problem, kernel.plan)
+    out = _Generated.apply(kernel, problem, tuple(names), *(getattr(problem, n) for n in names))
+    return out if isinstance(out, tuple) else (out, None)
 
 
 @torch.library.custom_op("ssmc::no_backward", mutates_args=())
@@ -83,4 +142,5 @@ def no_backward(message: str, outputs: Outputs, sources: Sequence[torch.Tensor])
     return wrap(outputs)
 
 
-__all__ = ["no_backward", "sources_of", "detached", "message_for"]
+__all__ = ["no_backward", "with_backward", "sources_of", "detached", "message_for",
+           "differentiable_names"]

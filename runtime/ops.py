@@ -16,7 +16,7 @@ import hashlib
 import inspect
 import json
 import re
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -55,6 +55,7 @@ def schema_of(convention: Convention) -> str:
 
 
 ARGUMENT_NAMES = {conv: problem.argument_names() for conv, problem in PROBLEMS.items()}
+
 
 # name -> the CompiledKernel the op currently runs
 _KERNELS: Dict[str, object] = {}
@@ -142,7 +143,72 @@ def _register(name: str, kernel):
 
     op = torch.library.custom_op(qualname, real, mutates_args=(), schema=schema_of(convention))
     op.register_fake(fake)
+    if kernel.backward_refusal is None:
+        _register_backward(name, qualname, op, kernel)
     return op
+
+
+def _tensor_positions(convention: Convention) -> List[int]:
+    """Positions of the op's tensor arguments (each gets a gradient slot in the backward op)."""
+    problem = PROBLEMS[convention]
+    types = {f.name: f.type for f in dataclasses.fields(problem)}
+    return [i for i, n in enumerate(ARGUMENT_NAMES[convention]) if "Tensor" in types[n]]
+
+
+def _register_backward(name: str, qualname: str, op, kernel):
+    """The op's backward: a second custom op running the generated backward kernel (so that
+    torch.compile traces it as one node too), registered with ``register_autograd``. It returns
+    one gradient per tensor argument (empty where the argument was omitted or takes none)."""
+    convention = kernel.convention
+    flags = OUTPUT_FLAGS[convention]
+    positions = _tensor_positions(convention)
+    names = ARGUMENT_NAMES[convention]
+    forward_params = schema_of(convention).split(" -> ")[0][1:-1]
+    grad_params = ", ".join(["Tensor? grad_y"] + [f"Tensor? grad_{f}" for f in flags])
+    schema = f"({grad_params}, {forward_params}) -> Tensor[]"
+    count = 1 + len(flags)
+    from ssmc.operands import Role
+    differentiable = {o.name for o in kernel.plan.operands.arguments if o.is_tensor and o.role in
+                      (Role.INPUT, Role.PARAMETER, Role.INITIAL_STATE)}
+
+    def real(*args):
+        dout, dstates, fwd = args[0], args[1:count], args[count:]
+        call = _call_kwargs(convention, fwd)
+        grads = _KERNELS[name].backward_call(call, dout, *dstates)
+        out = []
+        for i in positions:
+            given, g = fwd[i], grads.get(names[i])
+            out.append(g.contiguous() if g is not None else
+                       (given if given is not None else fwd[0]).new_empty((0,)))
+        return [_fresh(g, fwd) for g in out]
+
+    def fake(*args):
+        fwd = args[count:]
+        return [fwd[i].new_empty(fwd[i].shape) if fwd[i] is not None and names[i] in differentiable
+                else fwd[0].new_empty((0,)) for i in positions]
+
+    backward_op = torch.library.custom_op(f"{qualname}_backward", real, mutates_args=(),
+                                          schema=schema)
+    backward_op.register_fake(fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.present = [i for i in positions if inputs[i] is not None]
+        ctx.others = [None if i in positions else v for i, v in enumerate(inputs)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.present))
+
+    def backward(ctx, *grads):
+        args = list(ctx.others)
+        for i, t in zip(ctx.present, ctx.saved_tensors):
+            args[i] = t
+        grads = [g if g is not None and g.numel() else None for g in grads]
+        out = backward_op(*grads, *args)
+        result = [None] * len(args)
+        for j, i in enumerate(positions):
+            if args[i] is not None and ctx.needs_input_grad[i] and out[j].shape == args[i].shape:
+                result[i] = out[j]
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 def _op_value(value):
@@ -197,12 +263,13 @@ def as_op(kernel) -> Callable:
     """A function with ``kernel``'s signature that calls it through a torch custom op.
 
     The function is plain Python over one op call, so dynamo traces it without a graph break;
-    inside the op the kernel runs eagerly. There is no backward kernel yet: a backward through
-    the op raises an SSMCError naming the family (runtime/gradients.py).
+    inside the op the kernel runs eagerly. Where the backend generates the backward kernel
+    the op's registered autograd runs it (``_register_backward``); elsewhere a backward through
+    the op raises an SSMCError naming the family and why (runtime/gradients.py).
     """
     op = get_op(kernel)
     convention = kernel.convention
-    refusal = gradients.message_for(kernel)
+    refusal = None if kernel.backward_refusal is None else gradients.message_for(kernel)
 
     names = ARGUMENT_NAMES[convention]
     required = [f.name for f in dataclasses.fields(PROBLEMS[convention])
@@ -217,12 +284,15 @@ def as_op(kernel) -> Callable:
             raise CallError(f"argument {missing[0]!r} is missing: the {convention.value} "
                             f"convention needs {', '.join(required)}")
         op_args = tuple(_op_value(values.get(name)) for name in names)
-        # No backward kernel yet: the op runs on detached inputs and its outputs get a grad_fn
-        # that raises (runtime/gradients.py), so a forward with trainable parameters works and
-        # loss.backward() says why it cannot.
-        sources = gradients.sources_of(op_args)
-        out = op(*gradients.detached(op_args)) if sources else op(*op_args)
-        out = gradients.no_backward(refusal, out, sources)
+        if kernel.backward_refusal is None:
+            out = op(*op_args)   # differentiable through the op's registered backward
+        else:
+            # No backward kernel: the op runs on detached inputs and its outputs get a grad_fn
+            # that raises (runtime/gradients.py), so a forward with trainable parameters works
+            # and loss.backward() says why it cannot.
+            sources = gradients.sources_of(op_args)
+            out = op(*gradients.detached(op_args)) if sources else op(*op_args)
+            out = gradients.no_backward(refusal, out, sources)
         if not flags:
             return out
         asked = tuple(t for flag, t in zip(flags, out[1:]) if values.get(flag))

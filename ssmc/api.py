@@ -187,13 +187,43 @@ class CompiledKernel:
         sources = gradients.sources_of((*args, *kwargs.values()))
         if not sources:
             return problem.outputs(*kernel(problem))
+        if getattr(kernel, "backward", None) is not None:
+            return problem.outputs(*gradients.with_backward(kernel, problem))
         # Some backends compute parts with torch ops (the conv's FFT); without no_grad those
         # would record a partial graph, a silently wrong gradient.
         import torch
         with torch.no_grad():
             y, final = kernel(problem)
-        return gradients.no_backward(gradients.message_for(self), problem.outputs(y, final),
-                                     sources)
+        return gradients.no_backward(gradients.message_for(self, kernel),
+                                     problem.outputs(y, final), sources)
+
+    @property
+    def backward_refusal(self) -> Optional[str]:
+        """Why this target generates no backward kernel for the plan (None when it does)."""
+        refusal = getattr(backend_module(self.target), "backward_refusal", None)
+        if refusal is None:
+            return f"target {self.target.name} generates no backward kernels yet"
+        return refusal(self.plan)
+
+    def backward_call(self, kwargs: dict, dout, *dstates) -> Dict[str, Any]:
+        """Gradients of a call's outputs (y, then the state outputs it asked for) given theirs
+        (None: zero), keyed by argument name and shaped like the arguments the call passed: what
+        the torch op's registered backward runs (runtime/ops.py)."""
+        problem = self._bind(self.family, self.convention, (), kwargs)
+        kernel = self.kernel_for(problem.family)
+        if dout is None:
+            import torch
+            dout = torch.zeros_like(problem.input)
+        grads = kernel.backward(problem, dout, dstates[0] if dstates else None)
+        out = {}
+        for name, g in grads.items():
+            given = kwargs.get(name)
+            if given is None:
+                continue
+            if g.shape != given.shape:   # bind's view of it: (b, n, l) B as (b, 1, n, l)
+                g = g.reshape(given.shape) if g.numel() == given.numel() else g.sum_to_size(given.shape)
+            out[name] = g.to(given.dtype)
+        return out
 
     def as_op(self):
         """This callable through its torch.library custom op (what torch.compile traces)."""

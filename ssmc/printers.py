@@ -301,6 +301,26 @@ class TritonPrinter(_Dialect, PythonCodePrinter):
         # (backends/triton/codegen.HELPERS), called here.
         return f"_softplus({self._print(expr.args[0])})"
 
+    # A clamp's derivative is a Piecewise indicator: on tensors it must be tl.where over
+    # elementwise conditions, not Python's ``a if c else b`` and ``and``.
+    def _print_Piecewise(self, expr):
+        *pairs, (last, cond) = expr.args
+        if cond != sp.true:
+            raise TargetError(f"triton needs a Piecewise with a default branch: {expr}")
+        out = self._print(last)
+        for value, c in reversed(pairs):
+            out = f"tl.where({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_And(self, expr):
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
     def _fn_max(self):
         return "tl.maximum"
 

@@ -137,7 +137,7 @@ def test_unexpected_errors_are_one_message_without_traceback(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Gradients: a clear refusal until the backward kernels exist
 
-GRADIENT_MESSAGE = "ssmc generates no backward kernels yet: the compiled Tiny"
+GRADIENT_MESSAGE = "no backward kernel for the compiled Tiny"
 
 
 def test_backward_through_a_compiled_kernel_names_the_family(seed):

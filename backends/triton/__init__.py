@@ -2,8 +2,9 @@
 
 The backend interface (each folder of backends/ implements it): ``supports``,
 ``default_config``, ``check_config``, ``candidates``, ``lower`` (the generated module's source),
-``build`` (a callable ``kernel(problem) -> (y, final_state_or_None)``), ``write_artifact`` and
-``time_kernel``. Each algorithm lives in its own module:
+``build`` (a callable ``kernel(problem) -> (y, final_state_or_None)``, with
+``kernel.backward(problem, dout, dfinal) -> {argument: gradient}`` where a backward kernel is
+generated, else ``kernel.backward_refusal``, the reason), ``write_artifact`` and ``time_kernel``. Each algorithm lives in its own module:
 
 - ``scan``    SCAN: selective scan, diagonal / complex-diagonal A (selective_scan_fn convention)
 - ``step``    STEP: decode step, state updated in place (selective_state_update convention)
@@ -166,7 +167,22 @@ def build(plan: KernelPlan, config: dict, cache) -> Callable:
 
     kernel.module = module
     kernel.plan = plan
+    backward = getattr(module, "backward", None)
+    if backward is not None:
+        def kernel_backward(problem, dout, dfinal):
+            return backward(dout, dfinal, **{name: getattr(problem, name, None) for name in fields})
+        kernel.backward = kernel_backward
+    else:
+        kernel.backward_refusal = backward_refusal(plan)
     return kernel
+
+
+def backward_refusal(plan: KernelPlan) -> Optional[str]:
+    """Why no backward kernel is generated for ``plan`` (None when one is)."""
+    if plan.algorithm is Algorithm.SCAN:
+        from . import scan_backward
+        return scan_backward.supports_backward(plan)
+    return f"the Triton {plan.algorithm.value} generator has no backward kernel yet"
 
 
 def time_kernel(fn: Callable[[], object]) -> float:

@@ -42,7 +42,7 @@ import sympy as sp
 
 from ssmc.ir import AStructure, KernelPlan, Sharing
 
-from . import codegen
+from . import codegen, scan_backward
 from .codegen import Lines, Part, as_text, cadd, cmul
 # supports, default_config, candidates: the backend interface, kept importable from here
 from .scan_launcher import (SEGMENT_DEFAULTS, candidates, check_config,  # noqa: F401
@@ -676,4 +676,6 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     gen = _ScanGen(plan, config)
     body = TILE_HELPERS + "\n" + gen.kernel(kname)
     body += launcher_source(plan, config, gen.sel, kname)
+    if scan_backward.supports_backward(plan) is None:
+        body += scan_backward.generate(plan, config, kname)
     return codegen.module_source(plan, config, WHAT, body, notes)

@@ -1,0 +1,507 @@
+"""Generator of the selective scan's backward kernel (real diagonal A), appended to the scan
+module as ``backward(...)``.
+
+The adjoint of h_t = Ā_t h_{t-1} + B̄_t B_t x_t (per channel and state element) is the reverse
+recurrence λ_t = C_t dy_t + Ā_{t+1} λ_{t+1}, λ_t = ∂L/∂h_t; every input's gradient is a product
+of λ_t with a partial derivative of the forward's coefficients (``ssmc.ir.Derivatives``, derived
+by sympy from the expressions the forward prints, and printed here the same way):
+
+    dĀ_t = λ_t h_{t-1},  dB̄_t = λ_t B_t x_t
+    ∂L/∂Δ_t = Σ_n dĀ_t ∂Ā/∂Δ + dB̄_t ∂B̄/∂Δ,   ∂L/∂a += dĀ_t ∂Ā/∂a + dB̄_t ∂B̄/∂a
+    ∂L/∂B_t += λ_t B̄_t x_t,   ∂L/∂C_t += dy_t h_t,   ∂L/∂x_t = Σ_n λ_t B̄_t B_t + D dy_t
+    ∂L/∂dt_raw = ∂L/∂Δ · ∂Δ/∂dt_raw (softplus', the clamp's indicator), ∂L/∂h_0 = Ā_1 λ_1
+
+Memory: nothing per token is kept from the forward. One program owns BLOCK_D channels of one
+sequence and walks it twice in CHUNK-step tiles [BLOCK_D, N, CHUNK]: forward, storing only the
+state at each chunk's start (``ckpt``: one state per chunk, the issue's "per-chunk states");
+then backward over the chunks, where each chunk's states are recomputed from its checkpoint by
+an associative scan over the chunk's steps (``tl.associative_scan`` of the (Ā, b) pairs) and λ
+by the reverse scan of (Ā_{t+1}, C_t dy_t), λ entering from the chunk after. The shifts by one
+step (h_{t-1}, Ā_{t+1}) are ``tl.gather`` along the chunk axis.
+
+Reductions over channels (dB, dC of B/C shared by a group) are summed inside the program over
+its BLOCK_D channels and written as one partial per channel block, which the launcher sums in
+torch: deterministic, no atomics. The program's channels share a group (the launcher picks
+BLOCK_D dividing the channels per group). Parameters (A, D, Δ's bias, constant B/C/Δ) are
+accumulated over time in registers and written once per (sequence, channel block).
+
+Not generated yet (``supports_backward`` says so): complex-diagonal A and the trapezoidal
+rule's previous-token term.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ssmc.ir import AStructure, KernelPlan
+
+from . import codegen
+from .codegen import Lines
+
+# BLOCK_D channels x N states x CHUNK steps per tile. bwd_block_d is an upper bound: the launcher
+# lowers it to divide the channels per group.
+BACKWARD_DEFAULTS = {"bwd_block_d": 4, "bwd_chunk": 32, "bwd_num_warps": 4}
+
+PAIR_SCAN = '''
+
+@triton.jit
+def _ssmc_pair(a1, b1, a2, b2):
+    # two steps h -> a h + b composed in time order: h -> a2 (a1 h + b1) + b2
+    return a1 * a2, b1 * a2 + b2
+'''
+
+
+def supports_backward(plan: KernelPlan) -> Optional[str]:
+    """None when the backward kernel is generated for ``plan``, else why not."""
+    f = plan.family
+    if f.A.structure is not AStructure.DIAGONAL:
+        return (f"the Triton scan's backward is generated for real diagonal A, not "
+                f"{f.A.structure.value} A (not yet)")
+    if not codegen.is_zero(plan.disc.bbar_prev):
+        return (f"the Triton scan's backward does not yet generate the {f.method.value} rule's "
+                "previous-token term")
+    if f.gate and f.gate.kind != "silu":
+        return f"the Triton scan's backward knows the silu gate, not {f.gate.kind}"
+    if plan.disc.derivatives is None:
+        return "the plan carries no derivatives of its discretization"
+    return None
+
+
+class _BackwardGen:
+    """Emits the backward kernel. Tiles: [BLOCK_D, N, CHUNK] (channel, state, step); a
+    per-token input is [BLOCK_D, CHUNK] (x, Δ, z) or [N, CHUNK] (a group's B, C), a parameter
+    [BLOCK_D, N] (A, constant B/C) or [BLOCK_D] (D, Δ's bias, constant Δ); ``*3`` names are
+    the same values broadcastable to the 3-D tile."""
+
+    def __init__(self, plan: KernelPlan):
+        self.plan, self.f = plan, plan.family
+        f = self.f
+        self.N = f.dims.state
+        self.sel = {"dt": f.delta.selective, "A": f.A.selective, "B": f.B.selective,
+                    "C": f.C.selective}
+        d = plan.disc
+        der = d.derivatives
+        self.coefs = {"abar": d.abar, "bbar": d.bbar}
+        self.grads = {"abar_dt": der.abar_dt, "abar_a": der.abar_a, "bbar_dt": der.bbar_dt,
+                      "bbar_a": der.bbar_a}
+        self.delta_raw = der.delta_raw
+        self.bias = f.delta.bias
+        self.terms = plan.operands.droppable_terms()   # keys: D, z, dt_bias where present
+
+    # ---- names of the operands as tiles ----------------------------------------------------
+    def names(self) -> Dict[str, str]:
+        return {"dt": "dt3", "a": "a3"}
+
+    def print_math(self, o: Lines, keys: Dict[str, object], prefix: str):
+        """``name = expr`` for each of ``keys`` (printed from sympy with shared subexpressions);
+        zero expressions are skipped (their terms are not emitted)."""
+        live = {k: e for k, e in keys.items() if not codegen.is_zero(e)}
+        lines, finals = codegen.print_block(live, self.names(), tmp_prefix=prefix)
+        o.extend(lines)
+        o.extend(f"{k} = {finals[k]}" for k in live)
+        return set(live)
+
+    # ---- kernel ----------------------------------------------------------------------------
+    def params(self) -> List[str]:
+        sel = self.sel
+        p = ["u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr"]
+        p += [f"{k}_ptr" for k in self.terms]
+        p += ["h0_ptr", "dout_ptr", "dhT_ptr", "cu_ptr", "ckpt_ptr",
+              "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr"]
+        p += [f"d{k}_ptr" for k in self.terms if k != "z"]
+        p += (["dz_ptr"] if "z" in self.terms else []) + ["dh0_ptr"]
+        p += ["n_channels", "seqlen", "n_rows", "cpg_B", "cpg_C", "stride_u_b", "stride_u_d",
+              "stride_dout_b", "stride_dout_d"]
+        if sel["dt"]:
+            p += ["stride_dt_b", "stride_dt_d"]
+        if sel["A"]:
+            p += ["stride_A_b", "stride_A_d", "stride_A_n"]
+        for w in ("B", "C"):
+            if sel[w]:
+                p += [f"stride_{w}_b", f"stride_{w}_g", f"stride_{w}_n"]
+        if "z" in self.terms:
+            p += ["stride_z_b", "stride_z_d"]
+        p += ["BLOCK_D: tl.constexpr", "CHUNK: tl.constexpr", "HAS_H0: tl.constexpr",
+              "HAS_DHT: tl.constexpr", "VARLEN: tl.constexpr"]
+        return p + [f"HAS_{k.upper()}: tl.constexpr" for k in self.terms]
+
+    def kernel(self, name: str) -> str:
+        sel, f = self.sel, self.f
+        o = Lines()
+        o.jit_def(name, self.params())
+        o(f"N: tl.constexpr = {self.N}",
+          "pid_d = tl.program_id(0)",
+          "seq = tl.program_id(1)  # batch row, or packed sequence when VARLEN",
+          "if VARLEN:",
+          "    seq_start = tl.load(cu_ptr + seq).to(tl.int32)",
+          "    seq_end = tl.load(cu_ptr + seq + 1).to(tl.int32)",
+          "    batch = seq * 0",
+          "    # a packed sequence's chunks get slots start // CHUNK + seq + c: distinct for",
+          "    # every sequence, fewer than seqlen // CHUNK + sequences + 1 in all",
+          "    slot0 = seq_start // CHUNK + seq",
+          "else:",
+          "    seq_start = 0",
+          "    seq_end = seqlen",
+          "    batch = seq",
+          "    slot0 = seq * tl.cdiv(seqlen, CHUNK)",
+          "n_chunks = tl.cdiv(seq_end - seq_start, CHUNK)",
+          "bat = batch.to(tl.int64)",
+          "seq64 = seq.to(tl.int64)",
+          "ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)",
+          "ch_ok = ch < n_channels",
+          "chl = tl.minimum(ch, n_channels - 1)  # loads read a valid channel; stores are masked",
+          "ch64 = chl.to(tl.int64)",
+          "nn = tl.arange(0, N)",
+          "tt = tl.arange(0, CHUNK)",
+          "t3 = tt[None, None, :]",
+          "# (channel, state) offsets in a (.., d, n) tensor",
+          "dn = ch64[:, None] * N + nn[None, :]",
+          "dn_ok = ch_ok[:, None] & (nn[None, :] < N)",
+          "zero_d = tl.zeros([BLOCK_D], dtype=tl.float32)",
+          "izero = tl.zeros([BLOCK_D, N, CHUNK], dtype=tl.int32)",
+          "prev_t = izero + tl.maximum(t3 - 1, 0)",
+          "next_t = izero + tl.minimum(t3 + 1, CHUNK - 1)",
+          "u_rows = u_ptr + bat * stride_u_b + ch64 * stride_u_d",
+          "dout_rows = dout_ptr + bat * stride_dout_b + ch64 * stride_dout_d",
+          "# du, ddelta and dz are (b, d, l) contiguous",
+          "grad_rows = bat * n_channels * seqlen + ch64 * seqlen")
+        if sel["dt"]:
+            o("dt_rows = delta_ptr + bat * stride_dt_b + ch64 * stride_dt_d")
+        if "z" in self.terms:
+            o("z_rows = z_ptr + bat * stride_z_b + ch64 * stride_z_d")
+        if sel["A"]:
+            o("a_rows = A_ptr + bat * stride_A_b + ch64[:, None] * stride_A_d "
+              "+ nn[None, :] * stride_A_n")
+            o("da_rows = (bat * n_channels + ch64[:, None]) * N * seqlen + nn[None, :] * seqlen")
+        else:
+            o("a = tl.load(A_ptr + dn).to(tl.float32)", "a3 = a[:, :, None]")
+        for w in ("B", "C"):
+            lw = w.lower()
+            if sel[w]:
+                o(f"# the program's channels share one group of {w}",
+                  f"group_{lw} = (pid_d * BLOCK_D) // cpg_{w}",
+                  f"{lw}_rows = {w}_ptr + bat * stride_{w}_b + group_{lw}.to(tl.int64) * "
+                  f"stride_{w}_g + nn * stride_{w}_n",
+                  f"d{lw}_part = (pid_d % (cpg_{w} // BLOCK_D)).to(tl.int64)  "
+                  f"# which partial d{w} this channel block writes")
+            else:
+                o(f"{lw}t = tl.load({w}_ptr + dn).to(tl.float32)", f"{lw}3 = {lw}t[:, :, None]")
+        if not sel["dt"]:
+            o("dr = tl.load(delta_ptr + chl).to(tl.float32)")
+        if self.bias:
+            o("if HAS_DT_BIAS:",
+              "    dt_bias = tl.load(dt_bias_ptr + chl).to(tl.float32)",
+              "else:",
+              "    dt_bias = zero_d")
+            if sel["dt"]:
+                o("dt_bias = dt_bias[:, None]")
+        if not sel["dt"]:
+            o(f"dt = {codegen.delta_expr(self.plan, 'dr')}", "dt3 = dt[:, None, None]")
+        if "D" in self.terms:
+            o("if HAS_D:",
+              "    d_skip = tl.load(D_ptr + chl).to(tl.float32)",
+              "else:",
+              "    d_skip = zero_d")
+        # ---- pass 1: the state at every chunk's start
+        o("", "# pass 1: forward over the chunks, keeping only each chunk's initial state",
+          "h = tl.zeros([BLOCK_D, N], dtype=tl.float32)",
+          "if HAS_H0:",
+          "    h = tl.load(h0_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)",
+          "for c in range(0, n_chunks):")
+        o.indent()
+        o("tl.store(ckpt_ptr + (slot0 + c).to(tl.int64) * n_channels * N + dn, h, mask=dn_ok)")
+        self.load_chunk(o, backward=False)
+        o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
+          "h = tl.sum(tl.where(t3 == CHUNK - 1, P * h[:, :, None] + H, 0.0), axis=2)")
+        o.dedent()
+        o("tl.debug_barrier()  # pass 2 reads the checkpoints other threads wrote")
+        # ---- pass 2
+        o("", "# pass 2: backward over the chunks; lam = dL/dh at the next chunk's first step,",
+          "# anext = that step's Abar (1 past the end: the final state's gradient enters as is)",
+          "lam = tl.zeros([BLOCK_D, N], dtype=tl.float32)",
+          "if HAS_DHT:",
+          "    lam = tl.load(dhT_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)",
+          "anext = tl.zeros([BLOCK_D, N], dtype=tl.float32) + 1.0")
+        accs = self.accumulators()
+        o(*(f"{name} = {init}" for name, init, _ in accs))
+        o("for i in range(0, n_chunks):")
+        o.indent()
+        o("c = n_chunks - 1 - i",
+          "h0c = tl.load(ckpt_ptr + (slot0 + c).to(tl.int64) * n_channels * N + dn, mask=dn_ok, "
+          "other=0.0)")
+        self.load_chunk(o, backward=True)
+        self.chunk_backward(o)
+        o.dedent()
+        o("if HAS_H0:",
+          "    tl.store(dh0_ptr + seq64 * n_channels * N + dn, anext * lam, mask=dn_ok)")
+        o("# per (sequence, channel block): the launcher sums over sequences")
+        for name, _, store in accs:
+            o(store)
+        return o.text()
+
+    def accumulators(self):
+        """(name, initial value, store) of the gradients summed over time in registers."""
+        sel, out = self.sel, []
+        dn_acc = "tl.zeros([BLOCK_D, N], dtype=tl.float32)"
+        row_dn = "seq64 * n_channels * N + dn"
+        row_d = "seq64 * n_channels + ch"
+        if not sel["A"]:
+            out.append(("acc_a", dn_acc, f"tl.store(dA_ptr + {row_dn}, acc_a, mask=dn_ok)"))
+        for w in ("B", "C"):
+            if not sel[w]:
+                out.append((f"acc_{w.lower()}", dn_acc,
+                            f"tl.store(d{w}_ptr + {row_dn}, acc_{w.lower()}, mask=dn_ok)"))
+        if not sel["dt"]:
+            out.append(("acc_dt", "zero_d", f"tl.store(ddelta_ptr + {row_d}, acc_dt, mask=ch_ok)"))
+        if "D" in self.terms:
+            out.append(("acc_d", "zero_d", f"tl.store(dD_ptr + {row_d}, acc_d, mask=ch_ok)"))
+        if self.bias:
+            out.append(("acc_bias", "zero_d",
+                        f"tl.store(ddt_bias_ptr + {row_d}, acc_bias, mask=ch_ok)"))
+        return out
+
+    def load_chunk(self, o: Lines, backward: bool):
+        """The chunk's inputs as tiles, its coefficients (and in pass 2 their derivatives),
+        masked past the sequence's end to Abar = 1, b = 0."""
+        sel = self.sel
+        o("t0 = seq_start + c * CHUNK",
+          "offs = t0 + tt",
+          "tm = offs < seq_end",
+          "tm2 = ch_ok[:, None] & tm[None, :]",
+          "tm3 = tm[None, None, :]",
+          "x = tl.load(u_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)",
+          "x3 = x[:, None, :]")
+        if sel["dt"]:
+            o("dr = tl.load(dt_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)",
+              f"dt = {codegen.delta_expr(self.plan, 'dr')}",
+              "dt3 = dt[:, None, :]")
+        if sel["A"]:
+            # past the end a = -1 keeps coefficients like expm1(a dt) / a finite
+            o("a3 = tl.load(a_rows[:, :, None] + offs[None, None, :], mask=tm3 & dn_ok[:, :, None], "
+              "other=-1.0).to(tl.float32)")
+        for w in ("B", "C"):
+            if w == "C" and not backward:
+                continue
+            lw = w.lower()
+            if sel[w]:
+                o(f"{lw}t = tl.load({lw}_rows[:, None] + offs[None, :], mask=tm[None, :], "
+                  f"other=0.0).to(tl.float32)", f"{lw}3 = {lw}t[None, :, :]")
+        keys = dict(self.coefs)
+        if backward:
+            keys.update(self.grads)
+        self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
+        o("abar_m = tl.where(tm3, abar + 0.0 * x3, 1.0)",
+          "bb = bbar * b3 + 0.0 * x3  # Bbar B at every (channel, state, step)",
+          "bx = tl.where(tm3, bb * x3, 0.0)")
+
+    def chunk_backward(self, o: Lines):
+        sel, terms = self.sel, self.terms
+        o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
+          "h = P * h0c[:, :, None] + H",
+          "h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(h, prev_t, 2))",
+          "g = tl.load(dout_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
+        if "z" in terms:
+            o("if HAS_Z:",
+              "    zt = tl.load(z_rows[:, None] + offs[None, :], mask=tm2, other=0.0)"
+              ".to(tl.float32)",
+              "    sig = 1.0 / (1.0 + tl.exp(-zt))",
+              "    y = tl.sum(c3 * h, axis=1)" + (" + d_skip[:, None] * x" if "D" in terms else ""),
+              "    dzt = g * y * sig * (1.0 + zt * (1.0 - sig))",
+              "    tl.store(dz_ptr + grad_rows[:, None] + offs[None, :], "
+              "dzt.to(dz_ptr.dtype.element_ty), mask=tm2)",
+              "    dy = g * zt * sig",
+              "else:",
+              "    dy = g")
+        else:
+            o("dy = g")
+        o("dy3 = dy[:, None, :]")
+        if "D" in terms:
+            o("dx = d_skip[:, None] * dy",
+              "if HAS_D:",
+              "    acc_d += tl.sum(dy * x, axis=1)")
+        else:
+            o("dx = 0.0 * dy")
+        o("# lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}, lam entering from the next chunk",
+          "an = tl.where(t3 == CHUNK - 1, anext[:, :, None], tl.gather(abar_m, next_t, 2))",
+          "Q, R = tl.associative_scan((an, c3 * dy3), 2, _ssmc_pair, reverse=True)",
+          "lam3 = R + Q * lam[:, :, None]",
+          "lam = tl.sum(tl.where(t3 == 0, lam3, 0.0), axis=2)",
+          "anext = tl.sum(tl.where(t3 == 0, abar_m, 0.0), axis=2)",
+          "lam3 = tl.where(tm3, lam3, 0.0)",
+          "dabar = lam3 * h_prev",
+          "dbbar = lam3 * b3 * x3",
+          "dx += tl.sum(lam3 * bb, axis=1)",
+          "tl.store(du_ptr + grad_rows[:, None] + offs[None, :], dx.to(du_ptr.dtype.element_ty), "
+          "mask=tm2)")
+        live = self.live
+
+        def chain(var):
+            parts = [f"dabar * abar_{var}" if f"abar_{var}" in live else None,
+                     f"dbbar * bbar_{var}" if f"bbar_{var}" in live else None]
+            parts = [p for p in parts if p]
+            return " + ".join(parts) if parts else None
+        ddt, da = chain("dt"), chain("a")
+        # dL/dDelta and its chain through the Delta map to the raw dt (and its bias)
+        o(f"ddt = tl.sum({ddt}, axis=1)" if ddt else "ddt = 0.0 * dy")
+        draw = codegen.print_one(self.delta_raw, {"dt_raw": "dr", "dt_bias": "dt_bias"})
+        if sel["dt"]:
+            o(f"ddr = tl.where(tm2, ddt * ({draw}), 0.0)",
+              "tl.store(ddelta_ptr + grad_rows[:, None] + offs[None, :], "
+              "ddr.to(ddelta_ptr.dtype.element_ty), mask=tm2)")
+            if self.bias:
+                o("acc_bias += tl.sum(ddr, axis=1)")
+        else:
+            o(f"ddr = tl.sum(ddt, axis=1) * ({draw})", "acc_dt += ddr")
+            if self.bias:
+                o("acc_bias += ddr")
+        if da:
+            if sel["A"]:
+                o(f"tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], {da}, "
+                  "mask=tm3 & dn_ok[:, :, None])")
+            else:
+                o(f"acc_a += tl.sum({da}, axis=2)")
+        elif sel["A"]:
+            o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], 0.0 * lam3, "
+              "mask=tm3 & dn_ok[:, :, None])")
+        for w, val in (("B", "lam3 * (bbar + 0.0 * b3) * x3"), ("C", "h * dy3")):
+            lw = w.lower()
+            if sel[w]:
+                o(f"tl.store(d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
+                  f"(n_channels // cpg_{w}) + group_{lw}) * N + nn[:, None]) * seqlen + "
+                  f"offs[None, :], tl.sum({val}, axis=0), mask=tm[None, :])")
+            else:
+                o(f"acc_{lw} += tl.sum(tl.where(tm3, {val}, 0.0), axis=2)")
+
+
+LAUNCHER = '''
+
+BWD_CONFIG = {config!r}
+# How backward allocates what it returns (a test fills them with NaN to catch unwritten elements).
+EMPTY = torch.empty
+
+
+def _pow2_divisor(n):
+    return n & -n if n > 0 else 1
+
+
+def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+             cu_seqlens=None, **_):
+    """Gradients of {name}'s (out, last_state) given dout and dlast (None: zero), as a dict
+    keyed by argument name (float32 for the parameters, the input's dtype per token). Only
+    per-chunk states are kept: see the kernel's comment."""
+    batch, d, L = u.shape
+    dev = u.device
+    varlen = cu_seqlens is not None
+    nseq = cu_seqlens.numel() - 1 if varlen else batch
+    f32 = torch.float32
+    u = _time_contiguous(u)
+    dout = _time_contiguous(dout)
+    strides = []
+    if SELECTIVE["dt"]:
+        delta = _time_contiguous(delta)
+        strides += [delta.stride(0), delta.stride(1)]
+    else:
+        delta = delta.contiguous()
+    if SELECTIVE["A"]:
+        A = _time_contiguous(A)
+        strides += list(A.stride()[:3])
+    else:
+        A = _param(A, False)
+    bd = BWD_CONFIG["bwd_block_d"]
+    bc, cpg = [], []
+    for name, t in (("B", B), ("C", C)):
+        if SELECTIVE[name]:
+            t = _time_contiguous(t.unsqueeze(1) if t.dim() == 3 else t)
+            strides += list(t.stride()[:3])
+            groups = t.shape[1]
+            bd = min(bd, _pow2_divisor(d // groups))  # a channel block within one group
+        else:
+            t = _param(t, False)
+            groups = d
+        bc.append(t)
+        cpg.append(max(d // groups, 1))
+    chunk = BWD_CONFIG["bwd_chunk"]
+    n_slots = L // chunk + nseq + 1 if varlen else batch * triton.cdiv(L, chunk)
+    ckpt = EMPTY((max(n_slots, 1), d, N), device=dev, dtype=f32)
+    blocks = triton.cdiv(d, bd)
+    grads = {{"u": EMPTY(u.shape, device=dev, dtype=u.dtype)}}
+    grads["delta"] = (EMPTY((batch, d, L), device=dev, dtype=delta.dtype) if SELECTIVE["dt"]
+                      else EMPTY((nseq, d), device=dev, dtype=f32))
+    grads["A"] = (EMPTY(A.shape, device=dev, dtype=f32) if SELECTIVE["A"]
+                  else EMPTY((nseq, d, N), device=dev, dtype=f32))
+    for name, t, k in (("B", bc[0], cpg[0]), ("C", bc[1], cpg[1])):
+        if SELECTIVE[name]:
+            make = torch.zeros if varlen else EMPTY   # packed: tokens past the last sequence
+            grads[name] = make((k // bd, batch, t.shape[1], N, L), device=dev, dtype=f32)
+        else:
+            grads[name] = EMPTY((nseq, d, N), device=dev, dtype=f32)
+    opt, flags = [], {{}}
+{opt_args}
+    grads["initial_state"] = EMPTY((nseq, d, N), device=dev, dtype=f32)
+    dlast = dlast.to(f32).contiguous() if dlast is not None else None
+    h0 = _param(initial_state, False) if initial_state is not None else ckpt
+    cu = cu_seqlens if varlen else ckpt
+    args = (u, delta, A, bc[0], bc[1], *opt, h0, dout, dlast if dlast is not None else ckpt, cu,
+            ckpt, grads["u"], grads["delta"], grads["A"], grads["B"], grads["C"], *opt_grads,
+            grads["initial_state"], d, L, batch, cpg[0], cpg[1], u.stride(0), u.stride(1),
+            dout.stride(0), dout.stride(1), *strides, *z_strides)
+    if L > 0 and d > 0 and nseq > 0:
+        {kernel}[(blocks, nseq)](*args, BLOCK_D=bd, CHUNK=chunk, HAS_H0=initial_state is not None,
+                             HAS_DHT=dlast is not None, VARLEN=varlen,
+                             num_warps=BWD_CONFIG["bwd_num_warps"], **flags)
+    else:
+        grads["initial_state"] = (dlast if dlast is not None else
+                                  torch.zeros((nseq, d, N), device=dev, dtype=f32))
+        for key in grads:
+            if key not in ("u", "initial_state"):
+                grads[key].zero_()
+        grads["u"].zero_()
+    # the per-program partials summed here (deterministic: no atomics)
+    if not SELECTIVE["dt"]:
+        grads["delta"] = grads["delta"].sum(0)
+    if not SELECTIVE["A"]:
+        grads["A"] = grads["A"].sum(0)
+    for name in ("B", "C"):
+        grads[name] = grads[name].sum(0)
+{sum_args}
+    if initial_state is None:
+        grads.pop("initial_state")
+    return grads
+'''
+
+
+def launcher_source(plan: KernelPlan, config: dict, kernel: str) -> str:
+    """``backward(...)``: allocations, the launch, and the sums of the partials."""
+    table = plan.operands
+    opt, sums = [], []
+    zstr = "    z_strides = ()"
+    for key in table.droppable_terms():
+        name = table.keyword.get(key, key)
+        if key == "z":
+            opt += [f"    if {name} is not None:",
+                    f"        {name} = _time_contiguous({name})",
+                    f"        grads['{name}'] = EMPTY({name}.shape, device=dev, dtype={name}.dtype)"]
+            zstr = (f"    z_strides = ({name}.stride(0), {name}.stride(1)) if {name} is not None "
+                    "else (0, 0)")
+        else:
+            opt += [f"    if {name} is not None:",
+                    f"        {name} = _param({name}, False)",
+                    f"    grads['{name}'] = EMPTY((nseq, d), device=dev, dtype=f32)"]
+            sums += [f"    grads['{name}'] = grads['{name}'].sum(0)",
+                     f"    if {name} is None:", f"        grads.pop('{name}')"]
+        opt += [f"    opt.append({name} if {name} is not None else ckpt)",
+                f"    flags['HAS_{key.upper()}'] = {name} is not None"]
+    # the gradient buffers the kernel takes after dC: d<term> for the parameters, then dz
+    order = [table.keyword.get(k, k) for k in table.droppable_terms() if k != "z"]
+    order += [table.keyword.get("z", "z")] if "z" in table.droppable_terms() else []
+    opt.append("    opt_grads = [grads.get(n, ckpt) for n in " + repr(order) + "]")
+    opt.append(zstr)
+    return PAIR_SCAN + LAUNCHER.format(config=dict(config), name=plan.family.name,
+                                       kernel=kernel, opt_args="\n".join(opt),
+                                       sum_args="\n".join(sums))
+
+
+def generate(plan: KernelPlan, config: dict, forward_kernel: str) -> str:
+    """The backward kernel and ``backward`` launcher for the scan module (after its forward)."""
+    cfg = {k: config.get(k, v) for k, v in BACKWARD_DEFAULTS.items()}
+    name = f"{forward_kernel}_backward"
+    return "\n\n" + _BackwardGen(plan).kernel(name) + launcher_source(plan, cfg, name)

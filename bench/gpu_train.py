@@ -1,0 +1,234 @@
+"""GPU benchmark of training (forward + backward) through ssmc's generated kernels, with anchors.
+
+    python bench/gpu_train.py           # the fwd+bwd rows (mamba_ssm's CUDA scan built first)
+
+Rows (bf16 inputs, fp32 parameters, the Mamba-1 / Mamba-2 blocks of bench/gpu.py):
+selective scan b8 d4096 l2048 n16 (softplus(dt + bias), D, silu(z)) and SSD b4 l4096 h80 p64
+n128. Each row: the median time of one forward and one backward (``torch.autograd.grad`` of
+every input given a fixed random dy) through the public callable, ours and the anchor's
+(mamba_ssm ``selective_scan_fn`` CUDA, ``mamba_chunk_scan_combined`` Triton), the extra memory
+of one fwd+bwd (peak allocated minus what was allocated before: outputs, gradients, saved and
+scratch tensors), the floor (the bytes a fwd+bwd must move at the copy bandwidth measured in
+this run) and the gradients' relative error against float64 autograd through the recurrence on
+a slice of channels (per-channel gradients; dB, dC mix all channels and are compared with the
+anchor's instead). ``rows(ceil)`` is what bench/gpu.py calls.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from measure import copy_bandwidth, ms, rel_err  # noqa: E402
+
+DEVICE = "cuda"
+SCAN_SHAPE = ("selective scan fwd+bwd b8 d4096 l2048 n16", 8, 2048)
+SSD_SHAPE = ("SSD fwd+bwd b4 l4096 h80 p64 n128 c256", 4, 4096, 80)
+SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _fwd_bwd(fn, leaves, dy):
+    def run():
+        y = fn()
+        return torch.autograd.grad(y, leaves, dy)
+    return run
+
+
+def _extra_memory(run) -> float:
+    """GiB allocated at the peak of one call beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2 ** 30
+
+
+def _scan_reference_grads(p, leaves_of, dy, channels):
+    """float64 autograd through the recurrence on ``channels`` (gpu_scan.scan_reference)."""
+    import gpu_scan
+    from ssmc.ir import Algorithm
+    from ssmc.plan import make_plan
+    fam = gpu_scan.scan_family()
+    names = ("u", "delta", "A", "D", "z", "delta_bias")
+    full = {n: leaves_of[n].detach().double() for n in SCAN_GRADS}
+    part = {n: (full[n][:, channels] if full[n].dim() == 3 else full[n][channels])
+            .clone().requires_grad_(True) for n in names}
+
+    class Sliced:
+        pass
+    q = Sliced()
+    for n in SCAN_GRADS:
+        setattr(q, n, part.get(n, full[n]))
+    y = gpu_scan.scan_reference(make_plan(fam, Algorithm.SCAN), q, slice(None))
+    grads = torch.autograd.grad(y, [part[n] for n in names], dy[:, channels].double())
+    return dict(zip(names, grads))
+
+
+def scan_sweep(configs) -> list:
+    """fwd+bwd ms of the scan row with each backward config (keys bwd_*), same inputs."""
+    import gpu_scan
+    import ssmc
+    _, batch, seqlen = SCAN_SHAPE
+    fam, p = gpu_scan.scan_problem(batch, seqlen)
+    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SCAN_GRADS}
+    dy = torch.randn_like(p.u)
+    out = []
+    for cfg in configs:
+        try:
+            kernel = ssmc.compile(fam, target="cuda", config=cfg)
+            run = _fwd_bwd(lambda: kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"],
+                                          leaves["C"], D=leaves["D"], z=leaves["z"],
+                                          delta_bias=leaves["delta_bias"], delta_softplus=True),
+                           [leaves[n] for n in SCAN_GRADS], dy)
+            out.append((cfg, round(ms(run, rep=50), 4)))
+        except Exception as e:  # noqa: BLE001
+            out.append((cfg, f"{type(e).__name__}: {str(e)[:160]}"))
+        print("  sweep", out[-1], flush=True)
+    return out
+
+
+def scan_row(ceil) -> dict:
+    import anchors
+    import gpu_scan
+    import ssmc
+    label, batch, seqlen = SCAN_SHAPE
+    fam, p = gpu_scan.scan_problem(batch, seqlen)
+    kernel = ssmc.compile(fam, target="cuda")
+    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SCAN_GRADS}
+    dy = torch.randn_like(p.u)
+    order = [leaves[n] for n in SCAN_GRADS]
+
+    def ours():
+        return kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                      D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
+                      delta_softplus=True)
+    row = {"kernel": label}
+    # bytes: the forward reads u, dt, z, B, C and writes y; the backward reads them and dy and
+    # writes du, ddt, dz (bf16) and dB, dC (fp32 here)
+    d, n = 4096, 16
+    tok = batch * d * seqlen * 2
+    bc = batch * n * seqlen * 2
+    nbytes = (4 * tok + 2 * bc) + (5 * tok + 2 * bc) + 2 * batch * n * seqlen * 4
+    row["floor_ms"] = nbytes / ceil["bandwidth"] * 1e3
+    run = _fwd_bwd(ours, order, dy)
+    got = dict(zip(SCAN_GRADS, run()))
+    row["ours_ms"] = ms(run)
+    row["ours_gib"] = _extra_memory(run)
+    channels = slice(0, 256)
+    want = _scan_reference_grads(p, leaves, dy, channels)
+    row["rel_err"] = max(rel_err(got[k][:, channels] if got[k].dim() == 3 else got[k][channels],
+                                 w) for k, w in want.items())
+    fn, why = anchors.mamba_selective_scan_anchor()
+    if fn is None:
+        row["mamba_note"] = why
+        return row
+
+    def theirs():
+        return fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                  D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
+                  delta_softplus=True)
+    try:
+        run_m = _fwd_bwd(theirs, order, dy)
+        ref = dict(zip(SCAN_GRADS, run_m()))
+        row["mamba_err"] = max(rel_err(ref[k][:, channels] if ref[k].dim() == 3
+                                       else ref[k][channels], w) for k, w in want.items())
+        row["dBdC_vs_mamba"] = max(rel_err(got[k], ref[k]) for k in ("B", "C"))
+        row["mamba_ms"] = ms(run_m)
+        row["mamba_gib"] = _extra_memory(run_m)
+    except Exception as e:  # noqa: BLE001
+        row["mamba_note"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
+def ssd_row(ceil) -> dict:
+    """Our SSD has no generated backward yet: the row says so beside mamba_ssm's time."""
+    import anchors
+    import gpu
+    import ssmc
+    from ssmc.signature import bind, example_inputs
+    label, batch, seqlen, heads = SSD_SHAPE
+    fam = gpu.mamba2_family(heads)
+    kw = example_inputs(fam, None, batch, seqlen, dtype="bfloat16", device=DEVICE, seed=0)
+    p = bind(fam, fam.convention, (), kw)
+    row = {"kernel": label}
+    reason = ssmc.compile(fam, target="cuda").backward_refusal
+    if reason:
+        row["ours_note"] = reason
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in names}
+    dy = torch.randn_like(p.x)
+    fn, why = anchors.mamba_ssd_anchor()
+    if fn is None:
+        row["mamba_note"] = why
+        return row
+
+    def theirs():
+        return fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                  chunk_size=256, D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True)
+    try:
+        run_m = _fwd_bwd(theirs, [leaves[n] for n in names], dy)
+        row["mamba_ms"] = ms(run_m)
+        row["mamba_gib"] = _extra_memory(run_m)
+    except Exception as e:  # noqa: BLE001
+        row["mamba_note"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
+def rows(ceil) -> list:
+    out = []
+    for make in (scan_row, ssd_row):
+        try:
+            out.append(make(ceil))
+        except Exception as e:  # noqa: BLE001
+            out.append({"kernel": make.__name__, "note": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(out[-1], flush=True)
+        torch.cuda.empty_cache()
+    return out
+
+
+def table(rs) -> str:
+    def f(v, spec="{:.3f}"):
+        return "—" if v is None else spec.format(v)
+    lines = ["| fwd+bwd, shape | ours ms | mamba_ssm ms | ours extra GiB | mamba_ssm extra GiB | "
+             "floor ms | % of floor | grad rel err (ours) | grad rel err (mamba_ssm) |",
+             "|" + "---|" * 9]
+    for r in rs:
+        pct = (100 * r["floor_ms"] / r["ours_ms"]) if r.get("ours_ms") and r.get("floor_ms") \
+            else None
+        lines.append("| " + " | ".join([
+            r["kernel"], f(r.get("ours_ms")), f(r.get("mamba_ms")), f(r.get("ours_gib"), "{:.2f}"),
+            f(r.get("mamba_gib"), "{:.2f}"), f(r.get("floor_ms")), f(pct, "{:.0f}%"),
+            f(r.get("rel_err"), "{:.1e}"), f(r.get("mamba_err"), "{:.1e}")]) + " |")
+    lines += [f"- {r['kernel']}: {k}: {v}" for r in rs for k, v in r.items()
+              if k.endswith("note") or k == "dBdC_vs_mamba"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", type=json.loads, default=None,
+                    help='time these backward configs first: JSON [{"bwd_chunk": 64}, ...]')
+    args = ap.parse_args(argv)
+    if args.sweep:
+        scan_sweep(args.sweep)
+    import anchors
+    if anchors.build_selective_scan() is None:
+        print("[anchors]", anchors._state["reason"], flush=True)
+    ceil = {"bandwidth": copy_bandwidth()}
+    rs = rows(ceil)
+    print(table(rs))
+
+
+if __name__ == "__main__":
+    main()
