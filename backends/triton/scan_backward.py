@@ -296,15 +296,15 @@ class _BackwardGen:
     def chunk_backward(self, o: Lines):
         sel, terms = self.sel, self.terms
         o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
-          "h = P * h0c[:, :, None] + H",
-          "h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(h, prev_t, 2))",
+          "hs = P * h0c[:, :, None] + H  # the chunk's states",
+          "h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(hs, prev_t, 2))",
           "g = tl.load(dout_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
         if "z" in terms:
             o("if HAS_Z:",
               "    zt = tl.load(z_rows[:, None] + offs[None, :], mask=tm2, other=0.0)"
               ".to(tl.float32)",
               "    sig = 1.0 / (1.0 + tl.exp(-zt))",
-              "    y = tl.sum(c3 * h, axis=1)" + (" + d_skip[:, None] * x" if "D" in terms else ""),
+              "    y = tl.sum(c3 * hs, axis=1)" + (" + d_skip[:, None] * x" if "D" in terms else ""),
               "    dzt = g * y * sig * (1.0 + zt * (1.0 - sig))",
               "    tl.store(dz_ptr + grad_rows[:, None] + offs[None, :], "
               "dzt.to(dz_ptr.dtype.element_ty), mask=tm2)",
@@ -362,7 +362,7 @@ class _BackwardGen:
         elif sel["A"]:
             o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], 0.0 * lam3, "
               "mask=tm3 & dn_ok[:, :, None])")
-        for w, val in (("B", "lam3 * (bbar + 0.0 * b3) * x3"), ("C", "h * dy3")):
+        for w, val in (("B", "lam3 * (bbar + 0.0 * b3) * x3"), ("C", "hs * dy3")):
             lw = w.lower()
             if sel[w]:
                 o(f"tl.store(d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
