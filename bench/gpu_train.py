@@ -83,6 +83,7 @@ def scan_sweep(configs) -> list:
     dy = torch.randn_like(p.u)
     out = []
     for cfg in configs:
+        cfg = dict(cfg)
         try:
             kernel = ssmc.compile(fam, target="cuda", config=cfg)
             run = _fwd_bwd(lambda: kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"],
@@ -96,13 +97,13 @@ def scan_sweep(configs) -> list:
     return out
 
 
-def scan_row(ceil) -> dict:
+def scan_row(ceil, config=None) -> dict:
     import anchors
     import gpu_scan
     import ssmc
     label, batch, seqlen = SCAN_SHAPE
     fam, p = gpu_scan.scan_problem(batch, seqlen)
-    kernel = ssmc.compile(fam, target="cuda")
+    kernel = ssmc.compile(fam, target="cuda", config=config)
     leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SCAN_GRADS}
     dy = torch.randn_like(p.u)
     order = [leaves[n] for n in SCAN_GRADS]
@@ -111,7 +112,7 @@ def scan_row(ceil) -> dict:
         return kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
                       D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
                       delta_softplus=True)
-    row = {"kernel": label}
+    row = {"kernel": label, "config": config or {}}
     # bytes: the forward reads u, dt, z, B, C and writes y; the backward reads them and dy and
     # writes du, ddt, dz (bf16) and dB, dC (fp32 here)
     d, n = 4096, 16
@@ -183,11 +184,11 @@ def ssd_row(ceil) -> dict:
     return row
 
 
-def rows(ceil) -> list:
+def rows(ceil, scan_config=None) -> list:
     out = []
     for make in (scan_row, ssd_row):
         try:
-            out.append(make(ceil))
+            out.append(make(ceil, scan_config) if make is scan_row else make(ceil))
         except Exception as e:  # noqa: BLE001
             out.append({"kernel": make.__name__, "note": f"{type(e).__name__}: {str(e)[:300]}"})
         print(out[-1], flush=True)
@@ -209,7 +210,7 @@ def table(rs) -> str:
             f(r.get("mamba_gib"), "{:.2f}"), f(r.get("floor_ms")), f(pct, "{:.0f}%"),
             f(r.get("rel_err"), "{:.1e}"), f(r.get("mamba_err"), "{:.1e}")]) + " |")
     lines += [f"- {r['kernel']}: {k}: {v}" for r in rs for k, v in r.items()
-              if k.endswith("note") or k == "dBdC_vs_mamba"]
+              if k.endswith("note") or k in ("dBdC_vs_mamba", "config")]
     return "\n".join(lines)
 
 
@@ -220,13 +221,15 @@ def main(argv=None):
     ap.add_argument("--sweep", type=json.loads, default=None,
                     help='time these backward configs first: JSON [{"bwd_chunk": 64}, ...]')
     args = ap.parse_args(argv)
+    best = None
     if args.sweep:
-        scan_sweep(args.sweep)
+        timed = [(c, t) for c, t in scan_sweep(args.sweep) if isinstance(t, float)]
+        best = min(timed, key=lambda ct: ct[1])[0] if timed else None
     import anchors
     if anchors.build_selective_scan() is None:
         print("[anchors]", anchors._state["reason"], flush=True)
     ceil = {"bandwidth": copy_bandwidth()}
-    rs = rows(ceil)
+    rs = rows(ceil, best)
     print(table(rs))
 
 

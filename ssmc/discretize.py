@@ -361,7 +361,13 @@ def derive_derivatives(abar, bbar, bbar_prev, a, delta) -> Derivatives:
     """∂/∂Δ and ∂/∂a of Ā, B̄, B̄₋ and ∂Δ/∂dt_raw, by sympy from the forward's expressions
     (``ssmc.ir.Derivatives``). Simplified, so that e.g. ∂exp(aΔ)/∂Δ prints as a·Ā's exp."""
     d = [sp.simplify(sp.diff(e, v)) for e in (abar, bbar, bbar_prev) for v in (DT, a)]
-    return Derivatives(*d, delta_raw=sp.diff(delta, DT_RAW))
+    ratios = []
+    for derivative in d[:2]:
+        r = sp.simplify(derivative / abar)
+        pole = sp.denom(sp.together(r)).free_symbols & {DT, a}
+        ratios.append(None if pole else r)
+    return Derivatives(*d, delta_raw=sp.diff(delta, DT_RAW), abar_dt_over_abar=ratios[0],
+                       abar_a_over_abar=ratios[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -359,6 +359,11 @@ class Derivatives:
     bbar_prev_dt: object
     bbar_prev_a: object
     delta_raw: object = None
+    # (∂Ā/∂Δ)/Ā and (∂Ā/∂a)/Ā where they have no pole (exp(aΔ): a and Δ). Then λ_t h_{t-1} ∂Ā
+    # is λ_t (h_t - B̄_t B_t x_t) times the ratio: a backward kernel needs no h_{t-1} (a shift
+    # of the states by one step). None where the ratio has a pole (Euler, bilinear: Ā = 0).
+    abar_dt_over_abar: object = None
+    abar_a_over_abar: object = None
 
 
 @dataclass(frozen=True)

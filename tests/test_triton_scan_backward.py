@@ -37,9 +37,9 @@ def _inputs(fam, batch, seqlen, dtype, seed, **kw):
 
 
 def check_gradients(fam, seqlen, seed, batch=2, dtype="float32", with_state=True, varlen=False,
-                    final=True, omit=(), scale=None, tol=None):
+                    final=True, omit=(), scale=None, tol=None, config=None):
     """The generated backward's gradients of (y, final state) against the oracle's."""
-    kernel = ssmc.compile(fam, target="cuda")
+    kernel = ssmc.compile(fam, target="cuda", config=config)
     inputs = _inputs(fam, batch, seqlen, dtype, seed, with_state=with_state,
                      **({"varlen": varlen} if varlen else {}))
     for name in omit:
@@ -108,6 +108,12 @@ def test_selectivity_and_terms(variant, seed):
     elif variant == "no_state":
         call = dict(with_state=False, final=False)
     check_gradients(F.mamba1(channels=CH, state=STATE, **kw), 35, seed, **call)
+
+
+def test_atomic_partials(seed):
+    """Many channel blocks per group add their dB, dC atomically instead of as partials."""
+    fam = F.mamba1(channels=CH, state=STATE)
+    check_gradients(fam, 33, seed, config={"bwd_block_d": 1, "bwd_max_partials": 2})
 
 
 def test_odd_channels_one_per_block(seed):
@@ -212,9 +218,10 @@ def test_backward_compiles_for_sm90(variant, tmp_path):
     plan = make_plan(F.mamba1(channels=64, state=16, **kw), Algorithm.SCAN)
     path = tmp_path / "kernel.py"
     path.write_text(tb.lower(plan, tb.default_config(plan)))
-    flags = {"BLOCK_D": 4, "CHUNK": 32, "HAS_H0": True, "HAS_DHT": True, "VARLEN": False}
+    flags = {"BLOCK_D": 4, "CHUNK": 32, "HAS_H0": True, "HAS_DHT": True, "VARLEN": False,
+             "ATOMIC_BC": False}
     flags.update({f"HAS_{k.upper()}": True for k in plan.operands.droppable_terms()})
-    sets = [flags, {**flags, "VARLEN": True, "HAS_H0": False, "HAS_DHT": False,
+    sets = [flags, {**flags, "VARLEN": True, "HAS_H0": False, "HAS_DHT": False, "ATOMIC_BC": True,
                     **{f"HAS_{k.upper()}": False for k in plan.operands.droppable_terms()}}]
     script = Path(__file__).with_name("compile_sm90.py")
     out = subprocess.run([sys.executable, str(script), str(path), "_backward",

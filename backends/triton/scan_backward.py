@@ -39,7 +39,11 @@ from .codegen import Lines
 
 # BLOCK_D channels x N states x CHUNK steps per tile. bwd_block_d is an upper bound: the launcher
 # lowers it to divide the channels per group.
-BACKWARD_DEFAULTS = {"bwd_block_d": 4, "bwd_chunk": 32, "bwd_num_warps": 4}
+# bwd_max_partials: up to this many channel blocks per group write their own partial dB/dC
+# (summed after, deterministic); more add theirs atomically into one (the partials' memory,
+# blocks x batch x n x l fp32, would exceed what the training step keeps).
+BACKWARD_DEFAULTS = {"bwd_block_d": 4, "bwd_chunk": 32, "bwd_num_warps": 4,
+                     "bwd_max_partials": 8}
 
 PAIR_SCAN = '''
 
@@ -84,6 +88,10 @@ class _BackwardGen:
         self.grads = {"abar_dt": der.abar_dt, "abar_a": der.abar_a, "bbar_dt": der.bbar_dt,
                       "bbar_a": der.bbar_a}
         self.delta_raw = der.delta_raw
+        # (∂Ā/∂·)/Ā without a pole: λ_t h_{t-1} ∂Ā = λ_t (h_t - b_t) ratio, no shifted states
+        self.ratios = None
+        if der.abar_dt_over_abar is not None and der.abar_a_over_abar is not None:
+            self.ratios = {"ratio_dt": der.abar_dt_over_abar, "ratio_a": der.abar_a_over_abar}
         self.bias = f.delta.bias
         self.terms = plan.operands.droppable_terms()   # keys: D, z, dt_bias where present
 
@@ -91,13 +99,15 @@ class _BackwardGen:
     def names(self) -> Dict[str, str]:
         return {"dt": "dt3", "a": "a3"}
 
-    def print_math(self, o: Lines, keys: Dict[str, object], prefix: str):
-        """``name = expr`` for each of ``keys`` (printed from sympy with shared subexpressions);
-        zero expressions are skipped (their terms are not emitted)."""
-        live = {k: e for k, e in keys.items() if not codegen.is_zero(e)}
-        lines, finals = codegen.print_block(live, self.names(), tmp_prefix=prefix)
+    def print_math(self, o: Lines, keys: Dict[str, object], prefix: str,
+                   names: Optional[Dict[str, str]] = None, rename: Optional[Dict[str, str]] = None):
+        """``name = expr`` for each of ``keys`` (printed from sympy with shared subexpressions,
+        Δ and a as ``names`` says; ``rename`` the assigned names); zero expressions are skipped
+        (their terms are not emitted)."""
+        live = {k: e for k, e in keys.items() if e is not None and not codegen.is_zero(e)}
+        lines, finals = codegen.print_block(live, names or self.names(), tmp_prefix=prefix)
         o.extend(lines)
-        o.extend(f"{k} = {finals[k]}" for k in live)
+        o.extend(f"{(rename or {}).get(k, k)} = {finals[k]}" for k in live)
         return set(live)
 
     # ---- kernel ----------------------------------------------------------------------------
@@ -121,7 +131,7 @@ class _BackwardGen:
         if "z" in self.terms:
             p += ["stride_z_b", "stride_z_d"]
         p += ["BLOCK_D: tl.constexpr", "CHUNK: tl.constexpr", "HAS_H0: tl.constexpr",
-              "HAS_DHT: tl.constexpr", "VARLEN: tl.constexpr"]
+              "HAS_DHT: tl.constexpr", "VARLEN: tl.constexpr", "ATOMIC_BC: tl.constexpr"]
         return p + [f"HAS_{k.upper()}: tl.constexpr" for k in self.terms]
 
     def kernel(self, name: str) -> str:
@@ -157,13 +167,12 @@ class _BackwardGen:
           "dn = ch64[:, None] * N + nn[None, :]",
           "dn_ok = ch_ok[:, None] & (nn[None, :] < N)",
           "zero_d = tl.zeros([BLOCK_D], dtype=tl.float32)",
-          "izero = tl.zeros([BLOCK_D, N, CHUNK], dtype=tl.int32)",
-          "prev_t = izero + tl.maximum(t3 - 1, 0)",
-          "next_t = izero + tl.minimum(t3 + 1, CHUNK - 1)",
           "u_rows = u_ptr + bat * stride_u_b + ch64 * stride_u_d",
           "dout_rows = dout_ptr + bat * stride_dout_b + ch64 * stride_dout_d",
           "# du, ddelta and dz are (b, d, l) contiguous",
           "grad_rows = bat * n_channels * seqlen + ch64 * seqlen")
+        if not self.ratios:
+            o("prev_t = tl.zeros([BLOCK_D, N, CHUNK], dtype=tl.int32) + tl.maximum(t3 - 1, 0)")
         if sel["dt"]:
             o("dt_rows = delta_ptr + bat * stride_dt_b + ch64 * stride_dt_d")
         if "z" in self.terms:
@@ -181,7 +190,7 @@ class _BackwardGen:
                   f"group_{lw} = (pid_d * BLOCK_D) // cpg_{w}",
                   f"{lw}_rows = {w}_ptr + bat * stride_{w}_b + group_{lw}.to(tl.int64) * "
                   f"stride_{w}_g + nn * stride_{w}_n",
-                  f"d{lw}_part = (pid_d % (cpg_{w} // BLOCK_D)).to(tl.int64)  "
+                  f"d{lw}_part = 0 if ATOMIC_BC else (pid_d % (cpg_{w} // BLOCK_D)).to(tl.int64)  "
                   f"# which partial d{w} this channel block writes")
             else:
                 o(f"{lw}t = tl.load({w}_ptr + dn).to(tl.float32)", f"{lw}3 = {lw}t[:, :, None]")
@@ -216,11 +225,10 @@ class _BackwardGen:
         o("tl.debug_barrier()  # pass 2 reads the checkpoints other threads wrote")
         # ---- pass 2
         o("", "# pass 2: backward over the chunks; lam = dL/dh at the next chunk's first step,",
-          "# anext = that step's Abar (1 past the end: the final state's gradient enters as is)",
+          "# Abar past the sequence's end is 1: the final state's gradient enters as is",
           "lam = tl.zeros([BLOCK_D, N], dtype=tl.float32)",
           "if HAS_DHT:",
-          "    lam = tl.load(dhT_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)",
-          "anext = tl.zeros([BLOCK_D, N], dtype=tl.float32) + 1.0")
+          "    lam = tl.load(dhT_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)")
         accs = self.accumulators()
         o(*(f"{name} = {init}" for name, init, _ in accs))
         o("for i in range(0, n_chunks):")
@@ -231,8 +239,9 @@ class _BackwardGen:
         self.load_chunk(o, backward=True)
         self.chunk_backward(o)
         o.dedent()
-        o("if HAS_H0:",
-          "    tl.store(dh0_ptr + seq64 * n_channels * N + dn, anext * lam, mask=dn_ok)")
+        o("if HAS_H0:").indent()
+        self.first_step(o)
+        o("tl.store(dh0_ptr + seq64 * n_channels * N + dn, abar0 * lam, mask=dn_ok)").dedent()
         o("# per (sequence, channel block): the launcher sums over sequences")
         for name, _, store in accs:
             o(store)
@@ -258,6 +267,45 @@ class _BackwardGen:
             out.append(("acc_bias", "zero_d",
                         f"tl.store(ddt_bias_ptr + {row_d}, acc_bias, mask=ch_ok)"))
         return out
+
+    def first_step(self, o: Lines):
+        """``abar0``: Abar at the sequence's first step ([BLOCK_D, N]; 1 for an empty one), for
+        dL/dh_0 = Abar_1 lam_1."""
+        sel = self.sel
+        o("first_ok = ch_ok & ((ch * 0 + seq_end) > seq_start)")
+        if sel["dt"]:
+            o("dr = tl.load(dt_rows + seq_start, mask=first_ok, other=0.0).to(tl.float32)[:, None]",
+              f"dt0 = {codegen.delta_expr(self.plan, 'dr')}  # dt_bias is [BLOCK_D, 1] here")
+        else:
+            o("dt0 = dt[:, None]")
+        if sel["A"]:
+            o("a0 = tl.load(a_rows + seq_start, mask=dn_ok & first_ok[:, None], other=-1.0)"
+              ".to(tl.float32)")
+        else:
+            o("a0 = a")
+        self.print_math(o, {"abar": self.coefs["abar"]}, "ztmp", {"dt": "dt0", "a": "a0"},
+                        {"abar": "abar0"})
+        o("abar0 = tl.where(first_ok[:, None], abar0 + 0.0 * a0, 1.0)")
+
+    def next_step(self, o: Lines):
+        """``an``: Abar of the step after each of the chunk's steps (1 past the sequence's
+        end), from loads shifted by one step (cheaper than moving the tile by one step)."""
+        sel = self.sel
+        o("offs_n = offs + 1",
+          "tm_n = offs_n < seq_end",
+          "tm2_n = ch_ok[:, None] & tm_n[None, :]")
+        names = {"dt": "dt3", "a": "a3"}
+        if sel["dt"]:
+            o("drn = tl.load(dt_rows[:, None] + offs_n[None, :], mask=tm2_n, other=0.0)"
+              ".to(tl.float32)",
+              f"dtn3 = ({codegen.delta_expr(self.plan, 'drn')})[:, None, :]")
+            names["dt"] = "dtn3"
+        if sel["A"]:
+            o("an3 = tl.load(a_rows[:, :, None] + offs_n[None, None, :], "
+              "mask=tm_n[None, None, :] & dn_ok[:, :, None], other=-1.0).to(tl.float32)")
+            names["a"] = "an3"
+        self.print_math(o, {"abar": self.coefs["abar"]}, "ntmp", names, {"abar": "an"})
+        o("an = tl.where(tm_n[None, None, :], an + 0.0 * x3, 1.0)")
 
     def load_chunk(self, o: Lines, backward: bool):
         """The chunk's inputs as tiles, its coefficients (and in pass 2 their derivatives),
@@ -288,16 +336,24 @@ class _BackwardGen:
         keys = dict(self.coefs)
         if backward:
             keys.update(self.grads)
+            keys.update(self.ratios or {})
         self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
         o("abar_m = tl.where(tm3, abar + 0.0 * x3, 1.0)",
           "bb = bbar * b3 + 0.0 * x3  # Bbar B at every (channel, state, step)",
           "bx = tl.where(tm3, bb * x3, 0.0)")
 
+    def dabar_lines(self) -> List[str]:
+        """dL/dAbar_t = lam_t h_{t-1}: as lam_t Abar_t h_{t-1} = lam_t (h_t - b_t) where the
+        plan's ratios (∂Ā/∂·)/Ā exist, else with the states shifted by one step."""
+        if self.ratios:
+            return ["dabar_h = lam3 * (hs - bx)  # lam_t Abar_t h_{t-1}"]
+        return ["h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(hs, prev_t, 2))",
+                "dabar = lam3 * h_prev"]
+
     def chunk_backward(self, o: Lines):
         sel, terms = self.sel, self.terms
         o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
           "hs = P * h0c[:, :, None] + H  # the chunk's states",
-          "h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(hs, prev_t, 2))",
           "g = tl.load(dout_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
         if "z" in terms:
             o("if HAS_Z:",
@@ -320,14 +376,13 @@ class _BackwardGen:
               "    acc_d += tl.sum(dy * x, axis=1)")
         else:
             o("dx = 0.0 * dy")
+        self.next_step(o)
         o("# lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}, lam entering from the next chunk",
-          "an = tl.where(t3 == CHUNK - 1, anext[:, :, None], tl.gather(abar_m, next_t, 2))",
           "Q, R = tl.associative_scan((an, c3 * dy3), 2, _ssmc_pair, reverse=True)",
           "lam3 = R + Q * lam[:, :, None]",
           "lam = tl.sum(tl.where(t3 == 0, lam3, 0.0), axis=2)",
-          "anext = tl.sum(tl.where(t3 == 0, abar_m, 0.0), axis=2)",
           "lam3 = tl.where(tm3, lam3, 0.0)",
-          "dabar = lam3 * h_prev",
+          *self.dabar_lines(),
           "dbbar = lam3 * b3 * x3",
           "dx += tl.sum(lam3 * bb, axis=1)",
           "tl.store(du_ptr + grad_rows[:, None] + offs[None, :], dx.to(du_ptr.dtype.element_ty), "
@@ -335,7 +390,9 @@ class _BackwardGen:
         live = self.live
 
         def chain(var):
-            parts = [f"dabar * abar_{var}" if f"abar_{var}" in live else None,
+            abar_term = (f"dabar_h * ratio_{var}" if f"ratio_{var}" in live else None) \
+                if self.ratios else (f"dabar * abar_{var}" if f"abar_{var}" in live else None)
+            parts = [abar_term,
                      f"dbbar * bbar_{var}" if f"bbar_{var}" in live else None]
             parts = [p for p in parts if p]
             return " + ".join(parts) if parts else None
@@ -365,9 +422,14 @@ class _BackwardGen:
         for w, val in (("B", "lam3 * (bbar + 0.0 * b3) * x3"), ("C", "hs * dy3")):
             lw = w.lower()
             if sel[w]:
-                o(f"tl.store(d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
+                o(f"d{lw}_ptrs = d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
                   f"(n_channels // cpg_{w}) + group_{lw}) * N + nn[:, None]) * seqlen + "
-                  f"offs[None, :], tl.sum({val}, axis=0), mask=tm[None, :])")
+                  "offs[None, :]",
+                  "if ATOMIC_BC:",
+                  f"    tl.atomic_add(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm[None, :], "
+                  "sem='relaxed')",
+                  "else:",
+                  f"    tl.store(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm[None, :])")
             else:
                 o(f"acc_{lw} += tl.sum(tl.where(tm3, {val}, 0.0), axis=2)")
 
@@ -428,10 +490,14 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
                       else EMPTY((nseq, d), device=dev, dtype=f32))
     grads["A"] = (EMPTY(A.shape, device=dev, dtype=f32) if SELECTIVE["A"]
                   else EMPTY((nseq, d, N), device=dev, dtype=f32))
+    atomic = any(SELECTIVE[w] and k // bd > BWD_CONFIG["bwd_max_partials"]
+                 for w, k in (("B", cpg[0]), ("C", cpg[1])))
     for name, t, k in (("B", bc[0], cpg[0]), ("C", bc[1], cpg[1])):
         if SELECTIVE[name]:
-            make = torch.zeros if varlen else EMPTY   # packed: tokens past the last sequence
-            grads[name] = make((k // bd, batch, t.shape[1], N, L), device=dev, dtype=f32)
+            # zeroed where added into, or where packed sequences leave tokens past the last one
+            make = torch.zeros if varlen or atomic else EMPTY
+            grads[name] = make((1 if atomic else k // bd, batch, t.shape[1], N, L), device=dev,
+                               dtype=f32)
         else:
             grads[name] = EMPTY((nseq, d, N), device=dev, dtype=f32)
     opt, flags = [], {{}}
@@ -446,7 +512,7 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
             dout.stride(0), dout.stride(1), *strides, *z_strides)
     if L > 0 and d > 0 and nseq > 0:
         {kernel}[(blocks, nseq)](*args, BLOCK_D=bd, CHUNK=chunk, HAS_H0=initial_state is not None,
-                             HAS_DHT=dlast is not None, VARLEN=varlen,
+                             HAS_DHT=dlast is not None, VARLEN=varlen, ATOMIC_BC=atomic,
                              num_warps=BWD_CONFIG["bwd_num_warps"], **flags)
     else:
         grads["initial_state"] = (dlast if dlast is not None else
