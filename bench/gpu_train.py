@@ -220,11 +220,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=json.loads, default=None,
                     help='time these backward configs first: JSON [{"bwd_chunk": 64}, ...]')
+    ap.add_argument("--sweep-only", action="store_true", help="no table after the sweep")
     args = ap.parse_args(argv)
     best = None
     if args.sweep:
         timed = [(c, t) for c, t in scan_sweep(args.sweep) if isinstance(t, float)]
         best = min(timed, key=lambda ct: ct[1])[0] if timed else None
+        if args.sweep_only:
+            return
     import anchors
     if anchors.build_selective_scan() is None:
         print("[anchors]", anchors._state["reason"], flush=True)

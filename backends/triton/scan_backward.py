@@ -42,7 +42,10 @@ from .codegen import Lines
 # bwd_max_partials: up to this many channel blocks per group write their own partial dB/dC
 # (summed after, deterministic); more add theirs atomically into one (the partials' memory,
 # blocks x batch x n x l fp32, would exceed what the training step keeps).
-BACKWARD_DEFAULTS = {"bwd_block_d": 4, "bwd_chunk": 32, "bwd_num_warps": 4,
+# Timed on the H200 at b8 d4096 l2048 n16 (fwd+bwd ms, bench/gpu_train.py --sweep, one run):
+# block_d 4 chunk 32 warps 4: 24.3 (partials); 2/16/2: 14.4; 1/32/1: 14.1; 1/16/1: 12.1;
+# 4/16/2: 16.4; 8/8/2: 17.4. Smaller tiles keep more programs resident (bench/NOTES_backward.md).
+BACKWARD_DEFAULTS = {"bwd_block_d": 1, "bwd_chunk": 16, "bwd_num_warps": 1,
                      "bwd_max_partials": 8}
 
 PAIR_SCAN = '''
