@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import lru_cache
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import sympy as sp
@@ -609,4 +609,34 @@ def describe(family: SSMFamily) -> str:
         out.extend(f"      {ln}" for ln in lines)
         sep = ";" if dialect == "c" else ""
         out.extend(f"      {k} = {v}{sep}" for k, v in finals.items())
+    if disc.derivatives is not None:
+        out.extend(_derivative_lines(disc, trap))
     return "\n".join(out)
+
+
+def _derivative_lines(disc: Discretized, trap: bool) -> List[str]:
+    """The backward kernels' derivatives (``Discretized.derivatives``), as math and as the
+    Triton and TIR code the backward kernels print."""
+    der = disc.derivatives
+    rows = [("dabar_ddt", "∂Ā/∂Δ", der.abar_dt), ("dabar_da", "∂Ā/∂a", der.abar_a),
+            ("dbbar_ddt", "∂B̄/∂Δ", der.bbar_dt), ("dbbar_da", "∂B̄/∂a", der.bbar_a)]
+    if trap:
+        rows += [("dbbarprev_ddt", "∂B̄₋/∂Δ", der.bbar_prev_dt),
+                 ("dbbarprev_da", "∂B̄₋/∂a", der.bbar_prev_a)]
+    rows.append(("ddt_ddt_raw", "∂Δ/∂dt_raw", der.delta_raw))
+    exprs = {key: e for key, _, e in rows}
+    out = ["  derivatives (backward kernels; from the expressions above):"]
+    out += [f"    {label} = {sp.sstr(e)}" for _, label, e in rows]
+    if der.abar_dt_over_abar is not None:
+        out.append(f"    (∂Ā/∂Δ)/Ā = {der.abar_dt_over_abar}, (∂Ā/∂a)/Ā = {der.abar_a_over_abar}"
+                   "  (no pole: the kernels use λ_t (h_t - b_t) for λ_t Ā_t h_{t-1})")
+    for dialect in ("triton",):
+        try:
+            lines, finals = cse_print(exprs, dialect, None)
+        except TargetError as err:
+            out.append(f"  {dialect}: (not printed: {err.message})")
+            continue
+        out.append(f"  {dialect}:")
+        out.extend(f"      {ln}" for ln in lines)
+        out.extend(f"      {k} = {v}" for k, v in finals.items())
+    return out

@@ -369,6 +369,25 @@ class TIRPrinter(_Dialect, PythonCodePrinter):
         # Self-contained; the CPU backend emits its vectorizable fastmath softplus instead.
         return f"T.Select({x} > {threshold}, {x}, T.log1p(T.exp(T.min({x}, {threshold}))))"
 
+    # A clamp's derivative (an indicator): T.Select over TVMScript's boolean operators.
+    def _print_Piecewise(self, expr):
+        *pairs, (last, cond) = expr.args
+        if cond != sp.true:
+            raise TargetError(f"tir needs a Piecewise with a default branch: {expr}")
+        out = self._print(last)
+        for value, c in reversed(pairs):
+            out = f"T.Select({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_And(self, expr):
+        return " and ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " or ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
 
 PRINTERS = {
     "numpy": NumpyPrinter,

@@ -26,13 +26,14 @@ from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
 
 from . import tvmbuild as _build
-from . import chunked, conv, scan, step
+from . import chunked, conv, scan, scan_backward, step
 
 NAME = "cpu"
 _GENERATORS = {Algorithm.SCAN: scan, Algorithm.CHUNKED: chunked, Algorithm.CONV: conv,
                Algorithm.STEP: step}
 _CONFIG_KEYS = {"llvm_target", "target", "num_threads", "lanes", "unroll_state",
-                "kernel_lanes", "tile", "exp_degree", "row_tiles", "scalef", "readout_split"}
+                "kernel_lanes", "tile", "exp_degree", "row_tiles", "scalef", "readout_split",
+                "ckpt"}
 
 
 # A matrix A (DPLR, dense) only by conv, which forms Abar once on the host; state and
@@ -159,7 +160,47 @@ def build(plan: KernelPlan, config: dict, cache) -> CpuKernel:
     built = _build.load(pkey, lambda: lower(plan, config), tdict, cache, _about(plan, config))
     source = (built.path.parent / "kernel.tir.py").read_text()
     from . import launch  # deferred: torch is needed to call a kernel, not to write one
-    return CpuKernel(plan, config, source, built, launch.runner(plan, built.module))
+    kernel = CpuKernel(plan, config, source, built, launch.runner(plan, built.module))
+    kernel.backward_refusal = backward_refusal(plan)
+    if kernel.backward_refusal is None:
+        kernel.backward = _lazy_backward(plan, config, tdict, cache)
+    return kernel
+
+
+def backward_refusal(plan: KernelPlan) -> Optional[str]:
+    """Why no backward kernel is generated for ``plan`` (None when one is)."""
+    if plan.algorithm is Algorithm.SCAN and plan.family.A.structure is not AStructure.SCALAR:
+        return scan_backward.supports_backward(plan)
+    return f"the cpu target's {plan.algorithm.value} generator has no backward kernel yet"
+
+
+def lower_backward(plan: KernelPlan, config: dict) -> str:
+    """The TVMScript of the plan's backward kernel (compiled on the first backward)."""
+    notes = [f"llvm target: {json.dumps(_target(config), sort_keys=True)}", "backward kernel",
+             ""] + _describe(plan).splitlines()
+    return (header(plan, _shown(config), _about(plan, config)["target"], "#", notes)
+            + scan_backward.generate(plan, config))
+
+
+def _lazy_backward(plan: KernelPlan, config: dict, tdict: dict, cache):
+    """``backward(problem, dout, dfinal) -> {argument: gradient}``, its module compiled (or
+    loaded from the cache) on the first call: most kernels never run a backward, and the
+    forward's compile time is what `ssmc compile` and the tests pay."""
+    from ssmc.plan import ir_hash
+    from . import launch
+    runner = []
+
+    def backward(problem, dout, dfinal):
+        if not runner:
+            pkey = _build.plan_key(ir_hash(plan) + ":backward", _shown(config),
+                                   _target_spec(config))
+            about = dict(_about(plan, config), algorithm=f"{plan.algorithm.value} backward")
+            built = _build.load(pkey, lambda: lower_backward(plan, config), tdict, cache, about)
+            runner.append(launch.ScanBackwardRunner(plan, built.module[scan_backward.FUNC],
+                                                    int(config.get("ckpt",
+                                                                   scan_backward.DEFAULT_CKPT))))
+        return runner[0](problem, dout, dfinal)
+    return backward
 
 
 def write_artifact(plan: KernelPlan, config: dict, out_dir, cache) -> List[str]:

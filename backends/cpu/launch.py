@@ -164,6 +164,71 @@ class ScanRunner(_SequenceRunner):
         return output(y, x), final
 
 
+class ScanBackwardRunner(_SequenceRunner):
+    """Binds a selective-scan Problem and the gradients of its outputs to
+    ``ssmc_scan_backward`` (scan_backward.py); returns the gradients by argument name, fp32."""
+
+    def __init__(self, plan, function, checkpoint: int):
+        super().__init__(plan)
+        self.fn = function
+        self.K = checkpoint
+        self.inputs = buffers.inputs(plan)
+
+    def __call__(self, p, dout, dfinal):
+        import math
+        fam = self.fam
+        x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
+        check_cpu(dout, dfinal)
+        nseq, d, n, g = seg.shape[0], fam.dims.d_inner, fam.dims.state, fam.dims.groups
+        args = []
+        for name, op in self.inputs:
+            value = getattr(p, op.name)
+            if name == "h0":
+                args.append(f32(value) if value is not None else self.placeholders(state_shape))
+            elif op.name in ("B", "C"):
+                args.append(f32(token_major(value, getattr(fam, op.name).selective)))
+            else:
+                args.append(f32(value))
+        names = {name for name, _ in self.inputs}
+        lengths = seg[:, 2] - seg[:, 1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        ck = empty((nseq, d, max(1, math.ceil(longest / self.K)), n))
+        from .tir import lanes_for
+        blocks = (d // g) // lanes_for(d // g, 8)
+        parts = max(1, min(blocks, math.ceil(torch.get_num_threads() / max(1, nseq * g))))
+        zeroed = torch.zeros if p.cu_seqlens is not None else (lambda shape: empty(shape))
+        token = tuple(args[0].shape)
+        grads = {"x": zeroed(token),
+                 "dt": zeroed(token) if fam.delta.selective else empty((nseq, d)),
+                 "A": zeroed(tuple(p.A.shape)) if fam.A.selective else empty((nseq, d, n))}
+        for w in ("B", "C"):
+            grads[w] = (torch.zeros((parts, batch, g, seqlen, n)) if getattr(fam, w).selective
+                        else empty((nseq, d, n)))
+        optional = [k for k in ("D", "z", "bias") if k in names]
+        shapes = {"D": (nseq, d), "z": token, "bias": (nseq, d)}
+        for k in optional:
+            grads[k] = zeroed(shapes[k]) if k == "z" else empty(shapes[k])
+        grads["h0"] = empty((nseq, d, n))
+        dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
+        self.fn(*args, seg, f32(dout), dhT, ck, grads["x"], grads["dt"], grads["A"], grads["B"],
+                grads["C"], *(grads[k] for k in optional), grads["h0"],
+                int(init is not None), int(dfinal is not None), parts)
+        for key in ("dt", "A"):
+            if not getattr(fam, "delta" if key == "dt" else key).selective:
+                grads[key] = grads[key].sum(0)
+        for w in ("B", "C"):
+            grads[w] = (grads[w].sum(0).transpose(2, 3) if getattr(fam, w).selective
+                        else grads[w].sum(0))
+        for k in ("D", "bias"):
+            if k in grads:
+                grads[k] = grads[k].sum(0)
+        if init is None:
+            grads.pop("h0")
+        # the convention's names (buffers.py's short names for x, dt, dt_bias, initial)
+        keyword = {name: op.name for name, op in self.inputs}
+        return {keyword.get(k, k): v for k, v in grads.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # The decode step's call
 

@@ -66,7 +66,7 @@ def match_buffer(w: Writer, name: str, handle: str, shape: Sequence, dtype: str 
     w(f'{name} = T.match_buffer({handle}, ({dims}), "{dtype}", align=4)')
 
 
-class _DeltaPrinter(TIRPrinter):
+class DeltaPrinter(TIRPrinter):
     """TIR printer whose softplus is fastmath's vectorizable one, emitted as let-lines."""
 
     def __init__(self, w: Writer, names):
@@ -85,7 +85,7 @@ def delta_expr(w: Writer, disc, raw: str, bias: Optional[str]) -> str:
     """Δ from the raw dt text, printed from the pass's Δ map (``disc.delta``: bias, softplus,
     clamp as the spec says); ``bias`` None drops the bias term. Returns a let name."""
     expr = disc.delta if bias is not None else without_bias(disc.delta)
-    x = _DeltaPrinter(w, {disc.dt_raw.name: raw, disc.dt_bias.name: bias or ""}).doprint(expr)
+    x = DeltaPrinter(w, {disc.dt_raw.name: raw, disc.dt_bias.name: bias or ""}).doprint(expr)
     return w.let("delta", x)
 
 

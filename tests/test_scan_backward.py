@@ -1,11 +1,13 @@
-"""The generated Triton selective-scan backward against the float64 gradient oracle.
+"""The generated selective-scan backward kernels (cuda: Triton, cpu: TVM) against the float64
+gradient oracle.
 
 Every case draws fresh inputs, a random gradient for y and (where asked) for the final state,
 and compares each input's gradient from the generated backward kernel with torch autograd
 through ``reference.run_float64_differentiable`` (itself checked by gradcheck in
 test_gradients.py) on the same inputs. Buffers the backward returns are filled with NaN before
-the launch. Under the Triton interpreter on the CPU by default; on a GPU with
-``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0`` (``SSMC_TEST_FULL=1``: full-size shapes).
+the launch. The cuda target runs under the Triton interpreter on the CPU by default; on a GPU
+with ``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0`` (``SSMC_TEST_FULL=1``: full-size shapes), where
+the cpu cases are left to the CPU run.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pytest
 import torch
 
 import families as F
-from conftest import DEVICE, FULL, TOL, assert_rel_close, require_cuda_device
+from conftest import (FULL, ON_CUDA, TOL, assert_rel_close, require_cuda_device,
+                      require_target_tools, target_device)
 import ssmc
 from ssmc import signature
 from ssmc.backends import reference
@@ -27,20 +30,48 @@ CH, STATE = (256, 16) if FULL else (8, 4)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-def _poisoned(module):
-    module.EMPTY = lambda shape, **kw: torch.full(tuple(shape), float("nan"), **kw)
+TARGETS = ["cuda"] if ON_CUDA else ["cpu", "cuda"]
 
 
-def _inputs(fam, batch, seqlen, dtype, seed, **kw):
-    return signature.example_inputs(fam, None, batch, seqlen, dtype=dtype, device=DEVICE,
-                                    seed=seed, **kw)
+@pytest.fixture(params=TARGETS)
+def target(request):
+    require_target_tools(request.param)
+    return request.param
 
 
-def check_gradients(fam, seqlen, seed, batch=2, dtype="float32", with_state=True, varlen=False,
-                    final=True, omit=(), scale=None, tol=None, config=None):
+class _poisoned:
+    """Outputs of the backward kernels allocated full of NaN for the duration."""
+
+    def __init__(self, backend_kernel, target):
+        self.kernel, self.target = backend_kernel, target
+
+    def __enter__(self):
+        if self.target == "cuda":
+            self.kernel.module.EMPTY = lambda shape, **kw: torch.full(tuple(shape), float("nan"),
+                                                                      **kw)
+        else:
+            from ssmc.backends.cpu import launch
+            launch.POISON = True
+
+    def __exit__(self, *exc):
+        if self.target == "cuda":
+            self.kernel.module.EMPTY = torch.empty
+        else:
+            from ssmc.backends.cpu import launch
+            launch.POISON = False
+
+
+def _inputs(fam, batch, seqlen, dtype, seed, target="cuda", **kw):
+    return signature.example_inputs(fam, None, batch, seqlen, dtype=dtype,
+                                    device=target_device(target), seed=seed, **kw)
+
+
+def check_gradients(fam, seqlen, seed, target, batch=2, dtype="float32", with_state=True,
+                    varlen=False, final=True, omit=(), scale=None, tol=None, config=None):
     """The generated backward's gradients of (y, final state) against the oracle's."""
-    kernel = ssmc.compile(fam, target="cuda", config=config)
-    inputs = _inputs(fam, batch, seqlen, dtype, seed, with_state=with_state,
+    kernel = ssmc.compile(fam, target=target, config=config)
+    DEVICE = target_device(target)
+    inputs = _inputs(fam, batch, seqlen, dtype, seed, target, with_state=with_state,
                      **({"varlen": varlen} if varlen else {}))
     for name in omit:
         inputs.pop(name, None)
@@ -58,18 +89,15 @@ def check_gradients(fam, seqlen, seed, batch=2, dtype="float32", with_state=True
     loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
     want = dict(zip(names, torch.autograd.grad(loss, leaves)))
 
-    module = kernel.kernel_for(problem.family).module
-    _poisoned(module)
-    try:
-        got = module.backward(dy.to(DEVICE, problem.u.dtype),
-                              dlast.to(DEVICE, torch.float32) if final else None,
-                              **{n: getattr(problem, n) for n in NAMES + ("cu_seqlens",)})
-    finally:
-        module.EMPTY = torch.empty
+    backend_kernel = kernel.kernel_for(problem.family)
+    with _poisoned(backend_kernel, target):
+        got = backend_kernel.backward(problem, dy.to(DEVICE, problem.u.dtype),
+                                      dlast.to(DEVICE, torch.float32) if final else None)
     for name in names:
         assert got[name].shape == want[name].shape, name
         # per-token gradients come back in the input's dtype, parameters in fp32
-        token = name in ("u", "delta", "z") and getattr(problem, name).dim() == 3
+        token = name in ("u", "delta", "z") and getattr(problem, name).dim() == 3 \
+            and target == "cuda"
         assert_rel_close(f"d{name}", got[name], want[name], dtype if token else "float32",
                          tol=tol)
     return got
@@ -79,18 +107,18 @@ LENGTHS = [1, 31, 32, 33, 67] if not FULL else [1, 255, 256, 257, 2053]
 
 
 @pytest.mark.parametrize("seqlen", LENGTHS)
-def test_mamba1_every_gradient(seqlen, seed):
-    check_gradients(F.mamba1(channels=CH, state=STATE), seqlen, seed)
+def test_mamba1_every_gradient(seqlen, seed, target):
+    check_gradients(F.mamba1(channels=CH, state=STATE), seqlen, seed, target)
 
 
 @pytest.mark.parametrize("method", [m for m in Method if m is not Method.TRAPEZOIDAL])
-def test_every_method(method, seed):
-    check_gradients(F.mamba1(channels=CH, state=STATE, method=method), 37, seed)
+def test_every_method(method, seed, target):
+    check_gradients(F.mamba1(channels=CH, state=STATE, method=method), 37, seed, target)
 
 
 @pytest.mark.parametrize("variant", ["groups", "selective_A", "constant_BC", "constant_delta",
                                      "no_terms", "clamp", "no_state"])
-def test_selectivity_and_terms(variant, seed):
+def test_selectivity_and_terms(variant, seed, target):
     kw, call = {}, {}
     if variant == "groups":
         kw = dict(groups=2)
@@ -107,44 +135,44 @@ def test_selectivity_and_terms(variant, seed):
         call = dict(omit=("D", "z", "delta_bias"))
     elif variant == "no_state":
         call = dict(with_state=False, final=False)
-    check_gradients(F.mamba1(channels=CH, state=STATE, **kw), 35, seed, **call)
+    check_gradients(F.mamba1(channels=CH, state=STATE, **kw), 35, seed, target, **call)
 
 
 def test_atomic_partials(seed):
     """Many channel blocks per group add their dB, dC atomically instead of as partials."""
     fam = F.mamba1(channels=CH, state=STATE)
-    check_gradients(fam, 33, seed, config={"bwd_block_d": 1, "bwd_max_partials": 2})
+    check_gradients(fam, 33, seed, "cuda", config={"bwd_block_d": 1, "bwd_max_partials": 2})
 
 
-def test_odd_channels_one_per_block(seed):
-    """Channels per group not a power of two: one channel per program."""
-    check_gradients(F.mamba1(channels=3, state=STATE), 21, seed)
+def test_odd_channels_one_per_block(seed, target):
+    """Channels per group not a power of two: one channel per program (cuda), per lane (cpu)."""
+    check_gradients(F.mamba1(channels=3, state=STATE), 21, seed, target)
 
 
-def test_varlen(seed):
+def test_varlen(seed, target):
     """Packed sequences (one of them empty) with chunk boundaries inside sequences."""
-    check_gradients(F.mamba1(channels=CH, state=STATE), 0, seed, batch=1,
+    check_gradients(F.mamba1(channels=CH, state=STATE), 0, seed, target, batch=1,
                     varlen=[13, 0, 40, 1, 33])
 
 
-def test_bf16(seed):
-    check_gradients(F.mamba1(channels=CH, state=STATE), 40, seed, dtype="bfloat16")
+def test_bf16(seed, target):
+    check_gradients(F.mamba1(channels=CH, state=STATE), 40, seed, target, dtype="bfloat16")
 
 
-def test_no_nan_at_large_decays_and_steps(seed):
+def test_no_nan_at_large_decays_and_steps(seed, target):
     """|A| Δ up to ~1e3 and Δ up to ~10 (softplus of large dt): Ā underflows to 0, the
     gradients stay finite and correct."""
     fam = F.mamba1(channels=CH, state=STATE)
-    got = check_gradients(fam, 150, seed, scale={"delta": 10.0, "A": 100.0}, tol=1e-4)
+    got = check_gradients(fam, 150, seed, target, scale={"delta": 10.0, "A": 100.0}, tol=1e-4)
     assert all(torch.isfinite(g).all() for g in got.values())
 
 
-def test_trains_through_the_compiled_callable_and_torch_compile(seed):
+def test_trains_through_the_compiled_callable_and_torch_compile(seed, target):
     """loss.backward() through the callable, the torch op and torch.compile(fullgraph=True)
     gives the same gradients, B passed as (b, n, l)."""
     fam = F.mamba1(channels=CH, state=STATE)
-    kernel = ssmc.compile(fam, target="cuda")
-    inputs = _inputs(fam, 2, 19, "float32", seed, with_state=True)
+    kernel = ssmc.compile(fam, target=target)
+    inputs = _inputs(fam, 2, 19, "float32", seed, target, with_state=True)
     inputs["B"] = inputs["B"][:, 0]
 
     def grads(fn):
@@ -165,19 +193,20 @@ def test_trains_through_the_compiled_callable_and_torch_compile(seed):
             assert_rel_close(f"d{name}", other[name], g, "float32", tol=1e-6)
 
 
-def test_a_layer_trains(seed):
-    """ssmc.nn.SSMLayer on the cuda target: a few optimizer steps lower the loss."""
+def test_a_layer_trains(seed, target):
+    """ssmc.nn.SSMLayer: a few optimizer steps lower the loss."""
+    DEVICE = target_device(target)
     torch.manual_seed(seed)
     spec = ("ssm Tiny {\n dims channels = 8, state = 4\n A diagonal = -exp(A_log)\n"
             " delta selective = softplus(dt + dt_bias)\n B, C selective per group\n"
             " D per channel\n gate silu(z)\n discretize exp_euler\n compute scan\n}\n")
-    layer = ssmc.nn.SSMLayer(spec, d_model=8, target="cuda").to(DEVICE)
+    layer = ssmc.nn.SSMLayer(spec, d_model=8, target=target).to(DEVICE)
     x = torch.randn(2, 12, 8, device=DEVICE)
-    target = torch.randn(2, 12, 8, device=DEVICE)
+    goal = torch.randn(2, 12, 8, device=DEVICE)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
-        loss = (layer(x) - target).square().mean()
+        loss = (layer(x) - goal).square().mean()
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all()
@@ -188,11 +217,11 @@ def test_a_layer_trains(seed):
 
 
 @pytest.mark.parametrize("what", ["trapezoidal", "complex"])
-def test_what_has_no_backward_yet_says_so(what):
+def test_what_has_no_backward_yet_says_so(what, target):
     fam = (F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL) if what == "trapezoidal"
            else F.s5(channels=CH, state=STATE))
-    kernel = ssmc.compile(fam, target="cuda", algorithm=Algorithm.SCAN)
-    inputs = _inputs(fam, 1, 5, "float32", 0)
+    kernel = ssmc.compile(fam, target=target, algorithm=Algorithm.SCAN)
+    inputs = _inputs(fam, 1, 5, "float32", 0, target)
     inputs["u"].requires_grad_(True)
     y = kernel(**inputs)
     reason = "previous-token term" if what == "trapezoidal" else "complex_diagonal A"

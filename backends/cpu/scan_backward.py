@@ -1,0 +1,342 @@
+"""The selective scan's backward kernel (real diagonal A) as TVMScript: ``ssmc_scan_backward``.
+
+The adjoint recurrence (``ssmc.ir.Derivatives`` has the algebra): per channel and state,
+λ_t = C_t dy_t + μ_t with μ_t = Ā_{t+1} λ_{t+1} carried backward in time, and every input's
+gradient is λ_t (or dy_t) times a partial derivative of the forward's coefficients, printed
+here from the plan's sympy ``Derivatives`` like the forward prints Ā and B̄.
+
+Memory: nothing per token is kept from the forward. A task walks its channels' sequence
+forward once, storing the state every ``ckpt`` steps (``ck``: one state per chunk); then
+backward chunk by chunk: the chunk's states are recomputed from its checkpoint into a local
+tile (``ckpt`` steps x n x W, in L1) with their Ā and B̄, and the reverse loop reads h_{t-1}
+from it exactly (no division by Ā, no shifted loads: the CPU walks time one step at a time).
+
+Work: tasks are (sequence, group, part): a part is a range of the group's channel blocks of
+W lanes (vectorized, as in the forward), walked one block after another, so that dB and dC
+(shared by the group's channels) are summed inside the task and written as one partial per
+part, which the launcher sums (deterministic; ``parts`` is chosen per call from the thread
+count). A, D, Δ's bias and constant B, C, Δ are summed per (sequence, channel) and summed over
+sequences by the launcher.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import sympy as sp
+
+from ssmc.ir import AStructure, KernelPlan
+from ssmc.printers import TIRPrinter
+
+from . import buffers
+from .tir import Writer, DeltaPrinter, delta_expr, lanes_for, match_buffer
+
+FUNC = "ssmc_scan_backward"
+# Steps per checkpoint: the recomputed chunk (ckpt x n x W floats, x3 tiles) stays in L1.
+DEFAULT_CKPT = 16
+
+
+def supports_backward(plan: KernelPlan) -> Optional[str]:
+    f = plan.family
+    if f.A.structure is not AStructure.DIAGONAL:
+        return (f"the cpu scan's backward is generated for real diagonal A, not "
+                f"{f.A.structure.value} A (not yet)")
+    if sp.sympify(plan.disc.bbar_prev) != 0:
+        return (f"the cpu scan's backward does not yet generate the {f.method.value} rule's "
+                "previous-token term")
+    if f.gate and f.gate.kind != "silu":
+        return f"the cpu scan's backward knows the silu gate, not {f.gate.kind}"
+    if plan.disc.derivatives is None:
+        return "the plan carries no derivatives of its discretization"
+    return None
+
+
+def _print(expr, names: Dict[str, str]) -> str:
+    return TIRPrinter(names=names).doprint(sp.sympify(expr))
+
+
+class _Backward:
+    def __init__(self, plan: KernelPlan, config: dict):
+        self.plan, self.fam = plan, plan.family
+        f = self.fam
+        self.n, self.g = f.dims.state, f.dims.groups
+        self.d = f.dims.d_inner
+        self.cpg = self.d // self.g
+        self.W = int(config.get("lanes") or lanes_for(self.cpg, 8))
+        self.K = int(config.get("ckpt", DEFAULT_CKPT))
+        self.sel = {"dt": f.delta.selective, "A": f.A.selective, "B": f.B.selective,
+                    "C": f.C.selective}
+        self.w = Writer()
+        der = plan.disc.derivatives
+        self.coef = {"abar": plan.disc.abar, "bbar": plan.disc.bbar}
+        self.der = {"abar_dt": der.abar_dt, "abar_a": der.abar_a, "bbar_dt": der.bbar_dt,
+                    "bbar_a": der.bbar_a}
+        self.delta_raw = der.delta_raw
+        self.names = dict(buffers.inputs(plan))
+
+    # ---- text helpers ------------------------------------------------------------------------
+    def alloc(self, name: str, shape) -> None:
+        dims = ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "")
+        self.w(f'{name} = T.alloc_buffer(({dims}), "float32", scope="global")')
+
+    def loop(self, var: str, count, kind: str = "serial"):
+        return self.w.block(f"for {var} in T.{kind}({count}):")
+
+    def lanes(self):
+        return self.loop("v", self.W, "vectorized")
+
+    def x_at(self, buf: str, t: str = "tt") -> str:
+        return f"{buf}[bi, c0 + v, {t}]"
+
+    def raw_dt(self, t: str = "tt") -> str:
+        return f"dt[bi, c0 + v, {t}]" if self.sel["dt"] else "dt[c0 + v]"
+
+    def a_at(self, t: str = "tt") -> str:
+        return f"A[bi, c0 + v, s, {t}]" if self.sel["A"] else "A[c0 + v, s]"
+
+    def bc_at(self, name: str, t: str = "tt") -> str:
+        return f"{name}[bi, g, {t}, s]" if self.sel[name] else f"{name}[c0 + v, s]"
+
+    def has(self, op: str) -> bool:
+        return op in self.names
+
+    # ---- the function ------------------------------------------------------------------------
+    def generate(self) -> str:
+        w, f, n, W, K = self.w, self.fam, self.n, self.W, self.K
+        ins = [name for name, _ in buffers.inputs(self.plan)]
+        grads = ["dx", "ddt", "dA", "dB", "dC"] + [f"d{name}" for name in ("D", "z", "bias")
+                                                   if name in ins] + ["dh0"]
+        handles = ins + ["seg", "dout", "dhT", "ck"] + grads
+        w("# ssmc CPU scan backward kernel (generated; see backends/cpu/scan_backward.py)")
+        w("@T.prim_func")
+        params = ", ".join(f"{h}_h: T.handle" for h in handles)
+        w(f"def {FUNC}({params}, has_init: T.int32, has_dhT: T.int32, parts: T.int32):")
+        w.depth += 1
+        w(f'T.func_attr({{"global_symbol": "{FUNC}", "tir.noalias": True}})')
+        for v in ("nb", "L", "nseg", "ninit", "nck", "nparts", "nfin"):
+            w(f"{v} = T.int64()")
+        sizes = buffers.sizes_of(f, b="nb", l="L")
+        for name, op in buffers.inputs(self.plan):     # the forward's inputs, as it takes them
+            at = dict(sizes, s="ninit" if name == "h0" else sizes.get("s"))
+            bc = op.name in ("B", "C") and op.selective
+            match_buffer(w, name, f"{name}_h", buffers.shape(op, at, bc))
+        match_buffer(w, "seg", "seg_h", ("nseg", 3), "int64")
+        match_buffer(w, "dout", "dout_h", ("nb", self.d, "L"))
+        match_buffer(w, "dhT", "dhT_h", ("nfin", self.d, n))
+        match_buffer(w, "ck", "ck_h", ("nseg", self.d, "nck", n))
+        d = self.d
+        match_buffer(w, "dx", "dx_h", ("nb", d, "L"))
+        match_buffer(w, "ddt", "ddt_h", ("nb", d, "L") if self.sel["dt"] else ("nseg", d))
+        match_buffer(w, "dA", "dA_h", ("nb", d, n, "L") if self.sel["A"] else ("nseg", d, n))
+        for name in ("B", "C"):
+            shape = ("nparts", "nb", self.g, "L", n) if self.sel[name] else ("nseg", d, n)
+            match_buffer(w, f"d{name}", f"d{name}_h", shape)
+        if "D" in ins:
+            match_buffer(w, "dD", "dD_h", ("nseg", d))
+        if "z" in ins:
+            match_buffer(w, "dz", "dz_h", ("nb", d, "L"))
+        if "bias" in ins:
+            match_buffer(w, "dbias", "dbias_h", ("nseg", d))
+        match_buffer(w, "dh0", "dh0_h", ("nseg", d, n))
+        blocks = self.cpg // W
+        with self.loop("task", f"nseg * {self.g} * parts", "parallel"):
+            w(f"sq: T.let = task // (parts * {self.g})")
+            w(f"g: T.let = task // parts % {self.g}")
+            w("part: T.let = task % parts")
+            w("bi: T.let = seg[sq, 0]")
+            w("t_begin: T.let = seg[sq, 1]")
+            w("t_len: T.let = seg[sq, 2] - seg[sq, 1]")
+            w(f"per: T.let = ({blocks} + parts - 1) // parts")
+            self.allocations()
+            with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
+                w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
+                self.channel_block()
+        return w.text()
+
+    def allocations(self):
+        n, W, K = self.n, self.W, self.K
+        self.alloc("h", (n, W))
+        self.alloc("mu", (n, W))
+        self.alloc("hs", (K + 1, n, W))      # the chunk's states, h_{t0-1} first
+        self.alloc("abar_s", (K, n, W))
+        self.alloc("bbar_s", (K, n, W))
+        self.alloc("dts", (K, W))
+        self.alloc("acc_a", (n, W))
+        for name in ("acc_b", "acc_c"):
+            self.alloc(name, (n, W))
+        self.alloc("acc_dt", (W,))
+        self.alloc("acc_d", (W,))
+        self.alloc("acc_bias", (W,))
+        self.alloc("dbv", (n, W))
+        self.alloc("ysum", (W,))
+        self.alloc("dyv", (W,))
+        self.alloc("dxv", (W,))
+        self.alloc("ddv", (W,))
+
+    def coefficients(self, j: str, extra: bool):
+        """Ā, B̄ (and with ``extra`` their derivatives) of step j at state s, lane v, into
+        local let names; returns {key: text}."""
+        w = self.w
+        names = {"dt": f"dts[{j}, v]", "a": self.a_at()}
+        keys = dict(self.coef)
+        if extra:
+            keys.update(self.der)
+        out = {}
+        for key, expr in keys.items():
+            if sp.sympify(expr) == 0:
+                out[key] = None
+                continue
+            out[key] = w.let(key, _print(expr, names))
+        return out
+
+    def channel_block(self):
+        w, n, W, K, sel = self.w, self.n, self.W, self.K, self.sel
+        ins = self.names
+        # ---- pass 1: the state at every chunk's start
+        with self.loop("s", n):
+            with self.lanes():
+                w(f"h[s, v] = T.Select(has_init != 0, h0[T.min(sq, ninit - 1), c0 + v, s], "
+                  "T.float32(0.0))")
+        with self.loop("t", "t_len"):
+            w("tt: T.let = t_begin + t")
+            with w.block(f"if t % {K} == 0:"):
+                with self.loop("s", n):
+                    with self.lanes():
+                        w(f"ck[sq, c0 + v, t // {K}, s] = h[s, v]")
+            with self.lanes():
+                w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+            with self.loop("s", n):
+                with self.lanes():
+                    c = self.coefficients("0", extra=False)
+                    w(f"h[s, v] = {c['abar']} * h[s, v] + {c['bbar']} * {self.bc_at('B')} * "
+                      f"{self.x_at('x')}")
+        # ---- pass 2
+        with self.loop("s", n):
+            with self.lanes():
+                w(f"mu[s, v] = T.Select(has_dhT != 0, dhT[T.min(sq, nfin - 1), c0 + v, s], "
+                  "T.float32(0.0))")
+                w("acc_a[s, v] = T.float32(0.0)")
+                w("acc_b[s, v] = T.float32(0.0)")
+                w("acc_c[s, v] = T.float32(0.0)")
+        with self.lanes():
+            for name in ("acc_dt", "acc_d", "acc_bias"):
+                w(f"{name}[v] = T.float32(0.0)")
+        with self.loop("ci", f"(t_len + {K - 1}) // {K}"):
+            w(f"c: T.let = (t_len + {K - 1}) // {K} - 1 - ci")
+            w(f"nt: T.let = T.min({K}, t_len - c * {K})")
+            # recompute the chunk's states, Abar and Bbar
+            with self.loop("s", n):
+                with self.lanes():
+                    w("hs[0, s, v] = ck[sq, c0 + v, c, s]")
+            with self.loop("j", "nt"):
+                w(f"tt: T.let = t_begin + c * {K} + j")
+                with self.lanes():
+                    w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+                with self.loop("s", n):
+                    with self.lanes():
+                        c = self.coefficients("j", extra=False)
+                        w(f"abar_s[j, s, v] = {c['abar']}")
+                        w(f"bbar_s[j, s, v] = {c['bbar']}")
+                        w(f"hs[j + 1, s, v] = abar_s[j, s, v] * hs[j, s, v] + bbar_s[j, s, v] * "
+                          f"{self.bc_at('B')} * {self.x_at('x')}")
+            # walk the chunk backward
+            with self.loop("jj", "nt"):
+                w("j: T.let = nt - 1 - jj")
+                w(f"tt: T.let = t_begin + c * {K} + j")
+                self.step_backward()
+        with self.loop("s", n):
+            with self.lanes():
+                w("dh0[sq, c0 + v, s] = mu[s, v]")
+                if not sel["A"]:
+                    w("dA[sq, c0 + v, s] = acc_a[s, v]")
+                for name, acc in (("B", "acc_b"), ("C", "acc_c")):
+                    if not sel[name]:
+                        w(f"d{name}[sq, c0 + v, s] = {acc}[s, v]")
+        stores = ([] if sel["dt"] else ["ddt[sq, c0 + v] = acc_dt[v]"]) + \
+            (["dD[sq, c0 + v] = acc_d[v]"] if "D" in ins else []) + \
+            (["dbias[sq, c0 + v] = acc_bias[v]"] if "bias" in ins else [])
+        if stores:
+            with self.lanes():
+                for line in stores:
+                    w(line)
+
+    def bias(self) -> Optional[str]:
+        return "bias[c0 + v]" if "bias" in self.names else None
+
+    def step_backward(self):
+        """Step j of the chunk, t = tt: the gate's and D's gradients, then per state the
+        adjoint and the gradients it feeds."""
+        w, n, W, sel, ins = self.w, self.n, self.W, self.sel, self.names
+        x = self.x_at("x")
+        with self.lanes():
+            w("ysum[v] = T.float32(0.0)")
+        with self.loop("s", n):
+            with self.lanes():
+                w(f"ysum[v] = ysum[v] + {self.bc_at('C')} * hs[j + 1, s, v]")
+        with self.lanes():
+            g = self.x_at("dout")
+            if "z" in ins:
+                z = self.x_at("z")
+                sig = w.let("sig", f"T.float32(1.0) / (T.float32(1.0) + T.exp(T.float32(0.0) - {z}))")
+                y = "ysum[v]" + (f" + D[c0 + v] * {x}" if "D" in ins else "")
+                w(f"{self.x_at('dz')} = {g} * ({y}) * {sig} * (T.float32(1.0) + {z} * "
+                  f"(T.float32(1.0) - {sig}))")
+                w(f"dyv[v] = {g} * {z} * {sig}")
+            else:
+                w(f"dyv[v] = {g}")
+            if "D" in ins:
+                w(f"acc_d[v] = acc_d[v] + dyv[v] * {x}")
+                w("dxv[v] = D[c0 + v] * dyv[v]")
+            else:
+                w("dxv[v] = T.float32(0.0)")
+            w("ddv[v] = T.float32(0.0)")
+        with self.loop("s", n):
+            with self.lanes():
+                c = self.coefficients("j", extra=True)
+                B, C = self.bc_at("B"), self.bc_at("C")
+                lam = w.let("lam", f"{C} * dyv[v] + mu[s, v]")
+                dabar = w.let("dabar", f"{lam} * hs[j, s, v]")
+                dbbar = w.let("dbbar", f"{lam} * {B} * {x}")
+
+                def chain(var):
+                    terms = [f"{dabar} * {c['abar_' + var]}" if c[f"abar_{var}"] else None,
+                             f"{dbbar} * {c['bbar_' + var]}" if c[f"bbar_{var}"] else None]
+                    terms = [t for t in terms if t]
+                    return " + ".join(terms) if terms else "T.float32(0.0)"
+                w(f"ddv[v] = ddv[v] + {chain('dt')}")
+                if sel["A"]:
+                    w(f"dA[bi, c0 + v, s, tt] = {chain('a')}")
+                else:
+                    w(f"acc_a[s, v] = acc_a[s, v] + {chain('a')}")
+                w(f"dxv[v] = dxv[v] + {lam} * bbar_s[j, s, v] * {B}")
+                if sel["B"]:
+                    w(f"dbv[s, v] = {lam} * bbar_s[j, s, v] * {x}")
+                else:
+                    w(f"acc_b[s, v] = acc_b[s, v] + {lam} * bbar_s[j, s, v] * {x}")
+                if not sel["C"]:
+                    w(f"acc_c[s, v] = acc_c[s, v] + dyv[v] * hs[j + 1, s, v]")
+                w(f"mu[s, v] = abar_s[j, s, v] * {lam}")
+        # dB, dC of the group's channels at this token: summed over the task's lanes into the
+        # task's partial (zeroed by the launcher)
+        for name, term in (("B", "dbv[s, v]"), ("C", "dyv[v] * hs[j + 1, s, v]")):
+            if not sel[name]:
+                continue
+            with self.loop("s", n):
+                with self.loop("v", W):
+                    w(f"d{name}[part, bi, g, tt, s] = d{name}[part, bi, g, tt, s] + {term}")
+        with self.lanes():
+            w(f"{self.x_at('dx')} = dxv[v]")
+            raw = self.raw_dt()
+            names = {"dt_raw": raw, "dt_bias": self.bias() or "T.float32(0.0)"}
+            # printed like the forward's Δ map (its vectorizable softplus as let-lines)
+            slope = DeltaPrinter(w, names).doprint(sp.sympify(self.delta_raw))
+            dr = w.let("ddr", f"ddv[v] * ({slope})")
+            if sel["dt"]:
+                w(f"ddt[bi, c0 + v, tt] = {dr}")
+            else:
+                w(f"acc_dt[v] = acc_dt[v] + {dr}")
+            if "bias" in ins:
+                w(f"acc_bias[v] = acc_bias[v] + {dr}")
+
+
+def generate(plan: KernelPlan, config: dict) -> str:
+    return _Backward(plan, config).generate()
