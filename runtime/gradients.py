@@ -29,13 +29,12 @@ from ssmc.errors import SSMCError
 def message_for(kernel, backend_kernel=None) -> str:
     """Why ``kernel`` (a CompiledKernel) cannot be differentiated; ``backend_kernel``, the one a
     call ran, may say why its backend generated no backward."""
-    reason = getattr(backend_kernel, "backward_refusal", None) or (
-        f"target {kernel.target.name} generates no backward kernels yet")
+    reason = getattr(backend_kernel, "backward_refusal", None) or kernel.backward_refusal
     return (f"no backward kernel for the compiled {kernel.family.name} "
             f"({kernel.plan.algorithm.value}, target {kernel.target.name}): {reason}; the "
             "kernel is inference-only here: run it under torch.no_grad() or "
-            "torch.inference_mode(), or compile it for a target that trains it (cuda: the "
-            "selective scan with real diagonal A)")
+            "torch.inference_mode() (what trains today: the selective scan with real "
+            "diagonal A, on the cuda and cpu targets)")
 
 
 def differentiable_names(problem, plan) -> List[str]:

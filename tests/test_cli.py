@@ -64,6 +64,9 @@ def test_show_ir_and_discretization():
     out = ssmc("show", "discretization", EXAMPLES / "mamba1.ssm")
     assert out.returncode == 0, out.stderr
     assert "exp" in out.stdout
+    # the backward kernels' derivatives, derived from the same expressions
+    assert "∂Ā/∂Δ = a*exp(a*dt)" in out.stdout and "∂Ā/∂a = dt*exp(a*dt)" in out.stdout
+    assert "∂Δ/∂dt_raw = 1/(exp(-dt_bias - dt_raw) + 1)" in out.stdout
 
 
 def test_compile_reference_writes_artifact_and_manifest(tmp_path):
