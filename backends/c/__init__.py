@@ -33,6 +33,11 @@ CAPABILITIES = Capabilities("c", ((Algorithm.SCAN, ELEMENTWISE), (Algorithm.STEP
                                   (Algorithm.CONV, ALL_STRUCTURES)), device="cpu")
 
 
+def backward_refusal(plan: KernelPlan) -> Optional[str]:
+    """The c and cross targets generate inference kernels only (edge devices run no backward)."""
+    return "the c and cross-compiled targets are forward-only (inference on edge devices)"
+
+
 def supports(plan: KernelPlan) -> Optional[str]:
     """None when the C target can compile ``plan``, else the reason in words."""
     return CAPABILITIES.refuses(plan) or plan_limits(plan)
