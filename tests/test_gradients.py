@@ -16,7 +16,23 @@ from ssmc.discretize import (DT, DT_BIAS, DT_RAW, delta_map, derive_derivatives,
 from ssmc.ir import Convention, Method
 from ssmc.signature import bind, resized
 
-CASES = {"mamba1": ("examples/mamba1.ssm", None, Convention.SELECTIVE_SCAN,
+TRAPEZOIDAL_SPEC = """
+ssm Trap {
+  dims       channels = 3, state = 2
+  A          diagonal = -exp(A_log)
+  delta      selective = softplus(dt + dt_bias)
+  B, C       selective per group
+  D          per channel
+  gate       silu(z)
+  discretize trapezoidal
+  compute    scan
+}
+"""
+
+CASES = {"trapezoidal": (TRAPEZOIDAL_SPEC, None, Convention.SELECTIVE_SCAN,
+                         dict(channels=3, state=2), ("u", "delta", "A", "B", "C", "D", "z",
+                                                     "delta_bias", "initial_state")),
+         "mamba1": ("examples/mamba1.ssm", None, Convention.SELECTIVE_SCAN,
                     dict(channels=3, state=2), ("u", "delta", "A", "B", "C", "D", "z",
                                                 "delta_bias", "initial_state")),
          "mamba2": ("examples/mamba2.ssm", "Mamba2", Convention.SSD,

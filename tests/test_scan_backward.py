@@ -111,9 +111,20 @@ def test_mamba1_every_gradient(seqlen, seed, target):
     check_gradients(F.mamba1(channels=CH, state=STATE), seqlen, seed, target)
 
 
-@pytest.mark.parametrize("method", [m for m in Method if m is not Method.TRAPEZOIDAL])
+@pytest.mark.parametrize("method", list(Method))
 def test_every_method(method, seed, target):
+    if method is Method.TRAPEZOIDAL and target == "cuda":
+        pytest.skip("the Triton backward has no previous-token term yet "
+                    "(test_what_has_no_backward_yet_says_so)")
     check_gradients(F.mamba1(channels=CH, state=STATE, method=method), 37, seed, target)
+
+
+def test_trapezoidal_across_chunks_and_sequences(seed):
+    """The previous-token term's gradients (x_{t-1}, B_{t-1}) cross checkpoint chunks and stop
+    at packed sequences' starts (cpu)."""
+    require_target_tools("cpu")
+    fam = F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL)
+    check_gradients(fam, 0, seed, "cpu", batch=1, varlen=[17, 1, 40])
 
 
 @pytest.mark.parametrize("variant", ["groups", "selective_A", "constant_BC", "constant_delta",
@@ -218,6 +229,8 @@ def test_a_layer_trains(seed, target):
 
 @pytest.mark.parametrize("what", ["trapezoidal", "complex"])
 def test_what_has_no_backward_yet_says_so(what, target):
+    if what == "trapezoidal" and target == "cpu":
+        pytest.skip("the cpu backward has the previous-token term (test_every_method)")
     fam = (F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL) if what == "trapezoidal"
            else F.s5(channels=CH, state=STATE))
     kernel = ssmc.compile(fam, target=target, algorithm=Algorithm.SCAN)

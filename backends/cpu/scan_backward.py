@@ -5,6 +5,9 @@ The adjoint recurrence (``ssmc.ir.Derivatives`` has the algebra): per channel an
 gradient is λ_t (or dy_t) times a partial derivative of the forward's coefficients, printed
 here from the plan's sympy ``Derivatives`` like the forward prints Ā and B̄.
 
+The trapezoidal rule's previous-token term feeds the gradients of x_{t-1} and B_{t-1}: the
+reverse walk carries dL/dx_{t-1} to the next (earlier) step.
+
 Memory: nothing per token is kept from the forward. A task walks its channels' sequence
 forward once, storing the state every ``ckpt`` steps (``ck``: one state per chunk); then
 backward chunk by chunk: the chunk's states are recomputed from its checkpoint into a local
@@ -40,9 +43,6 @@ def supports_backward(plan: KernelPlan) -> Optional[str]:
     if f.A.structure is not AStructure.DIAGONAL:
         return (f"the cpu scan's backward is generated for real diagonal A, not "
                 f"{f.A.structure.value} A (not yet)")
-    if sp.sympify(plan.disc.bbar_prev) != 0:
-        return (f"the cpu scan's backward does not yet generate the {f.method.value} rule's "
-                "previous-token term")
     if f.gate and f.gate.kind != "silu":
         return f"the cpu scan's backward knows the silu gate, not {f.gate.kind}"
     if plan.disc.derivatives is None:
@@ -70,6 +70,12 @@ class _Backward:
         self.coef = {"abar": plan.disc.abar, "bbar": plan.disc.bbar}
         self.der = {"abar_dt": der.abar_dt, "abar_a": der.abar_a, "bbar_dt": der.bbar_dt,
                     "bbar_a": der.bbar_a}
+        # the trapezoidal rule's previous-token term B̄₋ B_{t-1} x_{t-1} (zero at a sequence's
+        # first token, as the forward has it)
+        self.trap = sp.sympify(plan.disc.bbar_prev) != 0
+        if self.trap:
+            self.coef["bbar_prev"] = plan.disc.bbar_prev
+            self.der.update(bbar_prev_dt=der.bbar_prev_dt, bbar_prev_a=der.bbar_prev_a)
         self.delta_raw = der.delta_raw
         self.names = dict(buffers.inputs(plan))
 
@@ -95,6 +101,13 @@ class _Backward:
 
     def bc_at(self, name: str, t: str = "tt") -> str:
         return f"{name}[bi, g, {t}, s]" if self.sel[name] else f"{name}[c0 + v, s]"
+
+    def previous(self) -> str:
+        """B̄₋ B_{t-1} x_{t-1} of state s, lane v at token tt (``tp`` = tt - 1, clamped)."""
+        return f"{self.bc_at('B', 'tp')} * {self.xp()}"
+
+    def xp(self) -> str:
+        return (f"T.Select(tt > t_begin, {self.x_at('x', 'tp')}, T.float32(0.0))")
 
     def has(self, op: str) -> bool:
         return op in self.names
@@ -159,6 +172,11 @@ class _Backward:
         self.alloc("hs", (K + 1, n, W))      # the chunk's states, h_{t0-1} first
         self.alloc("abar_s", (K, n, W))
         self.alloc("bbar_s", (K, n, W))
+        if self.trap:
+            self.alloc("bbarp_s", (K, n, W))
+            self.alloc("dbpv", (n, W))
+            self.alloc("dxc", (W,))      # dL/dx_{t-1} from step t's previous-token term
+            self.alloc("dxn", (W,))
         self.alloc("dts", (K, W))
         self.alloc("acc_a", (n, W))
         for name in ("acc_b", "acc_c"):
@@ -198,6 +216,8 @@ class _Backward:
                   "T.float32(0.0))")
         with self.loop("t", "t_len"):
             w("tt: T.let = t_begin + t")
+            if self.trap:
+                w("tp: T.let = T.max(tt - 1, t_begin)")
             with w.block(f"if t % {K} == 0:"):
                 with self.loop("s", n):
                     with self.lanes():
@@ -207,8 +227,9 @@ class _Backward:
             with self.loop("s", n):
                 with self.lanes():
                     c = self.coefficients("0", extra=False)
+                    prev = f" + {c['bbar_prev']} * {self.previous()}" if self.trap else ""
                     w(f"h[s, v] = {c['abar']} * h[s, v] + {c['bbar']} * {self.bc_at('B')} * "
-                      f"{self.x_at('x')}")
+                      f"{self.x_at('x')}{prev}")
         # ---- pass 2
         with self.loop("s", n):
             with self.lanes():
@@ -218,7 +239,7 @@ class _Backward:
                 w("acc_b[s, v] = T.float32(0.0)")
                 w("acc_c[s, v] = T.float32(0.0)")
         with self.lanes():
-            for name in ("acc_dt", "acc_d", "acc_bias"):
+            for name in ("acc_dt", "acc_d", "acc_bias") + (("dxc",) if self.trap else ()):
                 w(f"{name}[v] = T.float32(0.0)")
         with self.loop("ci", f"(t_len + {K - 1}) // {K}"):
             w(f"c: T.let = (t_len + {K - 1}) // {K} - 1 - ci")
@@ -229,6 +250,8 @@ class _Backward:
                     w("hs[0, s, v] = ck[sq, c0 + v, c, s]")
             with self.loop("j", "nt"):
                 w(f"tt: T.let = t_begin + c * {K} + j")
+                if self.trap:
+                    w("tp: T.let = T.max(tt - 1, t_begin)")
                 with self.lanes():
                     w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
                 with self.loop("s", n):
@@ -236,12 +259,18 @@ class _Backward:
                         c = self.coefficients("j", extra=False)
                         w(f"abar_s[j, s, v] = {c['abar']}")
                         w(f"bbar_s[j, s, v] = {c['bbar']}")
+                        prev = ""
+                        if self.trap:
+                            w(f"bbarp_s[j, s, v] = {c['bbar_prev']}")
+                            prev = f" + bbarp_s[j, s, v] * {self.previous()}"
                         w(f"hs[j + 1, s, v] = abar_s[j, s, v] * hs[j, s, v] + bbar_s[j, s, v] * "
-                          f"{self.bc_at('B')} * {self.x_at('x')}")
+                          f"{self.bc_at('B')} * {self.x_at('x')}{prev}")
             # walk the chunk backward
             with self.loop("jj", "nt"):
                 w("j: T.let = nt - 1 - jj")
                 w(f"tt: T.let = t_begin + c * {K} + j")
+                if self.trap:
+                    w("tp: T.let = T.max(tt - 1, t_begin)")
                 self.step_backward()
         with self.loop("s", n):
             with self.lanes():
@@ -289,6 +318,8 @@ class _Backward:
             else:
                 w("dxv[v] = T.float32(0.0)")
             w("ddv[v] = T.float32(0.0)")
+            if self.trap:
+                w("dxn[v] = T.float32(0.0)")
         with self.loop("s", n):
             with self.lanes():
                 c = self.coefficients("j", extra=True)
@@ -296,10 +327,13 @@ class _Backward:
                 lam = w.let("lam", f"{C} * dyv[v] + mu[s, v]")
                 dabar = w.let("dabar", f"{lam} * hs[j, s, v]")
                 dbbar = w.let("dbbar", f"{lam} * {B} * {x}")
+                dbbarp = w.let("dbbarp", f"{lam} * {self.previous()}") if self.trap else None
 
                 def chain(var):
                     terms = [f"{dabar} * {c['abar_' + var]}" if c[f"abar_{var}"] else None,
                              f"{dbbar} * {c['bbar_' + var]}" if c[f"bbar_{var}"] else None]
+                    if self.trap and c[f"bbar_prev_{var}"]:
+                        terms.append(f"{dbbarp} * {c['bbar_prev_' + var]}")
                     terms = [t for t in terms if t]
                     return " + ".join(terms) if terms else "T.float32(0.0)"
                 w(f"ddv[v] = ddv[v] + {chain('dt')}")
@@ -308,6 +342,12 @@ class _Backward:
                 else:
                     w(f"acc_a[s, v] = acc_a[s, v] + {chain('a')}")
                 w(f"dxv[v] = dxv[v] + {lam} * bbar_s[j, s, v] * {B}")
+                if self.trap:
+                    w(f"dxn[v] = dxn[v] + {lam} * bbarp_s[j, s, v] * {self.bc_at('B', 'tp')}")
+                    if sel["B"]:
+                        w(f"dbpv[s, v] = {lam} * bbarp_s[j, s, v] * {self.xp()}")
+                    else:
+                        w(f"acc_b[s, v] = acc_b[s, v] + {lam} * bbarp_s[j, s, v] * {self.xp()}")
                 if sel["B"]:
                     w(f"dbv[s, v] = {lam} * bbar_s[j, s, v] * {x}")
                 else:
@@ -323,8 +363,14 @@ class _Backward:
             with self.loop("s", n):
                 with self.loop("v", W):
                     w(f"d{name}[part, bi, g, tt, s] = d{name}[part, bi, g, tt, s] + {term}")
+                    if self.trap and name == "B":   # the previous token's B (zero at the first)
+                        w("dB[part, bi, g, tp, s] = dB[part, bi, g, tp, s] + dbpv[s, v]")
         with self.lanes():
-            w(f"{self.x_at('dx')} = dxv[v]")
+            if self.trap:
+                w(f"{self.x_at('dx')} = dxv[v] + dxc[v]")
+                w("dxc[v] = dxn[v]")
+            else:
+                w(f"{self.x_at('dx')} = dxv[v]")
             raw = self.raw_dt()
             names = {"dt_raw": raw, "dt_bias": self.bias() or "T.float32(0.0)"}
             # printed like the forward's Δ map (its vectorizable softplus as let-lines)

@@ -100,7 +100,7 @@ def _recurrence_source(plan: KernelPlan, lib: dict) -> str:
             "    if time_invariant:",
             f"        abar, bbar, bbar_prev = discretize(delta[0]{dt_axes}, a[0])"]
     if trapezoid:
-        out.append("    bx_prev = np.zeros_like(h)  # a stretch starts with no previous input")
+        out.append("    bx_prev = 0.0 * h  # a stretch starts with no previous input (numpy or torch)")
     out += ["    for t in range(x.shape[0]):",
             "        if not time_invariant:",
             f"            abar, bbar, bbar_prev = discretize(at(delta, t){dt_axes}, at(a, t))",
