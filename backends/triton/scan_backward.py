@@ -288,7 +288,7 @@ class _BackwardGen:
             o("a0 = a")
         self.print_math(o, {"abar": self.coefs["abar"]}, "ztmp", {"dt": "dt0", "a": "a0"},
                         {"abar": "abar0"})
-        o("abar0 = tl.where(first_ok[:, None], abar0 + 0.0 * a0, 1.0)")
+        o("abar0 = tl.where(first_ok[:, None], tl.broadcast_to(abar0, (BLOCK_D, N)), 1.0)")
 
     def next_step(self, o: Lines):
         """``an``: Abar of the step after each of the chunk's steps (1 past the sequence's
@@ -308,7 +308,7 @@ class _BackwardGen:
               "mask=tm_n[None, None, :] & dn_ok[:, :, None], other=-1.0).to(tl.float32)")
             names["a"] = "an3"
         self.print_math(o, {"abar": self.coefs["abar"]}, "ntmp", names, {"abar": "an"})
-        o("an = tl.where(tm_n[None, None, :], an + 0.0 * x3, 1.0)")
+        o("an = tl.where(tm_n[None, None, :], tl.broadcast_to(an, (BLOCK_D, N, CHUNK)), 1.0)")
 
     def load_chunk(self, o: Lines, backward: bool):
         """The chunk's inputs as tiles, its coefficients (and in pass 2 their derivatives),
@@ -341,8 +341,9 @@ class _BackwardGen:
             keys.update(self.grads)
             keys.update(self.ratios or {})
         self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
-        o("abar_m = tl.where(tm3, abar + 0.0 * x3, 1.0)",
-          "bb = bbar * b3 + 0.0 * x3  # Bbar B at every (channel, state, step)",
+        # coefficients that vary with fewer axes (constant Δ, constant B) at the full tile
+        o("abar_m = tl.where(tm3, tl.broadcast_to(abar, (BLOCK_D, N, CHUNK)), 1.0)",
+          "bb = tl.broadcast_to(bbar * b3, (BLOCK_D, N, CHUNK))  # Bbar B per (channel, state, step)",
           "bx = tl.where(tm3, bb * x3, 0.0)")
 
     def dabar_lines(self) -> List[str]:
@@ -378,7 +379,7 @@ class _BackwardGen:
               "if HAS_D:",
               "    acc_d += tl.sum(dy * x, axis=1)")
         else:
-            o("dx = 0.0 * dy")
+            o("dx = tl.zeros_like(dy)")
         self.next_step(o)
         o("# lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}, lam entering from the next chunk",
           "Q, R = tl.associative_scan((an, c3 * dy3), 2, _ssmc_pair, reverse=True)",
@@ -401,7 +402,7 @@ class _BackwardGen:
             return " + ".join(parts) if parts else None
         ddt, da = chain("dt"), chain("a")
         # dL/dDelta and its chain through the Delta map to the raw dt (and its bias)
-        o(f"ddt = tl.sum({ddt}, axis=1)" if ddt else "ddt = 0.0 * dy")
+        o(f"ddt = tl.sum({ddt}, axis=1)" if ddt else "ddt = tl.zeros_like(dy)")
         draw = codegen.print_one(self.delta_raw, {"dt_raw": "dr", "dt_bias": "dt_bias"})
         if sel["dt"]:
             o(f"ddr = tl.where(tm2, ddt * ({draw}), 0.0)",
@@ -420,9 +421,10 @@ class _BackwardGen:
             else:
                 o(f"acc_a += tl.sum({da}, axis=2)")
         elif sel["A"]:
-            o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], 0.0 * lam3, "
+            o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], tl.zeros_like(lam3), "
               "mask=tm3 & dn_ok[:, :, None])")
-        for w, val in (("B", "lam3 * (bbar + 0.0 * b3) * x3"), ("C", "hs * dy3")):
+        for w, val in (("B", "lam3 * tl.broadcast_to(bbar, (BLOCK_D, N, CHUNK)) * x3"),
+                       ("C", "hs * dy3")):
             lw = w.lower()
             if sel[w]:
                 o(f"d{lw}_ptrs = d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
