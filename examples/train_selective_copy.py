@@ -8,6 +8,7 @@ paper's point.
     python examples/train_selective_copy.py                       # Mamba-1 on the cpu target:
                                                                   # loss 2.7 -> 0.74 in 2000 steps, 97 s on 2 cores
     python examples/train_selective_copy.py --family s4d          # an S4D-style LTI family
+    python examples/train_selective_copy.py --family mamba2       # Mamba-2 (SSD), cpu target
     python examples/train_selective_copy.py --target cuda         # the same on the GPU
     python examples/train_selective_copy.py --spec my.ssm         # your own family
 
@@ -56,7 +57,8 @@ ssm S4DLike {{
   discretize zoh
   compute    scan
 }}""",
-    # Mamba-2 (SSD): the chunked algorithm has no generated backward yet; ssmc says so
+    # Mamba-2 (SSD): scalar A per head; trains on the cpu target (the cuda target's chunked
+    # kernels have no generated backward yet, and ssmc says so)
     "mamba2": """
 ssm Mamba2 {{
   dims       heads = {heads}, head_dim = 16, state = {state}

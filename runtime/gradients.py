@@ -34,7 +34,7 @@ def message_for(kernel, backend_kernel=None) -> str:
             f"({kernel.plan.algorithm.value}, target {kernel.target.name}): {reason}; the "
             "kernel is inference-only here: run it under torch.no_grad() or "
             "torch.inference_mode() (what trains today: the selective scan with real "
-            "diagonal A, on the cuda and cpu targets)")
+            "diagonal A on the cuda and cpu targets; SSD and the trapezoidal rule on cpu)")
 
 
 def differentiable_names(problem, plan) -> List[str]:

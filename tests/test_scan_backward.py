@@ -23,7 +23,7 @@ import ssmc
 from ssmc import signature
 from ssmc.backends import reference
 from ssmc.errors import SSMCError
-from ssmc.ir import Algorithm, Method
+from ssmc.ir import Algorithm, Method, Sharing
 
 require_cuda_device()
 CH, STATE = (256, 16) if FULL else (8, 4)
@@ -324,3 +324,60 @@ model Hybrid { dims d_model = 8, vocab = 20
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+@pytest.mark.parametrize("case", ["lengths", "groups", "d_per_head_dim", "varlen", "no_state",
+                                  "no_terms"])
+def test_ssd_gradients_on_the_cpu_target(case, seed):
+    """Scalar A (Mamba-2's SSD convention) on the cpu target, whose chunked algorithm is the
+    scan: every gradient against the oracle."""
+    require_target_tools("cpu")
+    kw = {"groups": dict(groups=2)}.get(case, {})
+    fam = F.mamba2(heads=4, head_dim=8, state=4, chunk=16, **kw)
+    if case == "d_per_head_dim":
+        fam = dataclasses.replace(fam, D=dataclasses.replace(fam.D, sharing=Sharing.HEAD_DIM))
+    kernel = ssmc.compile(fam, target="cpu")
+    options = {"with_state": case != "no_state"}
+    if case == "varlen":
+        options["varlen"] = [9, 0, 21, 17]
+    inputs = signature.example_inputs(fam, None, 1 if case == "varlen" else 2,
+                                      0 if case == "varlen" else 33, seed=seed, **options)
+    if case == "no_terms":
+        for name in ("D", "z", "dt_bias"):
+            inputs.pop(name)
+    final = case != "no_state"
+    flag = "return_varlen_states" if case == "varlen" else "return_final_states"
+    problem = signature.bind(fam, fam.convention, (), {**inputs, flag: final})
+    names = [n for n in SSD_NAMES if getattr(problem, n, None) is not None]
+    leaves = [getattr(problem, n).detach().double().requires_grad_(True) for n in names]
+    y64, last64 = reference.run_float64_differentiable(
+        dataclasses.replace(problem, **dict(zip(names, leaves))))
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(y64.shape, generator=g, dtype=torch.float64)
+    dlast = torch.randn(last64.shape, generator=g, dtype=torch.float64) if final else None
+    loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
+    want = dict(zip(names, torch.autograd.grad(loss, leaves)))
+    backend_kernel = kernel.kernel_for(problem.family)
+    with _poisoned(backend_kernel, "cpu"):
+        got = backend_kernel.backward(problem, dy.float(),
+                                      dlast.float() if final else None)
+    for name in names:
+        assert got[name].shape == want[name].shape, name
+        assert_rel_close(f"d{name}", got[name], want[name], "float32")
+
+
+def test_ssd_trains_through_autograd_on_the_cpu_target(seed):
+    """mamba_chunk_scan_combined's signature on the cpu target: loss.backward() reaches every
+    input, final_states' gradient included."""
+    require_target_tools("cpu")
+    fam = F.mamba2(heads=4, head_dim=8, state=4, chunk=16)
+    kernel = ssmc.compile(fam, target="cpu")
+    inputs = signature.example_inputs(fam, None, 2, 20, seed=seed, with_state=True)
+    leaves = {n: v.detach().clone().requires_grad_(True) for n, v in inputs.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    y, final = kernel(**{**inputs, **leaves, "return_final_states": True})
+    (y.square().sum() + final.sum()).backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in leaves.values())

@@ -29,7 +29,21 @@ def test_selective_copy_loss_falls_on_the_cpu_target(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_family_without_a_backward_says_which_and_why():
+def test_mamba2_trains_on_the_cpu_target():
+    """The SSD family's backward on the cpu target (scalar A in the scan's SSD layout)."""
     require_target_tools("cpu")
-    with pytest.raises(SSMCError, match="no backward kernel for the compiled Mamba2 .chunked"):
-        _example().train("mamba2", "cpu", steps=1, quiet=True)
+    losses = _example().train("mamba2", "cpu", steps=150, length=32, tokens=4, lr=1e-2,
+                              quiet=True)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_a_family_without_a_backward_says_which_and_why(tmp_path):
+    require_target_tools("cpu")
+    spec = tmp_path / "s5like.ssm"
+    spec.write_text("ssm S5Like {\n dims channels = 64, state = 8\n"
+                    " A complex diagonal = -exp(A_log)\n delta constant = dt\n"
+                    " B, C constant per channel\n D per channel\n discretize zoh\n"
+                    " compute scan\n}\n")
+    with pytest.raises(SSMCError, match="no backward kernel for the compiled S5Like .scan, "
+                                        "target cpu.: .*not complex_diagonal A"):
+        _example().train(target="cpu", steps=1, spec=str(spec), quiet=True)

@@ -169,7 +169,8 @@ def build(plan: KernelPlan, config: dict, cache) -> CpuKernel:
 
 def backward_refusal(plan: KernelPlan) -> Optional[str]:
     """Why no backward kernel is generated for ``plan`` (None when one is)."""
-    if plan.algorithm is Algorithm.SCAN and plan.family.A.structure is not AStructure.SCALAR:
+    # CHUNKED plans are computed by the scan here (chunked.py), and so is their backward
+    if plan.algorithm in (Algorithm.SCAN, Algorithm.CHUNKED):
         return scan_backward.supports_backward(plan)
     return f"the cpu target's {plan.algorithm.value} generator has no backward kernel yet"
 

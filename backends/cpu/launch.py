@@ -185,40 +185,63 @@ class ScanBackwardRunner(_SequenceRunner):
             value = getattr(p, op.name)
             if name == "h0":
                 args.append(f32(value) if value is not None else self.placeholders(state_shape))
-            elif op.name in ("B", "C"):
+            elif op.name in ("B", "C") and not self.ssd:
                 args.append(f32(token_major(value, getattr(fam, op.name).selective)))
             else:
                 args.append(f32(value))
         names = {name for name, _ in self.inputs}
         lengths = seg[:, 2] - seg[:, 1]
         longest = int(lengths.max()) if lengths.numel() else 0
-        ck = empty((nseq, d, max(1, math.ceil(longest / self.K)), n))
+        nck = max(1, math.ceil(longest / self.K))
         from .tir import lanes_for
-        blocks = (d // g) // lanes_for(d // g, 8)
-        parts = max(1, min(blocks, math.ceil(torch.get_num_threads() / max(1, nseq * g))))
+        if self.ssd:     # units: heads (a head's head_dim blocks stay in one task)
+            units, heads = fam.dims.heads, fam.dims.heads
+            unit_shape = (heads, fam.dims.head_dim)
+        else:
+            units, unit_shape = (d // g) // lanes_for(d // g, 8), (d,)
+        parts = max(1, min(units // (g if self.ssd else 1),
+                           math.ceil(torch.get_num_threads() / max(1, nseq * g))))
+        ck = empty((nseq,) + unit_shape + (nck, n))
         zeroed = torch.zeros if p.cu_seqlens is not None else (lambda shape: empty(shape))
         token = tuple(args[0].shape)
-        grads = {"x": zeroed(token),
-                 "dt": zeroed(token) if fam.delta.selective else empty((nseq, d)),
-                 "A": zeroed(tuple(p.A.shape)) if fam.A.selective else empty((nseq, d, n))}
-        for w in ("B", "C"):
-            grads[w] = (torch.zeros((parts, batch, g, seqlen, n)) if getattr(fam, w).selective
-                        else empty((nseq, d, n)))
+        grads = {"x": zeroed(token)}
+        if self.ssd:
+            # what is per head is added into by the kernel: zeroed
+            grads["dt"] = torch.zeros((batch, seqlen, heads))
+            grads["A"] = torch.zeros((nseq, heads))
+            for w in ("B", "C"):
+                grads[w] = torch.zeros((parts, batch, seqlen, g, n))
+        else:
+            grads["dt"] = zeroed(token) if fam.delta.selective else empty((nseq, d))
+            grads["A"] = zeroed(tuple(p.A.shape)) if fam.A.selective else empty((nseq, d, n))
+            for w in ("B", "C"):
+                grads[w] = (torch.zeros((parts, batch, g, seqlen, n))
+                            if getattr(fam, w).selective else empty((nseq, d, n)))
         optional = [k for k in ("D", "z", "bias") if k in names]
-        shapes = {"D": (nseq, d), "z": token, "bias": (nseq, d)}
         for k in optional:
-            grads[k] = zeroed(shapes[k]) if k == "z" else empty(shapes[k])
-        grads["h0"] = empty((nseq, d, n))
+            if k == "z":
+                grads[k] = zeroed(token)
+            elif self.ssd:
+                per_lane = k == "D" and dict(self.inputs)["D"].dims == ("h", "p")
+                grads[k] = empty((nseq,) + unit_shape) if per_lane else torch.zeros((nseq, heads))
+            else:
+                grads[k] = empty((nseq, d))
+        grads["h0"] = empty((nseq,) + unit_shape + (n,))
         dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
         self.fn(*args, seg, f32(dout), dhT, ck, grads["x"], grads["dt"], grads["A"], grads["B"],
                 grads["C"], *(grads[k] for k in optional), grads["h0"],
                 int(init is not None), int(dfinal is not None), parts)
-        for key in ("dt", "A"):
-            if not getattr(fam, "delta" if key == "dt" else key).selective:
-                grads[key] = grads[key].sum(0)
-        for w in ("B", "C"):
-            grads[w] = (grads[w].sum(0).transpose(2, 3) if getattr(fam, w).selective
-                        else grads[w].sum(0))
+        if self.ssd:
+            grads["A"] = grads["A"].sum(0)
+            for w in ("B", "C"):
+                grads[w] = grads[w].sum(0)
+        else:
+            for key in ("dt", "A"):
+                if not getattr(fam, "delta" if key == "dt" else key).selective:
+                    grads[key] = grads[key].sum(0)
+            for w in ("B", "C"):
+                grads[w] = (grads[w].sum(0).transpose(2, 3) if getattr(fam, w).selective
+                            else grads[w].sum(0))
         for k in ("D", "bias"):
             if k in grads:
                 grads[k] = grads[k].sum(0)

@@ -40,8 +40,12 @@ DEFAULT_CKPT = 16
 
 def supports_backward(plan: KernelPlan) -> Optional[str]:
     f = plan.family
-    if f.A.structure is not AStructure.DIAGONAL:
-        return (f"the cpu scan's backward is generated for real diagonal A, not "
+    if f.A.structure is AStructure.SCALAR:
+        if f.A.selective or not f.delta.selective:
+            return ("the cpu backward of scalar A (SSD) is generated for a constant A and a "
+                    "per-token Δ, as Mamba-2 has them")
+    elif f.A.structure is not AStructure.DIAGONAL:
+        return (f"the cpu scan's backward is generated for real diagonal and scalar A, not "
                 f"{f.A.structure.value} A (not yet)")
     if f.gate and f.gate.kind != "silu":
         return f"the cpu scan's backward knows the silu gate, not {f.gate.kind}"
@@ -78,6 +82,14 @@ class _Backward:
             self.der.update(bbar_prev_dt=der.bbar_prev_dt, bbar_prev_a=der.bbar_prev_a)
         self.delta_raw = der.delta_raw
         self.names = dict(buffers.inputs(plan))
+        # Scalar A (Mamba-2 / SSD layout): a unit is one head's head_dim block of W lanes, x is
+        # (b, l, h, p), Δ (b, l, h), A and Δ's bias per head, B/C (b, l, g, n); what is per head
+        # (dΔ, dA, dD, dbias) sums the head's lanes and blocks.
+        self.ssd = f.A.structure is AStructure.SCALAR
+        if self.ssd:
+            self.H, self.P = f.dims.heads, f.dims.head_dim
+            self.W = int(config.get("lanes") or lanes_for(self.P, 8))
+            self.d_per_head = self.names["D"].dims == ("h", "p") if "D" in self.names else False
 
     # ---- text helpers ------------------------------------------------------------------------
     def alloc(self, name: str, shape) -> None:
@@ -91,16 +103,32 @@ class _Backward:
         return self.loop("v", self.W, "vectorized")
 
     def x_at(self, buf: str, t: str = "tt") -> str:
-        return f"{buf}[bi, c0 + v, {t}]"
+        return f"{buf}[bi, {t}, hh, p0 + v]" if self.ssd else f"{buf}[bi, c0 + v, {t}]"
 
     def raw_dt(self, t: str = "tt") -> str:
+        if self.ssd:
+            return f"dt[bi, {t}, hh]"
         return f"dt[bi, c0 + v, {t}]" if self.sel["dt"] else "dt[c0 + v]"
 
     def a_at(self, t: str = "tt") -> str:
+        if self.ssd:
+            return "A[hh]"
         return f"A[bi, c0 + v, s, {t}]" if self.sel["A"] else "A[c0 + v, s]"
 
     def bc_at(self, name: str, t: str = "tt") -> str:
+        if self.ssd:
+            return f"{name}[bi, {t}, g, s]"
         return f"{name}[bi, g, {t}, s]" if self.sel[name] else f"{name}[c0 + v, s]"
+
+    def st(self, buf: str, row: str = "sq", mid: str = "") -> str:
+        """State element s of lane v in a (rows, units..., [mid,] n) state buffer."""
+        unit = "hh, p0 + v" if self.ssd else "c0 + v"
+        return f"{buf}[{row}, {unit}, {mid + ', ' if mid else ''}s]"
+
+    def d_at(self) -> str:
+        if self.ssd:
+            return "D[hh, p0 + v]" if self.d_per_head else "D[hh]"
+        return "D[c0 + v]"
 
     def previous(self) -> str:
         """B̄₋ B_{t-1} x_{t-1} of state s, lane v at token tt (``tp`` = tt - 1, clamped)."""
@@ -133,24 +161,38 @@ class _Backward:
             bc = op.name in ("B", "C") and op.selective
             match_buffer(w, name, f"{name}_h", buffers.shape(op, at, bc))
         match_buffer(w, "seg", "seg_h", ("nseg", 3), "int64")
-        match_buffer(w, "dout", "dout_h", ("nb", self.d, "L"))
-        match_buffer(w, "dhT", "dhT_h", ("nfin", self.d, n))
-        match_buffer(w, "ck", "ck_h", ("nseg", self.d, "nck", n))
         d = self.d
-        match_buffer(w, "dx", "dx_h", ("nb", d, "L"))
-        match_buffer(w, "ddt", "ddt_h", ("nb", d, "L") if self.sel["dt"] else ("nseg", d))
-        match_buffer(w, "dA", "dA_h", ("nb", d, n, "L") if self.sel["A"] else ("nseg", d, n))
+        if self.ssd:
+            H, P = self.H, self.P
+            token, unit, state = ("nb", "L", H, P), (H, P), (H, P)
+            per_token_dt, per_unit = ("nb", "L", H), (H,)
+        else:
+            token, unit, state = ("nb", d, "L"), (d,), (d,)
+            per_token_dt, per_unit = ("nb", d, "L"), (d,)
+        match_buffer(w, "dout", "dout_h", token)
+        match_buffer(w, "dhT", "dhT_h", ("nfin",) + state + (n,))
+        match_buffer(w, "ck", "ck_h", ("nseg",) + state + ("nck", n))
+        match_buffer(w, "dx", "dx_h", token)
+        match_buffer(w, "ddt", "ddt_h", per_token_dt if self.sel["dt"] else ("nseg", d))
+        if self.ssd:
+            match_buffer(w, "dA", "dA_h", ("nseg", H))
+        else:
+            match_buffer(w, "dA", "dA_h", ("nb", d, n, "L") if self.sel["A"] else ("nseg", d, n))
         for name in ("B", "C"):
-            shape = ("nparts", "nb", self.g, "L", n) if self.sel[name] else ("nseg", d, n)
+            if self.ssd:
+                shape = ("nparts", "nb", "L", self.g, n)
+            else:
+                shape = ("nparts", "nb", self.g, "L", n) if self.sel[name] else ("nseg", d, n)
             match_buffer(w, f"d{name}", f"d{name}_h", shape)
         if "D" in ins:
-            match_buffer(w, "dD", "dD_h", ("nseg", d))
+            dshape = ("nseg",) + ((H, P) if self.ssd and self.d_per_head else per_unit)
+            match_buffer(w, "dD", "dD_h", dshape)
         if "z" in ins:
-            match_buffer(w, "dz", "dz_h", ("nb", d, "L"))
+            match_buffer(w, "dz", "dz_h", token)
         if "bias" in ins:
-            match_buffer(w, "dbias", "dbias_h", ("nseg", d))
-        match_buffer(w, "dh0", "dh0_h", ("nseg", d, n))
-        blocks = self.cpg // W
+            match_buffer(w, "dbias", "dbias_h", ("nseg",) + per_unit)
+        match_buffer(w, "dh0", "dh0_h", ("nseg",) + state + (n,))
+        blocks = self.cpg // W if not self.ssd else 0
         with self.loop("task", f"nseg * {self.g} * parts", "parallel"):
             w(f"sq: T.let = task // (parts * {self.g})")
             w(f"g: T.let = task // parts % {self.g}")
@@ -158,11 +200,22 @@ class _Backward:
             w("bi: T.let = seg[sq, 0]")
             w("t_begin: T.let = seg[sq, 1]")
             w("t_len: T.let = seg[sq, 2] - seg[sq, 1]")
-            w(f"per: T.let = ({blocks} + parts - 1) // parts")
             self.allocations()
-            with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
-                w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
-                self.channel_block()
+            if self.ssd:
+                # a part is a range of the group's heads (a head's blocks stay in one task: what
+                # is per head sums over them)
+                hpg = self.H // self.g
+                w(f"per: T.let = ({hpg} + parts - 1) // parts")
+                with self.loop("kh", f"T.max(T.min(per, {hpg} - part * per), 0)"):
+                    w(f"hh: T.let = g * {hpg} + part * per + kh")
+                    with self.loop("pb", self.P // W):
+                        w(f"p0: T.let = pb * {W}")
+                        self.channel_block()
+            else:
+                w(f"per: T.let = ({blocks} + parts - 1) // parts")
+                with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
+                    w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
+                    self.channel_block()
         return w.text()
 
     def allocations(self):
@@ -212,7 +265,7 @@ class _Backward:
         # ---- pass 1: the state at every chunk's start
         with self.loop("s", n):
             with self.lanes():
-                w(f"h[s, v] = T.Select(has_init != 0, h0[T.min(sq, ninit - 1), c0 + v, s], "
+                w(f"h[s, v] = T.Select(has_init != 0, {self.st('h0', 'T.min(sq, ninit - 1)')}, "
                   "T.float32(0.0))")
         with self.loop("t", "t_len"):
             w("tt: T.let = t_begin + t")
@@ -221,7 +274,7 @@ class _Backward:
             with w.block(f"if t % {K} == 0:"):
                 with self.loop("s", n):
                     with self.lanes():
-                        w(f"ck[sq, c0 + v, t // {K}, s] = h[s, v]")
+                        w(f"{self.st('ck', mid=f't // {K}')} = h[s, v]")
             with self.lanes():
                 w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
             with self.loop("s", n):
@@ -233,7 +286,7 @@ class _Backward:
         # ---- pass 2
         with self.loop("s", n):
             with self.lanes():
-                w(f"mu[s, v] = T.Select(has_dhT != 0, dhT[T.min(sq, nfin - 1), c0 + v, s], "
+                w(f"mu[s, v] = T.Select(has_dhT != 0, {self.st('dhT', 'T.min(sq, nfin - 1)')}, "
                   "T.float32(0.0))")
                 w("acc_a[s, v] = T.float32(0.0)")
                 w("acc_b[s, v] = T.float32(0.0)")
@@ -247,7 +300,7 @@ class _Backward:
             # recompute the chunk's states, Abar and Bbar
             with self.loop("s", n):
                 with self.lanes():
-                    w("hs[0, s, v] = ck[sq, c0 + v, c, s]")
+                    w(f"hs[0, s, v] = {self.st('ck', mid='c')}")
             with self.loop("j", "nt"):
                 w(f"tt: T.let = t_begin + c * {K} + j")
                 if self.trap:
@@ -272,6 +325,9 @@ class _Backward:
                 if self.trap:
                     w("tp: T.let = T.max(tt - 1, t_begin)")
                 self.step_backward()
+        if self.ssd:
+            self.head_stores()
+            return
         with self.loop("s", n):
             with self.lanes():
                 w("dh0[sq, c0 + v, s] = mu[s, v]")
@@ -288,8 +344,31 @@ class _Backward:
                 for line in stores:
                     w(line)
 
+    def head_stores(self):
+        """Scalar A: the block's initial-state gradient, and its lanes' shares of what is per
+        head (dA, D, Δ's bias), added into the launcher's zeroed (sequence, head) sums."""
+        w, n, W, ins = self.w, self.n, self.W, self.names
+        with self.loop("s", n):
+            with self.lanes():
+                w(f"{self.st('dh0')} = mu[s, v]")
+        with self.loop("s", n):
+            with self.loop("v", W):
+                w("dA[sq, hh] = dA[sq, hh] + acc_a[s, v]")
+        if "D" in ins and self.d_per_head:
+            with self.lanes():
+                w("dD[sq, hh, p0 + v] = acc_d[v]")
+        sums = (["dD[sq, hh] = dD[sq, hh] + acc_d[v]"] if "D" in ins and not self.d_per_head
+                else []) + (["dbias[sq, hh] = dbias[sq, hh] + acc_bias[v]"] if "bias" in ins
+                            else [])
+        if sums:
+            with self.loop("v", W):
+                for line in sums:
+                    w(line)
+
     def bias(self) -> Optional[str]:
-        return "bias[c0 + v]" if "bias" in self.names else None
+        if "bias" not in self.names:
+            return None
+        return "bias[hh]" if self.ssd else "bias[c0 + v]"
 
     def step_backward(self):
         """Step j of the chunk, t = tt: the gate's and D's gradients, then per state the
@@ -306,7 +385,7 @@ class _Backward:
             if "z" in ins:
                 z = self.x_at("z")
                 sig = w.let("sig", f"T.float32(1.0) / (T.float32(1.0) + T.exp(T.float32(0.0) - {z}))")
-                y = "ysum[v]" + (f" + D[c0 + v] * {x}" if "D" in ins else "")
+                y = "ysum[v]" + (f" + {self.d_at()} * {x}" if "D" in ins else "")
                 w(f"{self.x_at('dz')} = {g} * ({y}) * {sig} * (T.float32(1.0) + {z} * "
                   f"(T.float32(1.0) - {sig}))")
                 w(f"dyv[v] = {g} * {z} * {sig}")
@@ -314,7 +393,7 @@ class _Backward:
                 w(f"dyv[v] = {g}")
             if "D" in ins:
                 w(f"acc_d[v] = acc_d[v] + dyv[v] * {x}")
-                w("dxv[v] = D[c0 + v] * dyv[v]")
+                w(f"dxv[v] = {self.d_at()} * dyv[v]")
             else:
                 w("dxv[v] = T.float32(0.0)")
             w("ddv[v] = T.float32(0.0)")
@@ -360,11 +439,13 @@ class _Backward:
         for name, term in (("B", "dbv[s, v]"), ("C", "dyv[v] * hs[j + 1, s, v]")):
             if not sel[name]:
                 continue
+            at = (lambda t: f"d{name}[part, bi, {t}, g, s]") if self.ssd else \
+                (lambda t: f"d{name}[part, bi, g, {t}, s]")
             with self.loop("s", n):
                 with self.loop("v", W):
-                    w(f"d{name}[part, bi, g, tt, s] = d{name}[part, bi, g, tt, s] + {term}")
+                    w(f"{at('tt')} = {at('tt')} + {term}")
                     if self.trap and name == "B":   # the previous token's B (zero at the first)
-                        w("dB[part, bi, g, tp, s] = dB[part, bi, g, tp, s] + dbpv[s, v]")
+                        w(f"{at('tp')} = {at('tp')} + dbpv[s, v]")
         with self.lanes():
             if self.trap:
                 w(f"{self.x_at('dx')} = dxv[v] + dxc[v]")
@@ -376,12 +457,17 @@ class _Backward:
             # printed like the forward's Δ map (its vectorizable softplus as let-lines)
             slope = DeltaPrinter(w, names).doprint(sp.sympify(self.delta_raw))
             dr = w.let("ddr", f"ddv[v] * ({slope})")
-            if sel["dt"]:
+            if self.ssd:
+                w(f"ddv[v] = {dr}")   # this lane's share of the head's dΔ
+            elif sel["dt"]:
                 w(f"ddt[bi, c0 + v, tt] = {dr}")
             else:
                 w(f"acc_dt[v] = acc_dt[v] + {dr}")
             if "bias" in ins:
                 w(f"acc_bias[v] = acc_bias[v] + {dr}")
+        if self.ssd:
+            with self.loop("v", W):
+                w("ddt[bi, tt, hh] = ddt[bi, tt, hh] + ddv[v]")
 
 
 def generate(plan: KernelPlan, config: dict) -> str:
