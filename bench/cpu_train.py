@@ -45,7 +45,13 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=1536)
     ap.add_argument("--L", type=int, default=2048)
     ap.add_argument("--no-eager", action="store_true", help="skip the (slow) per-step loop")
+    ap.add_argument("--check-L", type=int, default=512,
+                    help="mamba2: check gradients against float64 only up to this length")
+    ap.add_argument("--family", choices=("mamba1", "mamba2"), default="mamba1",
+                    help="mamba2: SSD b1 l{L} h24 p64 n128 against m2_chunked / m2_eager")
     args = ap.parse_args(argv)
+    if args.family == "mamba2":
+        return main_ssd(args)
     torch.set_num_threads(args.threads)
     import cpu as cpu_bench
     import families
@@ -85,6 +91,56 @@ def main(argv=None):
     ours_ms = rows[0][1]
     print(f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n")
     print(f"| fwd+bwd, Mamba-1 b1 d{args.d} l{args.L} n16 fp32 | ms | ours is faster by | "
+          "grad rel err vs fp64 |")
+    print("|---|---|---|---|")
+    for name, t, err in rows:
+        print(f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |")
+
+
+SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def main_ssd(args):
+    """The Mamba-2 row: SSD b1 l{L} h24 p64 n128 g1, fp32."""
+    torch.set_num_threads(args.threads)
+    import cpu as cpu_bench
+    import families
+    import ssmc
+    from ssmc.backends import reference
+    from ssmc.signature import bind, example_inputs
+    fam = families.mamba2(heads=24, head_dim=64, state=128, chunk=256)
+    p = bind(fam, fam.convention, (), example_inputs(fam, None, 1, args.L, seed=0))
+    kernel = ssmc.compile(fam, target="cpu")
+    leaves = [getattr(p, n).detach().clone().requires_grad_(True) for n in SSD_NAMES]
+    dy = torch.randn_like(p.x)
+
+    def ours(x, dt, A, B, C, D, z, bias):
+        return kernel(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+
+    impls = {"ours": ours, "torch vectorized (m2_chunked, Q=64)":
+             lambda *a: cpu_bench.m2_chunked(*a, Q=64)}
+    if not args.no_eager:
+        impls["torch eager loop (m2_eager)"] = cpu_bench.m2_eager
+    # float64 autograd through the recurrence keeps every step's (h, p, n) state: ~8 GB at
+    # l2048; the error is checked up to --check-L tokens (a run at that length gives it)
+    want = None
+    if args.L <= args.check_L:
+        leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        y64, _ = reference.run_float64_differentiable(
+            dataclasses.replace(p, **dict(zip(SSD_NAMES, leaves64))))
+        want = torch.autograd.grad(y64, leaves64, dy.double())
+    rows = []
+    for name, fn in impls.items():
+        run = (lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, dy))
+        got = run()
+        err = (max(float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want))
+               if want is not None else float("nan"))
+        t = median_ms(run, args.repeats if "eager" not in name else max(1, args.repeats // 2))
+        rows.append((name, t, err))
+        print(f"{name}: {t:.1f} ms, grad rel err {err:.1e}", file=sys.stderr, flush=True)
+    ours_ms = rows[0][1]
+    print(f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n")
+    print(f"| fwd+bwd, Mamba-2 SSD b1 l{args.L} h24 p64 n128 fp32 | ms | ours is faster by | "
           "grad rel err vs fp64 |")
     print("|---|---|---|---|")
     for name, t, err in rows:

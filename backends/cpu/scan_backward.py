@@ -82,6 +82,7 @@ class _Backward:
             self.der.update(bbar_prev_dt=der.bbar_prev_dt, bbar_prev_a=der.bbar_prev_a)
         self.delta_raw = der.delta_raw
         self.names = dict(buffers.inputs(plan))
+        self.scratch: List[str] = []
         # Scalar A (Mamba-2 / SSD layout): a unit is one head's head_dim block of W lanes, x is
         # (b, l, h, p), Δ (b, l, h), A and Δ's bias per head, B/C (b, l, g, n); what is per head
         # (dΔ, dA, dD, dbias) sums the head's lanes and blocks.
@@ -216,6 +217,10 @@ class _Backward:
                 with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
                     w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
                     self.channel_block()
+        if self.ssd and self.scratch:
+            at, ind = self.scratch_at
+            w.lines[at:at] = [f'{ind}{name} = T.alloc_buffer((1,), "float32", scope="global")'
+                              for name in self.scratch]
         return w.text()
 
     def allocations(self):
@@ -223,6 +228,12 @@ class _Backward:
         self.alloc("h", (n, W))
         self.alloc("mu", (n, W))
         self.alloc("hs", (K + 1, n, W))      # the chunk's states, h_{t0-1} first
+        if self.ssd:
+            self.alloc("tdt", (K,))
+            for key, expr in {**self.coef, **self.der}.items():
+                if sp.sympify(expr) != 0:
+                    self.alloc(f"tc_{key}", (K,))
+            self.scratch_at = (len(self.w.lines), self.w.ind)
         self.alloc("abar_s", (K, n, W))
         self.alloc("bbar_s", (K, n, W))
         if self.trap:
@@ -245,12 +256,16 @@ class _Backward:
 
     def coefficients(self, j: str, extra: bool):
         """Ā, B̄ (and with ``extra`` their derivatives) of step j at state s, lane v, into
-        local let names; returns {key: text}."""
+        local let names; returns {key: text}. Scalar A: the per-token values
+        ``token_coefficients`` stored (one per head and token, not per state and lane)."""
         w = self.w
-        names = {"dt": f"dts[{j}, v]", "a": self.a_at()}
         keys = dict(self.coef)
         if extra:
             keys.update(self.der)
+        if self.ssd:
+            return {key: None if sp.sympify(expr) == 0 else f"tc_{key}[{j}]"
+                    for key, expr in keys.items()}
+        names = {"dt": f"dts[{j}, v]", "a": self.a_at()}
         out = {}
         for key, expr in keys.items():
             if sp.sympify(expr) == 0:
@@ -258,6 +273,24 @@ class _Backward:
                 continue
             out[key] = w.let(key, _print(expr, names))
         return out
+
+    def token_coefficients(self, j: str):
+        """Scalar A: Δ of token tt and every coefficient and derivative, once per (head,
+        token), stored in one-element-per-step buffers (TVM would substitute scalar lets
+        into the state loops' uses, one exp per state and lane again)."""
+        from .tir import scalar_temporaries
+        w = self.w
+        start = len(w.lines)
+        w(f"tdt[{j}] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+        w.lines[start:] = scalar_temporaries(w.lines[start:], self.declare)
+        names = {"dt": f"tdt[{j}]", "a": "A[hh]"}
+        for key, expr in {**self.coef, **self.der}.items():
+            if sp.sympify(expr) != 0:
+                w(f"tc_{key}[{j}] = {_print(expr, names)}")
+
+    def declare(self, name: str) -> None:
+        if name not in self.scratch:
+            self.scratch.append(name)
 
     def channel_block(self):
         w, n, W, K, sel = self.w, self.n, self.W, self.K, self.sel
@@ -275,8 +308,11 @@ class _Backward:
                 with self.loop("s", n):
                     with self.lanes():
                         w(f"{self.st('ck', mid=f't // {K}')} = h[s, v]")
-            with self.lanes():
-                w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+            if self.ssd:
+                self.token_coefficients("0")
+            else:
+                with self.lanes():
+                    w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
             with self.loop("s", n):
                 with self.lanes():
                     c = self.coefficients("0", extra=False)
@@ -305,8 +341,11 @@ class _Backward:
                 w(f"tt: T.let = t_begin + c * {K} + j")
                 if self.trap:
                     w("tp: T.let = T.max(tt - 1, t_begin)")
-                with self.lanes():
-                    w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+                if self.ssd:
+                    self.token_coefficients("j")
+                else:
+                    with self.lanes():
+                        w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
                 with self.loop("s", n):
                     with self.lanes():
                         c = self.coefficients("j", extra=False)
