@@ -209,12 +209,15 @@ class CompiledKernel:
         """Gradients of a call's outputs (y, then the state outputs it asked for) given theirs
         (None: zero), keyed by argument name and shaped like the arguments the call passed: what
         the torch op's registered backward runs (runtime/ops.py)."""
+        import torch
         problem = self._bind(self.family, self.convention, (), kwargs)
         kernel = self.kernel_for(problem.family)
         if dout is None:
-            import torch
             dout = torch.zeros_like(problem.input)
-        grads = kernel.backward(problem, dout, dstates[0] if dstates else None)
+        # the op's state outputs are what Problem.outputs makes of the kernels' per-sequence
+        # final state; their gradients go back through its adjoint
+        dfinal = problem.state_gradient(*dstates)
+        grads = kernel.backward(problem, dout, dfinal)
         out = {}
         for name, g in grads.items():
             given = kwargs.get(name)

@@ -105,13 +105,29 @@ class SSDProblem(_ProblemBase):
     wants_final_state = property(lambda self: self.return_final_states
                                  or self.return_varlen_states)
 
-    def _row_final(self, final):
-        """The batch row's final state with packed sequences: that of the sequence holding the
-        last token (trailing empty sequences, as padding makes them, hold none); found on the
-        device, without reading cu_seqlens on the host."""
+    def _last_sequence(self, count: int):
+        """The index of the sequence holding the last token (trailing empty sequences, as
+        padding makes them, hold none); found on the device, without a host read."""
         import torch
         last = torch.searchsorted(self.cu_seqlens, self.cu_seqlens[-1:] - 1, right=True) - 1
-        return final.index_select(0, last.clamp(0, final.shape[0] - 1))
+        return last.clamp(0, count - 1)
+
+    def _row_final(self, final):
+        """The batch row's final state with packed sequences: that of the sequence holding the
+        last token."""
+        return final.index_select(0, self._last_sequence(final.shape[0]))
+
+    def state_gradient(self, d_final_states=None, d_varlen_states=None):
+        """The adjoint of ``outputs``'s states: the gradient of the kernels' final state (one
+        per sequence) given those of final_states and varlen_states (None: zero)."""
+        total = d_varlen_states if self.return_varlen_states else None
+        if self.return_final_states and d_final_states is not None:
+            part = d_final_states
+            if self.varlen:
+                part = d_final_states.new_zeros((self.nseq,) + tuple(d_final_states.shape[1:]))
+                part.index_add_(0, self._last_sequence(self.nseq), d_final_states)
+            total = part if total is None else total + part
+        return total
 
     def outputs(self, y, final):
         """What mamba_chunk_scan_combined returns: y, then final_states if asked for, then
@@ -152,6 +168,10 @@ class SelectiveScanProblem(_ProblemBase):
 
     def outputs(self, y, final):
         return (y, final) if self.return_last_state else y
+
+    def state_gradient(self, d_last_state=None):
+        """The adjoint of ``outputs``'s state: the last state's gradient as it is."""
+        return d_last_state if self.return_last_state else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -381,3 +381,27 @@ def test_ssd_trains_through_autograd_on_the_cpu_target(seed):
     y, final = kernel(**{**inputs, **leaves, "return_final_states": True})
     (y.square().sum() + final.sum()).backward()
     assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in leaves.values())
+
+
+def test_ssd_varlen_state_gradients_through_the_op_match_eager(seed):
+    """Packed sequences with return_final_states and return_varlen_states: the gradients of
+    both state outputs reach the inputs the same way through the torch op (register_autograd)
+    as through the eager call."""
+    require_target_tools("cpu")
+    fam = F.mamba2(heads=4, head_dim=8, state=4, chunk=16)
+    kernel = ssmc.compile(fam, target="cpu")
+    inputs = signature.example_inputs(fam, None, 1, 0, seed=seed, with_state=True,
+                                      varlen=[7, 12, 0, 9])
+
+    def grads(fn):
+        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in inputs.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        y, final, varlen = fn(**{**inputs, **leaves, "return_final_states": True,
+                                 "return_varlen_states": True})
+        (y.square().sum() + 3 * final.sum() + (varlen * torch.arange(4.0)[:, None, None, None])
+         .sum()).backward()
+        return {n: v.grad for n, v in leaves.items()}
+    eager = grads(kernel)
+    through_op = grads(lambda **kw: kernel.as_op()(**kw))
+    for name, g in eager.items():
+        assert_rel_close(f"d{name}", through_op[name], g, "float32", tol=1e-6)
