@@ -285,9 +285,37 @@ class TorchPrinter(NumpyPrinter):
         return f"torch.clamp({self._print(x)}, {bounds})"
 
 
-class TritonPrinter(_Dialect, PythonCodePrinter):
+class _ElementwiseConditions:
+    """A clamp's derivative is a Piecewise indicator. On tensors it must be an elementwise
+    select over elementwise conditions, not Python's ``a if c else b`` and ``and``: each
+    dialect names its select and its boolean operators."""
+    select_fn = ""
+    and_op = "&"
+    or_op = "|"
+
+    def _print_Piecewise(self, expr):
+        *pairs, (last, cond) = expr.args
+        if cond != sp.true:
+            raise TargetError(f"{self.dialect} needs a Piecewise with a default branch: {expr}")
+        out = self._print(last)
+        for value, c in reversed(pairs):
+            out = f"{self.select_fn}({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_And(self, expr):
+        return f" {self.and_op} ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return f" {self.or_op} ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+
+class TritonPrinter(_ElementwiseConditions, _Dialect, PythonCodePrinter):
     dialect = "triton"
     fn_prefix = "tl."
+    select_fn = "tl.where"
     # Triton has no expm1 (tl.math lacks it and libdevice's is target-specific), so expm1(x)
     # prints as exp(x) - 1: fp32 kernels lose relative precision of zoh's B for |a dt| < ~1e-4.
     has_expm1 = False
@@ -300,26 +328,6 @@ class TritonPrinter(_Dialect, PythonCodePrinter):
         # module defines the accurate threshold form once as the jit helper ``_softplus``
         # (backends/triton/codegen.HELPERS), called here.
         return f"_softplus({self._print(expr.args[0])})"
-
-    # A clamp's derivative is a Piecewise indicator: on tensors it must be tl.where over
-    # elementwise conditions, not Python's ``a if c else b`` and ``and``.
-    def _print_Piecewise(self, expr):
-        *pairs, (last, cond) = expr.args
-        if cond != sp.true:
-            raise TargetError(f"triton needs a Piecewise with a default branch: {expr}")
-        out = self._print(last)
-        for value, c in reversed(pairs):
-            out = f"tl.where({self._print(c)}, {self._print(value)}, {out})"
-        return out
-
-    def _print_And(self, expr):
-        return " & ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Or(self, expr):
-        return " | ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Relational(self, expr):
-        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
 
     def _fn_max(self):
         return "tl.maximum"
@@ -355,9 +363,11 @@ class CPrinter(_Dialect, C99CodePrinter):
         return self._fn("fmin")
 
 
-class TIRPrinter(_Dialect, PythonCodePrinter):
+class TIRPrinter(_ElementwiseConditions, _Dialect, PythonCodePrinter):
     dialect = "tir"
     fn_prefix = "T."
+    # TVMScript parses Python's boolean operators into tir.And / tir.Or
+    select_fn, and_op, or_op = "T.Select", "and", "or"
     # TIR has no expm1 intrinsic that every target lowers; print exp(x) - 1 (same precision
     # caveat as Triton).
     has_expm1 = False
@@ -368,25 +378,6 @@ class TIRPrinter(_Dialect, PythonCodePrinter):
     def _softplus(self, x, threshold):
         # Self-contained; the CPU backend emits its vectorizable fastmath softplus instead.
         return f"T.Select({x} > {threshold}, {x}, T.log1p(T.exp(T.min({x}, {threshold}))))"
-
-    # A clamp's derivative (an indicator): T.Select over TVMScript's boolean operators.
-    def _print_Piecewise(self, expr):
-        *pairs, (last, cond) = expr.args
-        if cond != sp.true:
-            raise TargetError(f"tir needs a Piecewise with a default branch: {expr}")
-        out = self._print(last)
-        for value, c in reversed(pairs):
-            out = f"T.Select({self._print(c)}, {self._print(value)}, {out})"
-        return out
-
-    def _print_And(self, expr):
-        return " and ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Or(self, expr):
-        return " or ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Relational(self, expr):
-        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
 
 
 PRINTERS = {
