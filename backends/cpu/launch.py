@@ -127,6 +127,22 @@ class _SequenceRunner:
         self.ssd = self.fam.A.structure is AStructure.SCALAR
         self.cplx = self.fam.A.structure is AStructure.COMPLEX_DIAGONAL
         self.placeholders = Placeholders()
+        self.inputs = buffers.inputs(plan)   # the scan's tensor parameters, in its order
+
+    def kernel_inputs(self, p, state_shape):
+        """The scan's input tensors (``self.inputs``: the kernel's parameters, in its order) as
+        it takes them: fp32, B/C token-major in the selective-scan layout, a placeholder for an
+        absent initial state. The forward and the backward take the same ones."""
+        args = []
+        for name, op in self.inputs:
+            value = getattr(p, op.name)
+            if name == "h0":
+                args.append(f32(value) if value is not None else self.placeholders(state_shape))
+            elif op.name in ("B", "C") and not self.ssd:
+                args.append(f32(token_major(value, getattr(self.fam, op.name).selective)))
+            else:
+                args.append(f32(value))
+        return args
 
     def _begin(self, p):
         x, dt, bias, init, want, batch, seqlen, state_shape = unpack(p, self.plan)
@@ -140,21 +156,11 @@ class ScanRunner(_SequenceRunner):
     def __init__(self, plan, function):
         super().__init__(plan)
         self.fn = function
-        self.inputs = buffers.inputs(plan)   # ssmc_scan's parameters, in its order
 
     def __call__(self, p):
-        fam = self.fam
         x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
         nseq = seg.shape[0]
-        args = []
-        for name, op in self.inputs:
-            value = getattr(p, op.name)
-            if name == "h0":
-                args.append(f32(value) if value is not None else self.placeholders(state_shape))
-            elif op.name in ("B", "C") and not self.ssd:
-                args.append(f32(token_major(value, getattr(fam, op.name).selective)))
-            else:
-                args.append(f32(value))
+        args = self.kernel_inputs(p, state_shape)
         y = empty(args[0].shape)
         hT = empty((nseq,) + state_shape) if want else \
             self.placeholders(state_shape)
@@ -172,7 +178,6 @@ class ScanBackwardRunner(_SequenceRunner):
         super().__init__(plan)
         self.fn = function
         self.K = checkpoint
-        self.inputs = buffers.inputs(plan)
 
     def __call__(self, p, dout, dfinal):
         import math
@@ -180,15 +185,7 @@ class ScanBackwardRunner(_SequenceRunner):
         x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
         check_cpu(dout, dfinal)
         nseq, d, n, g = seg.shape[0], fam.dims.d_inner, fam.dims.state, fam.dims.groups
-        args = []
-        for name, op in self.inputs:
-            value = getattr(p, op.name)
-            if name == "h0":
-                args.append(f32(value) if value is not None else self.placeholders(state_shape))
-            elif op.name in ("B", "C") and not self.ssd:
-                args.append(f32(token_major(value, getattr(fam, op.name).selective)))
-            else:
-                args.append(f32(value))
+        args = self.kernel_inputs(p, state_shape)
         names = {name for name, _ in self.inputs}
         lengths = seg[:, 2] - seg[:, 1]
         longest = int(lengths.max()) if lengths.numel() else 0
