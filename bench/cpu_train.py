@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,17 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+# The inputs each family's fwd+bwd differentiates, in the order the torch forms take them.
+NAMES = {"mamba1": ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+         "mamba2": ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")}
 
 
 def main(argv=None):
@@ -50,101 +40,68 @@ def main(argv=None):
     ap.add_argument("--family", choices=("mamba1", "mamba2"), default="mamba1",
                     help="mamba2: SSD b1 l{L} h24 p64 n128 against m2_chunked / m2_eager")
     args = ap.parse_args(argv)
-    if args.family == "mamba2":
-        return main_ssd(args)
     torch.set_num_threads(args.threads)
     import cpu as cpu_bench
     import families
     import ssmc
-    from ssmc.backends import reference
-    from ssmc.signature import bind, example_inputs
-    fam = families.mamba1(channels=args.d, state=16)
-    p = bind(fam, fam.convention, (), example_inputs(fam, None, 1, args.L, seed=0))
+    if args.family == "mamba1":
+        fam = families.mamba1(channels=args.d, state=16)
+        title = f"Mamba-1 b1 d{args.d} l{args.L} n16"
+        forms = {"torch vectorized (m1_chunked)": cpu_bench.m1_chunked,
+                 "torch eager loop (m1_eager)": cpu_bench.m1_eager}
+        softplus = "delta_softplus"
+        check = True
+    else:
+        fam = families.mamba2(heads=24, head_dim=64, state=128, chunk=256)
+        title = f"Mamba-2 SSD b1 l{args.L} h24 p64 n128"
+        forms = {"torch vectorized (m2_chunked, Q=64)": lambda *a: cpu_bench.m2_chunked(*a, Q=64),
+                 "torch eager loop (m2_eager)": cpu_bench.m2_eager}
+        softplus = "dt_softplus"
+        # float64 autograd through the recurrence keeps every step's (h, p, n) state: ~8 GB
+        # at l2048; the error is checked up to --check-L tokens (a run at that length gives it)
+        check = args.L <= args.check_L
+    if args.no_eager:
+        forms = {k: v for k, v in forms.items() if "eager" not in k}
     kernel = ssmc.compile(fam, target="cpu")
-    leaves = [getattr(p, n).detach().clone().requires_grad_(True) for n in NAMES]
-    dy = torch.randn_like(p.u)
+    names = NAMES[args.family]
 
-    def fwd_bwd(fn):
-        def run():
-            return torch.autograd.grad(fn(*leaves), leaves, dy)
-        return run
-
-    def ours(u, delta, A, B, C, D, z, bias):
-        return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
-
-    impls = {"ours": ours, "torch vectorized (m1_chunked)": cpu_bench.m1_chunked}
-    if not args.no_eager:
-        impls["torch eager loop (m1_eager)"] = cpu_bench.m1_eager
-    # the float64 oracle's gradients
-    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    y64, _ = reference.run_float64_differentiable(dataclasses.replace(p, **dict(zip(NAMES,
-                                                                                 leaves64))))
-    want = torch.autograd.grad(y64, leaves64, dy.double())
-    rows = []
-    for name, fn in impls.items():
-        run = fwd_bwd(fn)
-        got = run()
-        err = max(float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want))
-        t = median_ms(run, args.repeats if "eager" not in name else max(1, args.repeats // 2))
-        rows.append((name, t, err))
-        print(f"{name}: {t:.1f} ms, grad rel err {err:.1e}", file=sys.stderr, flush=True)
+    def ours(x, dt, A, B, C, D, z, bias):
+        return kernel(x, dt, A, B, C, D=D, z=z, **{names[-1]: bias, softplus: True})
+    rows = compare(fam, names, {"ours": ours, **forms}, args.L, args.repeats, check, cpu_bench)
     ours_ms = rows[0][1]
     print(f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n")
-    print(f"| fwd+bwd, Mamba-1 b1 d{args.d} l{args.L} n16 fp32 | ms | ours is faster by | "
-          "grad rel err vs fp64 |")
+    print(f"| fwd+bwd, {title} fp32 | ms | ours is faster by | grad rel err vs fp64 |")
     print("|---|---|---|---|")
     for name, t, err in rows:
         print(f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |")
 
 
-SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-
-
-def main_ssd(args):
-    """The Mamba-2 row: SSD b1 l{L} h24 p64 n128 g1, fp32."""
-    torch.set_num_threads(args.threads)
-    import cpu as cpu_bench
-    import families
-    import ssmc
+def compare(fam, names, impls, L, repeats, check, cpu_bench):
+    """(name, median fwd+bwd ms, largest gradient error vs float64 or NaN) per implementation,
+    all on one random problem and one dy."""
     from ssmc.backends import reference
     from ssmc.signature import bind, example_inputs
-    fam = families.mamba2(heads=24, head_dim=64, state=128, chunk=256)
-    p = bind(fam, fam.convention, (), example_inputs(fam, None, 1, args.L, seed=0))
-    kernel = ssmc.compile(fam, target="cpu")
-    leaves = [getattr(p, n).detach().clone().requires_grad_(True) for n in SSD_NAMES]
-    dy = torch.randn_like(p.x)
-
-    def ours(x, dt, A, B, C, D, z, bias):
-        return kernel(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
-
-    impls = {"ours": ours, "torch vectorized (m2_chunked, Q=64)":
-             lambda *a: cpu_bench.m2_chunked(*a, Q=64)}
-    if not args.no_eager:
-        impls["torch eager loop (m2_eager)"] = cpu_bench.m2_eager
-    # float64 autograd through the recurrence keeps every step's (h, p, n) state: ~8 GB at
-    # l2048; the error is checked up to --check-L tokens (a run at that length gives it)
+    p = bind(fam, fam.convention, (), example_inputs(fam, None, 1, L, seed=0))
+    leaves = [getattr(p, n).detach().clone().requires_grad_(True) for n in names]
+    dy = torch.randn_like(p.input)
     want = None
-    if args.L <= args.check_L:
+    if check:
         leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
         y64, _ = reference.run_float64_differentiable(
-            dataclasses.replace(p, **dict(zip(SSD_NAMES, leaves64))))
+            dataclasses.replace(p, **dict(zip(names, leaves64))))
         want = torch.autograd.grad(y64, leaves64, dy.double())
     rows = []
     for name, fn in impls.items():
-        run = (lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, dy))
+        def run(fn=fn):
+            return torch.autograd.grad(fn(*leaves), leaves, dy)
         got = run()
         err = (max(float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want))
                if want is not None else float("nan"))
-        t = median_ms(run, args.repeats if "eager" not in name else max(1, args.repeats // 2))
+        t = cpu_bench.median_ms(run, repeats if "eager" not in name else max(1, repeats // 2),
+                                warmup=0)
         rows.append((name, t, err))
         print(f"{name}: {t:.1f} ms, grad rel err {err:.1e}", file=sys.stderr, flush=True)
-    ours_ms = rows[0][1]
-    print(f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n")
-    print(f"| fwd+bwd, Mamba-2 SSD b1 l{args.L} h24 p64 n128 fp32 | ms | ours is faster by | "
-          "grad rel err vs fp64 |")
-    print("|---|---|---|---|")
-    for name, t, err in rows:
-        print(f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |")
+    return rows
 
 
 if __name__ == "__main__":
