@@ -34,8 +34,11 @@ from typing import Dict, List, Optional
 
 from ssmc.ir import AStructure, KernelPlan
 
+from ssmc.operands import Role
+
 from . import codegen
 from .codegen import Lines
+from .scan_launcher import optional_term_lines
 
 # BLOCK_D channels x N states x CHUNK steps per tile. bwd_block_d is an upper bound: the launcher
 # lowers it to divide the channels per group.
@@ -120,8 +123,11 @@ class _BackwardGen:
         p += [f"{k}_ptr" for k in self.terms]
         p += ["h0_ptr", "dout_ptr", "dhT_ptr", "cu_ptr", "ckpt_ptr",
               "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr"]
-        p += [f"d{k}_ptr" for k in self.terms if k != "z"]
-        p += (["dz_ptr"] if "z" in self.terms else []) + ["dh0_ptr"]
+        # the terms' gradient buffers: the parameters', then the per-token inputs' (launcher)
+        table = self.plan.operands
+        by_role = sorted(self.terms, key=lambda k: table[table.keyword.get(k, k)].role
+                         is Role.INPUT)
+        p += [f"d{k}_ptr" for k in by_role] + ["dh0_ptr"]
         p += ["n_channels", "seqlen", "n_rows", "cpg_B", "cpg_C", "stride_u_b", "stride_u_d",
               "stride_dout_b", "stride_dout_d"]
         if sel["dt"]:
@@ -541,31 +547,29 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
 
 
 def launcher_source(plan: KernelPlan, config: dict, kernel: str) -> str:
-    """``backward(...)``: allocations, the launch, and the sums of the partials."""
+    """``backward(...)``: allocations, the launch, and the sums of the partials. The optional
+    terms are converted and flagged as the forward's launcher does (``optional_term_lines``);
+    each gets its gradient buffer by its role: a per-token input's is shaped like it, a
+    parameter's is one partial per sequence, summed after the launch."""
     table = plan.operands
-    opt, sums = [], []
-    zstr = "    z_strides = ()"
-    for key in table.droppable_terms():
-        name = table.keyword.get(key, key)
-        if key == "z":
+    opt, flags = optional_term_lines(plan, "opt", "ckpt", "_time_contiguous({name})")
+    opt += [f"    flags['{flag}'] = {name} is not None" for flag, name in flags]
+    sums, params, inputs = [], [], []
+    for _, name in flags:
+        if table[name].role is Role.INPUT:
+            inputs.append(name)
             opt += [f"    if {name} is not None:",
-                    f"        {name} = _time_contiguous({name})",
                     f"        grads['{name}'] = EMPTY({name}.shape, device=dev, dtype={name}.dtype)"]
-            zstr = (f"    z_strides = ({name}.stride(0), {name}.stride(1)) if {name} is not None "
-                    "else (0, 0)")
         else:
-            opt += [f"    if {name} is not None:",
-                    f"        {name} = _param({name}, False)",
-                    f"    grads['{name}'] = EMPTY((nseq, d), device=dev, dtype=f32)"]
+            params.append(name)
+            opt.append(f"    grads['{name}'] = EMPTY((nseq, d), device=dev, dtype=f32)")
             sums += [f"    grads['{name}'] = grads['{name}'].sum(0)",
                      f"    if {name} is None:", f"        grads.pop('{name}')"]
-        opt += [f"    opt.append({name} if {name} is not None else ckpt)",
-                f"    flags['HAS_{key.upper()}'] = {name} is not None"]
-    # the gradient buffers the kernel takes after dC: d<term> for the parameters, then dz
-    order = [table.keyword.get(k, k) for k in table.droppable_terms() if k != "z"]
-    order += [table.keyword.get("z", "z")] if "z" in table.droppable_terms() else []
-    opt.append("    opt_grads = [grads.get(n, ckpt) for n in " + repr(order) + "]")
-    opt.append(zstr)
+    # the kernel takes the parameters' gradient buffers after dC, then the inputs'
+    opt.append("    opt_grads = [grads.get(n, ckpt) for n in " + repr(params + inputs) + "]")
+    opt.append("    z_strides = " + next(
+        (f"({name}.stride(0), {name}.stride(1)) if {name} is not None else (0, 0)"
+         for name in inputs), "()"))
     return PAIR_SCAN + LAUNCHER.format(config=dict(config), name=plan.family.name,
                                        kernel=kernel, opt_args="\n".join(opt),
                                        sum_args="\n".join(sums))
