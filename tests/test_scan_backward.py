@@ -66,6 +66,21 @@ def _inputs(fam, batch, seqlen, dtype, seed, target="cuda", **kw):
                                     device=target_device(target), seed=seed, **kw)
 
 
+def oracle_gradients(problem, candidates, final, seed):
+    """(the problem's differentiable names, dy, dlast or None, {name: float64 gradient}):
+    random gradients of y and the final state, pulled back by autograd through the oracle."""
+    names = [n for n in candidates if getattr(problem, n, None) is not None]
+    leaves = [getattr(problem, n).detach().cpu().double().requires_grad_(True) for n in names]
+    y64, last64 = reference.run_float64_differentiable(
+        dataclasses.replace(problem, **dict(zip(names, leaves))))
+    g = torch.Generator().manual_seed(seed + 1)
+    # the gradient of y is given in y's dtype: the oracle takes it rounded the same way
+    dy = torch.randn(y64.shape, generator=g).to(problem.input.dtype).double()
+    dlast = torch.randn(last64.shape, generator=g, dtype=torch.float64) if final else None
+    loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
+    return names, dy, dlast, dict(zip(names, torch.autograd.grad(loss, leaves)))
+
+
 def check_gradients(fam, seqlen, seed, target, batch=2, dtype="float32", with_state=True,
                     varlen=False, final=True, omit=(), scale=None, tol=None, config=None):
     """The generated backward's gradients of (y, final state) against the oracle's."""
@@ -78,17 +93,7 @@ def check_gradients(fam, seqlen, seed, target, batch=2, dtype="float32", with_st
     for name, factor in (scale or {}).items():
         inputs[name] = inputs[name] * factor
     problem = signature.bind(fam, fam.convention, (), {**inputs, "return_last_state": final})
-    names = [n for n in NAMES if getattr(problem, n, None) is not None]
-    leaves = [getattr(problem, n).detach().cpu().double().requires_grad_(True) for n in names]
-    y64, last64 = reference.run_float64_differentiable(
-        dataclasses.replace(problem, **dict(zip(names, leaves))))
-    g = torch.Generator().manual_seed(seed + 1)
-    # the gradient of y is given in y's dtype: the oracle takes it rounded the same way
-    dy = torch.randn(y64.shape, generator=g).to(problem.u.dtype).double()
-    dlast = torch.randn(last64.shape, generator=g, dtype=torch.float64) if final else None
-    loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
-    want = dict(zip(names, torch.autograd.grad(loss, leaves)))
-
+    names, dy, dlast, want = oracle_gradients(problem, NAMES, final, seed)
     backend_kernel = kernel.kernel_for(problem.family)
     with _poisoned(backend_kernel, target):
         got = backend_kernel.backward(problem, dy.to(DEVICE, problem.u.dtype),
@@ -351,15 +356,7 @@ def test_ssd_gradients_on_the_cpu_target(case, seed):
     final = case != "no_state"
     flag = "return_varlen_states" if case == "varlen" else "return_final_states"
     problem = signature.bind(fam, fam.convention, (), {**inputs, flag: final})
-    names = [n for n in SSD_NAMES if getattr(problem, n, None) is not None]
-    leaves = [getattr(problem, n).detach().double().requires_grad_(True) for n in names]
-    y64, last64 = reference.run_float64_differentiable(
-        dataclasses.replace(problem, **dict(zip(names, leaves))))
-    g = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(y64.shape, generator=g, dtype=torch.float64)
-    dlast = torch.randn(last64.shape, generator=g, dtype=torch.float64) if final else None
-    loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
-    want = dict(zip(names, torch.autograd.grad(loss, leaves)))
+    names, dy, dlast, want = oracle_gradients(problem, SSD_NAMES, final, seed)
     backend_kernel = kernel.kernel_for(problem.family)
     with _poisoned(backend_kernel, "cpu"):
         got = backend_kernel.backward(problem, dy.float(),
