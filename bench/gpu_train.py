@@ -1,6 +1,7 @@
 """GPU benchmark of training (forward + backward) through ssmc's generated kernels, with anchors.
 
     python bench/gpu_train.py           # the fwd+bwd rows (mamba_ssm's CUDA scan built first)
+    python bench/gpu_train.py --ssd-only [--ssd-sweep '[{"bwd_bc_heads": 8}, ...]']
 
 Rows (bf16 inputs, fp32 parameters, the Mamba-1 / Mamba-2 blocks of bench/gpu.py):
 selective scan b8 d4096 l2048 n16 (softplus(dt + bias), D, silu(z)) and SSD b4 l4096 h80 p64
@@ -150,23 +151,78 @@ def scan_row(ceil, config=None) -> dict:
     return row
 
 
+SSD_GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def _ssd_reference_grads(leaves, dy, heads):
+    """float64 autograd through the recurrence for ``heads`` (per-head gradients; dB, dC mix
+    every head and are compared with the anchor's instead)."""
+    names = ("x", "dt", "A", "D", "z", "dt_bias")
+    full = {n: leaves[n].detach().double() for n in SSD_GRADS}
+    part = {}
+    for n in names:
+        t = full[n]
+        t = t[:, :, heads] if t.dim() == 4 or n == "dt" else t[heads]
+        part[n] = t.clone().requires_grad_(True)
+    B, C = full["B"][:, :, 0], full["C"][:, :, 0]
+    delta = torch.nn.functional.softplus(part["dt"] + part["dt_bias"])     # (1, l, h)
+    abar = torch.exp(delta * part["A"])
+    state = torch.zeros(B.shape[0], part["x"].shape[2], part["x"].shape[3], B.shape[-1],
+                        dtype=torch.float64, device=B.device)
+    ys = []
+    for t in range(B.shape[1]):
+        state = abar[:, t, :, None, None] * state + (delta[:, t, :, None] * part["x"][:, t])[..., None] \
+            * B[:, t, None, None, :]
+        ys.append(torch.einsum("bhpn,bn->bhp", state, C[:, t]))
+    y = torch.stack(ys, 1) + part["x"] * part["D"][:, None]
+    y = y * part["z"] * torch.sigmoid(part["z"])
+    grads = torch.autograd.grad(y, [part[n] for n in names], dy[:, :, heads].double())
+    return dict(zip(names, grads))
+
+
 def ssd_row(ceil) -> dict:
-    """Our SSD has no generated backward yet: the row says so beside mamba_ssm's time."""
+    """Our generated SSD fwd+bwd beside mamba_ssm's ``mamba_chunk_scan_combined``."""
     import anchors
     import gpu
     import ssmc
+    from measure import kernel_breakdown
     from ssmc.signature import bind, example_inputs
     label, batch, seqlen, heads = SSD_SHAPE
     fam = gpu.mamba2_family(heads)
     kw = example_inputs(fam, None, batch, seqlen, dtype="bfloat16", device=DEVICE, seed=0)
     p = bind(fam, fam.convention, (), kw)
     row = {"kernel": label}
-    reason = ssmc.compile(fam, target="cuda").backward_refusal
+    kernel = ssmc.compile(fam, target="cuda")
+    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SSD_GRADS}
+    order = [leaves[n] for n in SSD_GRADS]
+    dy = torch.randn_like(p.x)
+    # bytes: the forward reads x, z, dt, B, C and writes y; the backward reads them and dy and
+    # writes dx, dz (bf16), ddt and dB, dC (fp32)
+    d = fam.dims
+    tok = batch * seqlen * heads * d.head_dim * 2
+    bc = batch * seqlen * d.groups * d.state * 2
+    nbytes = (3 * tok + 2 * bc) + (5 * tok + 2 * bc + 2 * 2 * bc)
+    row["floor_ms"] = nbytes / ceil["bandwidth"] * 1e3
+
+    def ours():
+        return kernel(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                      D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True)
+    reason = kernel.backward_refusal
+    got = None
     if reason:
         row["ours_note"] = reason
-    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in names}
-    dy = torch.randn_like(p.x)
+    else:
+        run = _fwd_bwd(ours, order, dy)
+        got = dict(zip(SSD_GRADS, run()))
+        row["ours_ms"] = ms(run)
+        row["ours_gib"] = _extra_memory(run)
+        row["breakdown"] = {k.split("_bwd_")[-1] if "_bwd_" in k else k.split("_chunk_")[-1]:
+                            round(v, 4) for k, v in kernel_breakdown(run, iters=5).items()
+                            if "_bwd_" in k or "_chunk_" in k}
+        heads_checked = slice(0, 2)
+        want = _ssd_reference_grads(leaves, dy, heads_checked)
+        row["rel_err"] = max(rel_err(got[k][:, :, heads_checked] if got[k].dim() == 4 or k == "dt"
+                                     else got[k][heads_checked], w) for k, w in want.items())
     fn, why = anchors.mamba_ssd_anchor()
     if fn is None:
         row["mamba_note"] = why
@@ -176,12 +232,44 @@ def ssd_row(ceil) -> dict:
         return fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
                   chunk_size=256, D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True)
     try:
-        run_m = _fwd_bwd(theirs, [leaves[n] for n in names], dy)
+        run_m = _fwd_bwd(theirs, order, dy)
+        ref = dict(zip(SSD_GRADS, run_m()))
+        if got is not None:
+            row["mamba_err"] = max(rel_err(ref[k][:, :, heads_checked]
+                                           if ref[k].dim() == 4 or k == "dt"
+                                           else ref[k][heads_checked], w) for k, w in want.items())
+            row["dBdC_vs_mamba"] = max(rel_err(got[k], ref[k]) for k in ("B", "C"))
         row["mamba_ms"] = ms(run_m)
         row["mamba_gib"] = _extra_memory(run_m)
     except Exception as e:  # noqa: BLE001
         row["mamba_note"] = f"{type(e).__name__}: {str(e)[:200]}"
     return row
+
+
+def ssd_sweep(configs) -> list:
+    """fwd+bwd ms of our SSD row with each config (forward and backward keys), same inputs."""
+    import gpu
+    import ssmc
+    from ssmc.signature import bind, example_inputs
+    _, batch, seqlen, heads = SSD_SHAPE
+    fam = gpu.mamba2_family(heads)
+    p = bind(fam, fam.convention, (), example_inputs(fam, None, batch, seqlen, dtype="bfloat16",
+                                                     device=DEVICE, seed=0))
+    leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SSD_GRADS}
+    dy = torch.randn_like(p.x)
+    out = []
+    for cfg in configs:
+        try:
+            kernel = ssmc.compile(fam, target="cuda", config=dict(cfg))
+            run = _fwd_bwd(lambda: kernel(leaves["x"], leaves["dt"], leaves["A"], leaves["B"],
+                                          leaves["C"], D=leaves["D"], z=leaves["z"],
+                                          dt_bias=leaves["dt_bias"], dt_softplus=True),
+                           [leaves[n] for n in SSD_GRADS], dy)
+            out.append((cfg, round(ms(run, rep=50), 4)))
+        except Exception as e:  # noqa: BLE001
+            out.append((cfg, f"{type(e).__name__}: {str(e)[:160]}"))
+        print("  ssd sweep", out[-1], flush=True)
+    return out
 
 
 def rows(ceil, scan_config=None) -> list:
@@ -210,7 +298,7 @@ def table(rs) -> str:
             f(r.get("mamba_gib"), "{:.2f}"), f(r.get("floor_ms")), f(pct, "{:.0f}%"),
             f(r.get("rel_err"), "{:.1e}"), f(r.get("mamba_err"), "{:.1e}")]) + " |")
     lines += [f"- {r['kernel']}: {k}: {v}" for r in rs for k, v in r.items()
-              if k.endswith("note") or k in ("dBdC_vs_mamba", "config")]
+              if k.endswith("note") or k in ("dBdC_vs_mamba", "config", "breakdown")]
     return "\n".join(lines)
 
 
@@ -221,18 +309,26 @@ def main(argv=None):
     ap.add_argument("--sweep", type=json.loads, default=None,
                     help='time these backward configs first: JSON [{"bwd_chunk": 64}, ...]')
     ap.add_argument("--sweep-only", action="store_true", help="no table after the sweep")
+    ap.add_argument("--ssd-only", action="store_true", help="only the SSD row (no CUDA build)")
+    ap.add_argument("--ssd-sweep", type=json.loads, default=None,
+                    help='time our SSD fwd+bwd with these configs: JSON [{"bwd_bc_heads": 8}, ...]')
     args = ap.parse_args(argv)
+    if args.ssd_sweep:
+        ssd_sweep(args.ssd_sweep)
     best = None
     if args.sweep:
         timed = [(c, t) for c, t in scan_sweep(args.sweep) if isinstance(t, float)]
         best = min(timed, key=lambda ct: ct[1])[0] if timed else None
         if args.sweep_only:
             return
-    import anchors
-    if anchors.build_selective_scan() is None:
-        print("[anchors]", anchors._state["reason"], flush=True)
     ceil = {"bandwidth": copy_bandwidth()}
-    rs = rows(ceil, best)
+    if args.ssd_only:
+        rs = [ssd_row(ceil)]
+    else:
+        import anchors
+        if anchors.build_selective_scan() is None:
+            print("[anchors]", anchors._state["reason"], flush=True)
+        rs = rows(ceil, best)
     print(table(rs))
 
 

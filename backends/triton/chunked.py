@@ -21,14 +21,16 @@ from typing import Dict, List, Optional, Sequence
 from ssmc import backends
 from ssmc.ir import Algorithm, AStructure, KernelPlan
 
-from . import chunked_source, codegen
+from . import chunked_backward, chunked_source, codegen
 from .chunked_source import heads_per_bc_group
 
 MAX_STATE = 256          # the output kernel keeps a whole row of the state (n) in one tile
 CONFIG_KEYS = ("state_block_t", "state_block_p", "state_block_n", "state_warps", "state_stages",
                "out_block_m", "out_block_k", "out_block_p", "out_warps", "out_stages",
                "out_cb", "out_cb_fp32", "out_heads", "out_early_xz", "out_factor_decay",
-               "out_state_last", "out_maxnreg")
+               "out_state_last", "out_maxnreg",
+               "bwd_block_m", "bwd_block_k", "bwd_block_n", "bwd_bc_heads", "bwd_warps",
+               "bwd_stages")
 MAX_OUT_HEADS = 8        # the output kernel's heads per program are unrolled in the source
 
 
@@ -79,6 +81,10 @@ def default_config_chunked(plan: KernelPlan) -> Dict[str, int]:
         "out_warps": 4, "out_stages": 3, "out_cb": 1, "out_cb_fp32": 1,
         "out_heads": 1, "out_early_xz": 0, "out_factor_decay": 0, "out_state_last": 1,
         "out_maxnreg": 128 if measured_tiles else 0,
+        # the backward's dx / dB / dC kernels: row and column blocks of the chunk, state block,
+        # heads summed per dB / dC program (a group's heads are split over programs)
+        "bwd_block_m": min(64, cap_q), "bwd_block_k": min(64, cap_q), "bwd_block_n": min(128, cap_n),
+        "bwd_bc_heads": 16, "bwd_warps": 4, "bwd_stages": 2,
     }
 
 
@@ -211,6 +217,12 @@ class ChunkedKernel:
 
     def __init__(self, plan: KernelPlan, config: dict, source: str, module):
         self.plan, self.config, self.source, self.module = plan, config, source, module
+        # ``backward(problem, dout, dfinal) -> {argument name: gradient}`` where the module has
+        # the generated backward, else ``backward_refusal`` says why not
+        self.backward_refusal = chunked_backward.supports_backward(plan)
+        if self.backward_refusal is None:
+            self.backward = lambda problem, dout, dfinal: module.backward(problem, dout, dfinal,
+                                                                          self.config)
 
     def __call__(self, problem, y=None, final_states=None):
         x = problem.x

@@ -14,7 +14,7 @@ from typing import Dict
 
 from ssmc.ir import KernelPlan, Sharing
 
-from . import chunked_kernels, codegen
+from . import chunked_backward, chunked_kernels, codegen
 
 SUPPORTED_FLOAT_NAMES = ("float32", "float16", "bfloat16")
 
@@ -94,7 +94,10 @@ def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> 
     output = render_output(plan, name, config, trap)
     body = (prep + chunked_kernels.CB.format(name=name) + chunked_kernels.STATES.format(name=name)
             + output)
-    return header + _PRELUDE + codegen.HELPERS + body + _render_launcher(plan, name, trap, config)
+    source = header + _PRELUDE + codegen.HELPERS + body + _render_launcher(plan, name, trap, config)
+    if chunked_backward.supports_backward(plan) is None:
+        source += chunked_backward.render_backward(plan, name, _indent)
+    return source
 
 
 def _program_heads(count: int):
@@ -277,8 +280,12 @@ def _as_blgn(t, batch, seqlen):
     return t
 
 
-def launch(problem, config, y=None, final_states=None):
-    """Run the kernels on a bound SSD problem; returns (y, final_states or None)."""
+def launch(problem, config, y=None, final_states=None, keep=None, output=True, gate=True):
+    """Run the kernels on a bound SSD problem; returns (y, final_states or None).
+
+    The backward recomputes with ``keep`` (a dict: receives the per-step scalars, C B^T and the
+    chunk states), ``output=False`` (no y: only what the backward reads) or ``gate=False`` (y
+    before silu(z), for dz)."""
     x = problem.x
     batch, seqlen, nheads, headdim = x.shape
     chunk = {chunk}
@@ -290,7 +297,7 @@ def launch(problem, config, y=None, final_states=None):
     dt = problem.dt if problem.dt.dim() == 3 else problem.dt[None, None].expand(batch, seqlen, nheads)
     A = problem.A if problem.A.dim() == 3 else problem.A[None, None].expand(batch, seqlen, nheads)
     D = {opt_d}
-    z = {opt_z}
+    z = {opt_z} if gate else None
     dt_bias = {opt_bias}
     init = problem.initial_states
     varlen = problem.cu_seqlens is not None or problem.seq_idx is not None
@@ -308,7 +315,7 @@ def launch(problem, config, y=None, final_states=None):
         nseq = batch
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     store_final = bool(problem.wants_final_state)
-    if y is None:
+    if y is None and output:
         y = torch.empty_like(x)
     if store_final and final_states is None:
         final_states = torch.empty(nseq, nheads, headdim, dstate, dtype=torch.float32, device=dev)
@@ -372,6 +379,13 @@ def launch(problem, config, y=None, final_states=None):
         DOT_PRECISION=precision, DOT_UPCAST=upcast,
         num_warps=cfg["state_warps"], num_stages=cfg["state_stages"],
     )
+
+    if keep is not None:
+        keep.update(cum=cum, coef=coef, decay=decay, chunk_states=chunk_states, cb=cb,
+                    cb_strides=cb_strides, heads_per_cb=heads_per_cb, cb_pre=cb_pre, B=B, C=C,
+                    dt=dt, A=A, nchunks=nchunks, precision=precision, upcast=upcast)
+    if not output:
+        return None, (final_states if store_final else None)
 
     # 4. Outputs, fully parallel over chunks, row blocks, heads ({out_heads} per program), head_dim.
     zp = z if z is not None else x

@@ -1,0 +1,153 @@
+"""The generated chunked SSD (Mamba-2) backward on the cuda target against the float64 oracle.
+
+Every case draws fresh inputs and random gradients for y and the final states, and compares
+each input's gradient from the generated Triton backward with torch autograd through
+``reference.run_float64_differentiable`` on the same inputs; the buffers the backward returns
+are filled with NaN before the launch. Under the Triton interpreter (CI) the shapes are small;
+on a GPU (``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0``, ``SSMC_TEST_FULL=1``) they are Mamba-2's
+head_dim 64, state 128, with chunks of 64 and several row blocks per chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import families as F
+from conftest import FULL, assert_rel_close, require_cuda_device, target_device
+from test_scan_backward import _poisoned, oracle_gradients
+import ssmc
+from ssmc import signature
+from ssmc.errors import SSMCError
+from ssmc.ir import Method, Sharing
+
+require_cuda_device()
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+DEVICE = target_device("cuda")
+# (heads, head_dim, state, chunk); the config's row blocks split the chunk in the interpreter too
+DIMS = (4, 64, 128, 64) if FULL else (4, 8, 16, 16)
+SMALL_BLOCKS = {} if FULL else {"bwd_block_m": 16, "bwd_block_k": 16}
+LENGTHS = [1, 63, 64, 65, 257] if FULL else [1, 15, 16, 17, 37]
+TOKEN = ("x", "z")   # returned in the input's dtype; the rest in fp32
+
+
+def family(**kw):
+    h, p, n, q = DIMS
+    kw.setdefault("heads", h)
+    return F.mamba2(head_dim=p, state=n, chunk=q, **kw)
+
+
+def check(fam, seqlen, seed, batch=2, dtype="float32", with_state=True, final=True, omit=(),
+          scale=None, config=None, tol=None):
+    kernel = ssmc.compile(fam, target="cuda", config=dict(SMALL_BLOCKS, **(config or {})))
+    inputs = signature.example_inputs(fam, None, batch, seqlen, dtype=dtype, device=DEVICE,
+                                      seed=seed, with_state=with_state)
+    for name in omit:
+        inputs.pop(name, None)
+    for name, factor in (scale or {}).items():
+        inputs[name] = inputs[name] * factor
+    problem = signature.bind(fam, fam.convention, (), {**inputs, "return_final_states": final})
+    names, dy, dlast, want = oracle_gradients(problem, NAMES, final, seed)
+    backend_kernel = kernel.kernel_for(problem.family)
+    with _poisoned(backend_kernel, "cuda"):
+        got = backend_kernel.backward(problem, dy.to(DEVICE, problem.x.dtype),
+                                      dlast.to(DEVICE, torch.float32) if final else None)
+    assert set(got) == set(names), (sorted(got), names)
+    for name in names:
+        assert got[name].shape == want[name].shape, name
+        assert_rel_close(f"d{name}", got[name], want[name],
+                         dtype if name in TOKEN else "float32", tol=tol)
+    return got
+
+
+@pytest.mark.parametrize("seqlen", LENGTHS)
+def test_every_gradient(seqlen, seed):
+    check(family(), seqlen, seed)
+
+
+@pytest.mark.parametrize("variant", ["groups", "per_head_BC", "D_per_head_dim", "selective_A",
+                                     "constant_BC", "constant_delta", "clamp", "zoh",
+                                     "no_softplus", "heads_split"])
+def test_variants(variant, seed):
+    h = DIMS[0]
+    kw, config = {}, {}
+    if variant == "groups":
+        kw = dict(groups=2)
+    elif variant == "per_head_BC":
+        kw = dict(groups=h)       # every head its own B and C: C B^T is not shared
+    elif variant == "selective_A":
+        kw = dict(selective_A=True)
+    elif variant == "constant_BC":
+        kw = dict(selective_B=False, selective_C=False)
+    elif variant == "constant_delta":
+        kw = dict(selective_delta=False)
+    elif variant == "clamp":
+        kw = dict(clamp=(0.01, 0.05))
+    elif variant == "zoh":
+        kw = dict(method=Method.ZOH)
+    elif variant == "no_softplus":
+        kw = dict(softplus=False)
+    elif variant == "heads_split":
+        kw, config = dict(heads=6, groups=2), {"bwd_bc_heads": 2}
+    fam = family(**kw)
+    if variant == "D_per_head_dim":
+        fam = dataclasses.replace(fam, D=dataclasses.replace(fam.D, sharing=Sharing.HEAD_DIM))
+    check(fam, 33, seed, config=config)
+
+
+@pytest.mark.parametrize("case", ["no_state", "no_final_gradient", "no_terms"])
+def test_optional(case, seed):
+    if case == "no_state":
+        check(family(), 33, seed, with_state=False, final=False)
+    elif case == "no_final_gradient":
+        check(family(), 33, seed, final=False)
+    else:
+        check(family(), 33, seed, omit=("D", "z", "dt_bias"))
+
+
+def test_bf16(seed):
+    check(family(), 37, seed, dtype="bfloat16", tol=2e-2)
+
+
+def test_no_nan_at_large_decays_and_steps(seed):
+    """|A| Delta up to ~1e3 with Delta up to ~10: the decays underflow to 0, the gradients stay
+    finite and right. The tolerance is the forward's: exp(cum_t - cum_s) from the chunk's
+    cumulative log-decays carries an absolute error of ~eps |cum| in the exponent (as in
+    mamba_ssm's SSD), which reaches ~1e-5 relative in dA and ddt at these decays."""
+    fam = family(bias=False, softplus=False)
+    got = check(fam, 37, seed, scale={"A": 6.0, "dt": 100.0}, tol=2e-4)
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_trains_through_autograd_the_op_and_torch_compile(seed):
+    """mamba_chunk_scan_combined's call: loss.backward() reaches every input, final_states'
+    gradient included, the same through the torch op (and torch.compile's graph) as eager."""
+    fam = family()
+    kernel = ssmc.compile(fam, target="cuda", config=SMALL_BLOCKS)
+    inputs = signature.example_inputs(fam, None, 2, 20, device=DEVICE, seed=seed, with_state=True)
+
+    def grads(fn):
+        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in inputs.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        y, final = fn(**{**inputs, **leaves, "return_final_states": True})
+        (y.square().sum() + 3 * final.sum()).backward()
+        assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in leaves.values())
+        return {n: v.grad for n, v in leaves.items()}
+    eager = grads(kernel)
+    through_op = grads(lambda **kw: kernel.as_op()(**kw))
+    for name, g in eager.items():
+        assert_rel_close(f"d{name}", through_op[name], g, "float32", tol=1e-6)
+
+
+@pytest.mark.parametrize("what", ["trapezoidal", "varlen"])
+def test_what_has_no_backward_yet_says_so(what):
+    fam = family(method=Method.TRAPEZOIDAL) if what == "trapezoidal" else family()
+    kernel = ssmc.compile(fam, target="cuda", config=SMALL_BLOCKS)
+    options = {"varlen": [5, 9]} if what == "varlen" else {}
+    inputs = signature.example_inputs(fam, None, 1, 7, device=DEVICE, seed=0, **options)
+    inputs["x"].requires_grad_(True)
+    y = kernel(**inputs)
+    reason = "previous-token term" if what == "trapezoidal" else "packed sequences"
+    with pytest.raises((SSMCError, NotImplementedError), match=reason):
+        y.sum().backward()
