@@ -5,7 +5,7 @@ each input's gradient from the generated Triton backward with torch autograd thr
 ``reference.run_float64_differentiable`` on the same inputs; the buffers the backward returns
 are filled with NaN before the launch. Under the Triton interpreter (CI) the shapes are small;
 on a GPU (``SSMC_TEST_CUDA=1 TRITON_INTERPRET=0``, ``SSMC_TEST_FULL=1``) they are Mamba-2's
-head_dim 64, state 128, with chunks of 64 and several row blocks per chunk.
+head_dim 64, state 128, with chunks of 128 in 2 row blocks x 4 column blocks.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from ssmc.ir import Method, Sharing
 require_cuda_device()
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 DEVICE = target_device("cuda")
-# (heads, head_dim, state, chunk); the config's row blocks split the chunk in the interpreter too
-DIMS = (4, 64, 128, 64) if FULL else (4, 8, 16, 16)
-SMALL_BLOCKS = {} if FULL else {"bwd_block_m": 16, "bwd_block_k": 16}
-LENGTHS = [1, 63, 64, 65, 257] if FULL else [1, 15, 16, 17, 37]
+# (heads, head_dim, state, chunk); the config's blocks split each chunk into several row and
+# column blocks
+DIMS = (4, 64, 128, 128) if FULL else (4, 8, 16, 32)
+SMALL_BLOCKS = {"bwd_block_m": 64, "bwd_block_k": 32} if FULL else {"bwd_block_m": 16, "bwd_block_k": 16}
+LENGTHS = [1, 127, 128, 129, 389] if FULL else [1, 31, 32, 33, 67]
 TOKEN = ("x", "z")   # returned in the input's dtype; the rest in fp32
 
 
@@ -114,9 +115,9 @@ def test_no_nan_at_large_decays_and_steps(seed):
     """|A| Delta up to ~1e3 with Delta up to ~10: the decays underflow to 0, the gradients stay
     finite and right. The tolerance is the forward's: exp(cum_t - cum_s) from the chunk's
     cumulative log-decays carries an absolute error of ~eps |cum| in the exponent (as in
-    mamba_ssm's SSD), which reaches ~1e-5 relative in dA and ddt at these decays."""
+    mamba_ssm's SSD), which reaches 1e-5..1e-4 relative in dA and ddt at these decays."""
     fam = family(bias=False, softplus=False)
-    got = check(fam, 37, seed, scale={"A": 6.0, "dt": 100.0}, tol=2e-4)
+    got = check(fam, 37, seed, scale={"A": 6.0, "dt": 100.0}, tol=5e-4)
     assert all(torch.isfinite(g).all() for g in got.values())
 
 

@@ -227,34 +227,123 @@ def {name}_bwd_dx(
              + offs_p[None, :] * stride_x_p, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
 '''
 
-# dB and dC: one template, the roles of (rows, columns) swapped. For dB the rows are inputs s and
-# the loop runs over outputs t > s; for dC the rows are outputs t and the loop over inputs s < t;
-# the diagonal s = t is added apart.
+# dB and dC in two steps. ``dcb`` sums over the heads that share B and C the in-chunk weights
+# dCB_ts = sum_h L_ts coef_s (dy_t.x_s) (s <= t), so that dC_t = sum_s dCB_ts B_s and
+# dB_s = sum_t dCB_ts C_t are one matmul per group (``dB`` / ``dC``), not one per head; those add
+# each head's state term (dy_t S_c decayed from the chunk's start; x_s dS[c+1] decayed to its end).
 #
 # The decay gradient dlog(Abar_tau) is the sum over the paths through step tau, each counted
-# once: pairs s < tau <= t inside the chunk (dC's kernel sums M_ts = L_ts coef_s (C_t.B_s)
-# (dy_t.x_s) over them: a prefix over s, then a sum over t >= tau), the incoming state's term of
-# each output t >= tau (r_after, summed over t' >= tau), the outgoing state's term of each input
-# s < tau (r_before, summed over s' < tau) and the paths through the whole chunk (dstates'
-# kernel). The shorter r_t = C_t.dC_t - B_t.dB_t summed over t' >= tau is the same in exact
-# arithmetic, but with strong decays its terms cancel to a small difference, in rounding.
-BC = '''
+# once: the in-chunk pairs s < tau <= t (M_ts = dCB^h_ts (C_t.B_s) per head: ``dcb`` adds the
+# pairs inside each (t, s) block and stores each row's block sums, ``ddt`` adds the blocks left
+# of tau's), the incoming state's term of each output t >= tau (r_after), the outgoing state's
+# term of each input s < tau (r_before) and the paths through the whole chunk (``dstates``).
+# The shorter r_t = C_t.dC_t - B_t.dB_t summed over t' >= tau is the same in exact arithmetic,
+# but with strong decays its terms cancel to a small difference, in rounding.
+DCB = """
+@triton.jit
+def {name}_bwd_dcb(
+    x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, cum_ptr, coef_ptr, dcb_ptr, r_pairs_ptr, row_sums_ptr,
+    seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C, heads_per_cb,
+    heads_per_program,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i,
+    stride_dcb_s, stride_dcb_b, stride_dcb_c, stride_dcb_g, stride_dcb_i,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, CB_PRECOMPUTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    pid_mk = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    n_kblocks = tl.cdiv(CHUNK, BLOCK_K)
+    rb = pid_mk // n_kblocks
+    kb = pid_mk % n_kblocks
+    if kb * BLOCK_K > rb * BLOCK_M + BLOCK_M - 1:
+        return  # above the diagonal: no pair s <= t
+    b = pid_bc // nchunks
+    c = pid_bc % nchunks
+    n_splits = tl.cdiv(heads_per_cb, heads_per_program)
+    gcb = pid_gs // n_splits
+    split = pid_gs % n_splits
+    in_dtype = x_ptr.dtype.element_ty
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)      # outputs t
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)      # inputs s
+    t_m = c * CHUNK + offs_m
+    t_k = c * CHUNK + offs_k
+    mask_m = (offs_m < CHUNK) & (t_m < seqlen)
+    mask_k = (offs_k < CHUNK) & (t_k < seqlen)
+    offs_p = tl.arange(0, BLOCK_P)
+    h_first = gcb * heads_per_cb + split * heads_per_program
+    h_last = tl.minimum(h_first + heads_per_program, (gcb + 1) * heads_per_cb)
+    # C B^T [t, s] of the heads' B and C (tl.where below drops what was never written above the
+    # diagonal)
+    if CB_PRECOMPUTED:
+        cb = tl.load(cb_ptr + b * stride_cb_b + c * stride_cb_c + gcb * stride_cb_g
+                     + offs_m[:, None] * stride_cb_i + offs_k[None, :],
+                     mask=(offs_m[:, None] < CHUNK) & (offs_k[None, :] < CHUNK), other=0.0)
+        cb = cb.to(tl.float32)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        C_m = tl.load(C_ptr + b * stride_C_b + t_m[:, None] * stride_C_l
+                      + (h_first // heads_per_group_C) * stride_C_g + offs_n[None, :] * stride_C_n,
+                      mask=mask_m[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+        B_k = tl.load(B_ptr + b * stride_B_b + t_k[:, None] * stride_B_l
+                      + (h_first // heads_per_group_B) * stride_B_g + offs_n[None, :] * stride_B_n,
+                      mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+        cb = _mma(C_m, tl.trans(B_k), DOT_PRECISION, DOT_UPCAST)
+    keep = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
+    strict = offs_m[:, None] > offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for h in range(h_first, h_last):
+        scal_base = (b * nheads + h) * seqlen
+        cum_m = tl.load(cum_ptr + scal_base + t_m, mask=mask_m, other=0.0)
+        cum_k = tl.load(cum_ptr + scal_base + t_k, mask=mask_k, other=0.0)
+        coef_k = tl.load(coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)
+        dy_m = tl.load(dy_ptr + b * stride_dy_b + t_m[:, None] * stride_dy_l + h * stride_dy_h
+                       + offs_p[None, :] * stride_dy_p,
+                       mask=mask_m[:, None] & (offs_p[None, :] < headdim), other=0.0)
+        x_k = tl.load(x_ptr + b * stride_x_b + t_k[:, None] * stride_x_l + h * stride_x_h
+                      + offs_p[None, :] * stride_x_p,
+                      mask=mask_k[:, None] & (offs_p[None, :] < headdim), other=0.0)
+        pair = _mma(dy_m.to(in_dtype), tl.trans(x_k.to(in_dtype)), DOT_PRECISION, DOT_UPCAST)
+        w = tl.where(keep, pair * (tl.exp2(tl.minimum(cum_m[:, None] - cum_k[None, :], 0.0))
+                                   * coef_k[None, :]), 0.0)
+        acc += w
+        # this head's pairs s < tau <= t inside the block; the row sums serve the blocks right
+        # of this one
+        m_ts = tl.where(strict, w * cb, 0.0)
+        before = tl.cumsum(m_ts, axis=1) - m_ts
+        tl.atomic_add(r_pairs_ptr + scal_base + t_k,
+                      tl.sum(tl.where(offs_m[:, None] >= offs_k[None, :], before, 0.0), axis=0),
+                      mask=mask_k, sem="relaxed")
+        tl.store(row_sums_ptr + (scal_base + t_m) * n_kblocks + kb, tl.sum(m_ts, axis=1),
+                 mask=mask_m)
+    tl.store(dcb_ptr + split * stride_dcb_s + b * stride_dcb_b + c * stride_dcb_c + gcb * stride_dcb_g
+             + offs_m[:, None] * stride_dcb_i + offs_k[None, :], acc,
+             mask=(offs_m[:, None] < CHUNK) & (offs_k[None, :] < CHUNK))
+"""
+
+# dB and dC from dCB and the state terms: one template, (rows, columns) swapped. For dC the rows
+# are outputs t and the sum runs over inputs s <= t: dCB [t, s] B_s; for dB the rows are inputs s
+# and the sum over outputs t >= s: dCB[t, s]^T C_t.
+BC = """
 @triton.jit
 def {name}_bwd_d{W}(
-    x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, cum_ptr, coef_ptr, states_ptr, dW_ptr, r_after_ptr,
-    r_before_ptr, r_pairs_ptr,
-    seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C,
-    heads_per_program, heads_per_cb,
+    x_ptr, dy_ptr, B_ptr, C_ptr, cum_ptr, coef_ptr, states_ptr, dcb_ptr, dW_ptr, r_ptr,
+    seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C, heads_per_cb,
+    heads_per_program, dcb_splits,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_st_b, stride_st_c, stride_st_h, stride_st_n, stride_st_p,
+    stride_dcb_s, stride_dcb_b, stride_dcb_c, stride_dcb_g, stride_dcb_i,
     stride_dW_s, stride_dW_b, stride_dW_l, stride_dW_g,
-    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr, CB_PRECOMPUTED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -281,124 +370,71 @@ def {name}_bwd_d{W}(
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     h_first = g * heads_per_group + split * heads_per_program
     h_last = tl.minimum(h_first + heads_per_program, (g + 1) * heads_per_group)
+    # each head's state term, and its share of the decay gradient
     for h in range(h_first, h_last):
-        g_other = h // heads_per_group_{V}
         scal_base = (b * nheads + h) * seqlen
         cum_m = tl.load(cum_ptr + scal_base + t_m, mask=mask_m, other=0.0)
-        coef_m = tl.load(coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)
-        {rows_in}_m = tl.load({rows_in}_ptr + b * stride_{rows_in}_b + t_m[:, None] * stride_{rows_in}_l
-                         + h * stride_{rows_in}_h + offs_p[None, :] * stride_{rows_in}_p,
+        rows_m = tl.load({rows}_ptr + b * stride_{rows}_b + t_m[:, None] * stride_{rows}_l
+                         + h * stride_{rows}_h + offs_p[None, :] * stride_{rows}_p,
                          mask=mask_mp, other=0.0)
-        {cols_in}_m = tl.load({cols_in}_ptr + b * stride_{cols_in}_b + t_m[:, None] * stride_{cols_in}_l
-                         + h * stride_{cols_in}_h + offs_p[None, :] * stride_{cols_in}_p,
-                         mask=mask_mp, other=0.0)
-        V_m = tl.load({V}_ptr + b * stride_{V}_b + t_m[:, None] * stride_{V}_l + g_other * stride_{V}_g
-                      + offs_n[None, :] * stride_{V}_n, mask=mask_mn, other=0.0).to(tl.float32)
-        # the state's term, (p, n) tiles of the (n, p) chunk tensor
+        # (p, n) tiles of the (n, p) chunk tensor
         S_t = tl.load(states_ptr + b * stride_st_b + c * stride_st_c + h * stride_st_h
                       + offs_p[:, None] * stride_st_p + offs_n[None, :] * stride_st_n,
                       mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate), other=0.0)
-        from_state = _mma({rows_in}_m.to(in_dtype), S_t.to(in_dtype), DOT_PRECISION, DOT_UPCAST)
+        from_state = _mma(rows_m.to(in_dtype), S_t.to(in_dtype), DOT_PRECISION, DOT_UPCAST)
 {state_scale}
-{pairs_setup}
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range({loop}, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            t_k = c * CHUNK + offs_k
-            mask_k = (offs_k < CHUNK) & (t_k < seqlen)
-            cum_k = tl.load(cum_ptr + scal_base + t_k, mask=mask_k, other=0.0)
-            {cols_in}_k = tl.load({cols_in}_ptr + b * stride_{cols_in}_b + t_k[:, None] * stride_{cols_in}_l
-                            + h * stride_{cols_in}_h + offs_p[None, :] * stride_{cols_in}_p,
-                            mask=mask_k[:, None] & (offs_p[None, :] < headdim), other=0.0)
-            pair = _mma({rows_in}_m.to(in_dtype), tl.trans({cols_in}_k.to(in_dtype)), DOT_PRECISION, DOT_UPCAST)
-{weight}
-            V_k = tl.load({V}_ptr + b * stride_{V}_b + t_k[:, None] * stride_{V}_l + g_other * stride_{V}_g
-                          + offs_n[None, :] * stride_{V}_n,
-                          mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
-            acc += _mma(w.to(in_dtype), V_k, DOT_PRECISION, DOT_UPCAST)
-{pairs}
-        # the diagonal: coef_t (dy_t . x_t) {V}_t
-        diag = tl.sum(x_m.to(tl.float32) * dy_m.to(tl.float32), axis=1) * coef_m
-{finish}
-        total += acc + diag[:, None] * V_m
+        tl.atomic_add(r_ptr + scal_base + t_m, tl.sum(W_m * from_state, axis=1), mask=mask_m,
+                      sem="relaxed")
+        total += from_state
+    # the in-chunk pairs: once per group, by the programs of the first head split
+    if split == 0:
+        for gcb in range(g * heads_per_group // heads_per_cb, (g + 1) * heads_per_group // heads_per_cb):
+            g_other = (gcb * heads_per_cb) // heads_per_group_{V}
+            for k0 in range({loop}, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                t_k = c * CHUNK + offs_k
+                mask_k = (offs_k < CHUNK) & (t_k < seqlen)
+                dcb = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                for sp in range(dcb_splits):
+                    dcb += tl.load(dcb_ptr + sp * stride_dcb_s + b * stride_dcb_b + c * stride_dcb_c
+                                   + gcb * stride_dcb_g + {dcb_tile},
+                                   mask={dcb_keep}, other=0.0)
+                V_k = tl.load({V}_ptr + b * stride_{V}_b + t_k[:, None] * stride_{V}_l
+                              + g_other * stride_{V}_g + offs_n[None, :] * stride_{V}_n,
+                              mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
+                total += _mma(dcb.to(in_dtype), V_k, DOT_PRECISION, DOT_UPCAST)
     tl.store(dW_ptr + split * stride_dW_s + b * stride_dW_b + t_m[:, None] * stride_dW_l
              + g * stride_dW_g + offs_n[None, :], total, mask=mask_mn)
-'''
+"""
 
-# dC's kernel also sums the in-chunk pairs s < tau <= t for the decay gradient (one program
-# per row block adds its rows' share; the first state block only, since C B^T spans all of it).
-PAIRS_SETUP = """\
-        pairs_here = nb == 0
-        carry = tl.zeros([BLOCK_M], dtype=tl.float32)    # sum of M_ts over the s-blocks done
-        if not CB_PRECOMPUTED:
-            offs_nf = tl.arange(0, BLOCK_NF)
-            C_full = tl.load(C_ptr + b * stride_C_b + t_m[:, None] * stride_C_l + g * stride_C_g
-                             + offs_nf[None, :] * stride_C_n,
-                             mask=mask_m[:, None] & (offs_nf[None, :] < dstate), other=0.0).to(in_dtype)"""
-PAIRS = """\
-            if pairs_here:
-                if CB_PRECOMPUTED:
-                    cb_ts = tl.load(cb_ptr + b * stride_cb_b + c * stride_cb_c
-                                    + (h // heads_per_cb) * stride_cb_g + offs_m[:, None] * stride_cb_i
-                                    + offs_k[None, :], mask=(offs_m[:, None] < CHUNK)
-                                    & (offs_k[None, :] < CHUNK), other=0.0).to(tl.float32)
-                else:
-                    B_full = tl.load(B_ptr + b * stride_B_b + t_k[:, None] * stride_B_l
-                                     + g_other * stride_B_g + offs_nf[None, :] * stride_B_n,
-                                     mask=mask_k[:, None] & (offs_nf[None, :] < dstate),
-                                     other=0.0).to(in_dtype)
-                    cb_ts = _mma(C_full, tl.trans(B_full), DOT_PRECISION, DOT_UPCAST)
-                # tl.where, not a product: C B^T above the diagonal was never written
-                pair_m = tl.where(keep, w * cb_ts, 0.0)
-                before = tl.cumsum(pair_m, axis=1) - pair_m + carry[:, None]   # s' < s
-                tl.atomic_add(r_pairs_ptr + scal_base + t_k,
-                              tl.sum(tl.where(offs_m[:, None] >= offs_k[None, :], before, 0.0), axis=0),
-                              mask=mask_k, sem="relaxed")
-                carry += tl.sum(pair_m, axis=1)"""
-
-# dB: rows are the inputs s (x_s), the loop runs over outputs t > s (dy_t, C_t); the state
-# term is x_s dS[c+1], decayed from s to the chunk's end. Its share of the decay gradient counts
-# for the steps after s (r_before), the in-chunk share for the steps up to s (r_after).
+# dC: rows are outputs t (dy_t, their state term dy_t S_c decayed from the chunk's start); the
+# columns are inputs s <= t, dCB[t, s] read as is.
+DC_PARTS = dict(
+    W="C", V="B", rows="dy", loop="0, (rb + 1) * BLOCK_M",
+    state_scale="        from_state = from_state * tl.exp2(tl.minimum(cum_m, 0.0))[:, None]",
+    dcb_tile="offs_m[:, None] * stride_dcb_i + offs_k[None, :]",
+    dcb_keep="(offs_m[:, None] >= offs_k[None, :]) & (offs_k[None, :] < CHUNK) & (offs_m[:, None] < CHUNK)",
+)
+# dB: rows are inputs s (x_s, their state term coef_s x_s dS[c+1] decayed to the chunk's end);
+# the columns are outputs t >= s, dCB[t, s] read transposed.
 DB_PARTS = dict(
-    W="B", V="C", rows_in="x", cols_in="dy", loop="rb * BLOCK_M, CHUNK",
+    W="B", V="C", rows="x", loop="rb * BLOCK_M, CHUNK",
     state_scale=(
+        "        coef_m = tl.load(coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)\n"
         "        cum_end = tl.load(cum_ptr + scal_base + tl.minimum(c * CHUNK + CHUNK, seqlen) - 1)\n"
         "        from_state = from_state * (tl.exp2(tl.minimum(cum_end - cum_m, 0.0)) * coef_m)[:, None]"),
-    weight=(
-        "            keep = (offs_k[None, :] > offs_m[:, None]) & mask_k[None, :]\n"
-        "            w = tl.where(keep, pair * tl.exp2(tl.minimum(cum_k[None, :] - cum_m[:, None], "
-        "0.0)), 0.0)"),
-    pairs_setup="", pairs="",
-    finish=(
-        "        acc = acc * coef_m[:, None]\n"
-        "        tl.atomic_add(r_before_ptr + scal_base + t_m, tl.sum(W_m * from_state, axis=1),\n"
-        "                      mask=mask_m, sem=\"relaxed\")\n"
-        "        acc += from_state"),
-)
-# dC: rows are the outputs t (dy_t), the loop runs over inputs s < t (x_s, B_s, coef_s); the
-# state term is dy_t S_c, decayed from the chunk's start to t. Both count for the steps up to t.
-DC_PARTS = dict(
-    W="C", V="B", rows_in="dy", cols_in="x", loop="0, (rb + 1) * BLOCK_M",
-    state_scale="        from_state = from_state * tl.exp2(tl.minimum(cum_m, 0.0))[:, None]",
-    weight=(
-        "            coef_k = tl.load(coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)\n"
-        "            keep = (offs_m[:, None] > offs_k[None, :]) & mask_k[None, :]\n"
-        "            w = tl.where(keep, pair * (tl.exp2(tl.minimum(cum_m[:, None] - cum_k[None, :], "
-        "0.0)) * coef_k[None, :]), 0.0)"),
-    pairs_setup=PAIRS_SETUP, pairs=PAIRS,
-    finish=(
-        "        tl.atomic_add(r_after_ptr + scal_base + t_m, tl.sum(W_m * from_state, axis=1),\n"
-        "                      mask=mask_m, sem=\"relaxed\")\n"
-        "        acc += from_state"),
+    dcb_tile="offs_k[None, :] * stride_dcb_i + offs_m[:, None]",
+    dcb_keep="(offs_k[None, :] >= offs_m[:, None]) & (offs_k[None, :] < CHUNK) & (offs_m[:, None] < CHUNK)",
 )
 
 DDT = '''
 @triton.jit
 def {name}_bwd_ddt(
-    dt_ptr, A_ptr, dt_bias_ptr, r_pairs_ptr, r_after_ptr, r_before_ptr, dcoef_ptr, through_ptr,
-    ddt_ptr, dA_ptr, dbias_ptr, seqlen, nheads, nchunks, n_through,
+    dt_ptr, A_ptr, dt_bias_ptr, r_pairs_ptr, row_sums_ptr, r_after_ptr, r_before_ptr, dcoef_ptr,
+    through_ptr, ddt_ptr, dA_ptr, dbias_ptr, seqlen, nheads, nchunks, n_through, n_kblocks,
     stride_dt_b, stride_dt_l, stride_dt_h, stride_A_b, stride_A_l, stride_A_h,
-    CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+    PAIR_BLOCK: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -413,6 +449,15 @@ def {name}_bwd_ddt(
 {step}
     # d/dlog(Abar_t): the paths through step t, from before it to after it (none cancel)
     r_pairs = tl.load(r_pairs_ptr + scal, mask=valid, other=0.0)
+    # the pairs whose input lies in a block left of t's: each row's block sums, over the blocks
+    # left of t's, over the rows t' >= t
+    offs_j = tl.arange(0, BLOCK_J)
+    sums = tl.load(row_sums_ptr + scal[:, None] * n_kblocks + offs_j[None, :],
+                   mask=valid[:, None] & (offs_j[None, :] < n_kblocks), other=0.0)
+    left = tl.cumsum(sums, axis=1) - sums
+    from_later = tl.cumsum(left, axis=0, reverse=True)
+    r_pairs += tl.sum(tl.where(offs_j[None, :] == (offs // PAIR_BLOCK)[:, None], from_later, 0.0),
+                      axis=1)
     r_after = tl.load(r_after_ptr + scal, mask=valid, other=0.0)
     r_before = tl.load(r_before_ptr + scal, mask=valid, other=0.0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -470,7 +515,8 @@ def render_backward(plan: KernelPlan, name: str, indent) -> str:
                      store_da=indent(store_da, 4))
     gate = GATE.format(name=name) if fam.gate is not None else ""
     return (gate + DSTATES.format(name=name) + DX.format(name=name)
-            + BC.format(name=name, **DB_PARTS) + BC.format(name=name, **DC_PARTS) + ddt
+            + DCB.format(name=name) + BC.format(name=name, **DB_PARTS)
+            + BC.format(name=name, **DC_PARTS) + ddt
             + BACKWARD_LAUNCHER.format(
                 name=name, chunk=plan.chunk_size,
                 opt_z="problem.z" if fam.gate is not None else "None",
@@ -573,23 +619,37 @@ def backward(problem, dout, dfinal, config=None):
         dD = dD.sum(0)
         grads["D"] = {d_reduce}
 
-    # dB, dC and each head's decay gradient r
+    # dCB per group of heads sharing B and C, then dB and dC; the decay gradient's shares
     r_after, r_before, r_pairs = (torch.zeros_like(cum) for _ in range(3))
-    bbn = min(cfg["bwd_block_n"], block_n)
+    n_kb = triton.cdiv(chunk, bk)
+    row_sums = torch.zeros(batch, nheads, seqlen, n_kb, dtype=torch.float32, device=dev)
     per_program = cfg["bwd_bc_heads"]
-    for W, kernel, states in (("B", {name}_bwd_dB, dstates), ("C", {name}_bwd_dC, chunk_states)):
+    hp_cb = keep["heads_per_cb"]
+    dcb_splits = triton.cdiv(hp_cb, per_program)
+    dcb = torch.empty(dcb_splits, batch, nchunks, nheads // hp_cb, chunk, chunk,
+                      dtype=torch.float32, device=dev)
+    {name}_bwd_dcb[(n_rows * n_kb, batch * nchunks, (nheads // hp_cb) * dcb_splits)](
+        x, dy, B, C, cb, cum, coef, dcb, r_pairs, row_sums,
+        seqlen, nheads, headdim, dstate, nchunks, nheads // B.shape[2], nheads // C.shape[2],
+        hp_cb, per_program,
+        *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *cb_strides, *dcb.stride()[:5],
+        CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=block_n,
+        CB_PRECOMPUTED=keep["cb_pre"], DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+    bbn = min(cfg["bwd_block_n"], block_n)
+    for W, kernel, states, r in (("B", {name}_bwd_dB, dstates, r_before),
+                                 ("C", {name}_bwd_dC, chunk_states, r_after)):
         src = B if W == "B" else C
         groups = src.shape[2]
         splits = triton.cdiv(nheads // groups, per_program)
         dW = torch.empty(splits, batch, seqlen, groups, dstate, dtype=torch.float32, device=dev)
         kernel[(n_rows * triton.cdiv(dstate, bbn), batch * nchunks, groups * splits)](
-            x, dy, B, C, cb, cum, coef, states, dW, r_after, r_before, r_pairs,
+            x, dy, B, C, cum, coef, states, dcb, dW, r,
             seqlen, nheads, headdim, dstate, nchunks, nheads // B.shape[2], nheads // C.shape[2],
-            per_program, keep["heads_per_cb"],
+            hp_cb, per_program, dcb_splits,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *states.stride(),
-            *dW.stride()[:4], *cb_strides,
-            CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=bbn, BLOCK_NF=block_n,
-            CB_PRECOMPUTED=keep["cb_pre"],
+            *dcb.stride()[:5], *dW.stride()[:4],
+            CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=bbn,
             DOT_PRECISION=precision, DOT_UPCAST=upcast,
             num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
         dW = dW.sum(0) if splits > 1 else dW[0]
@@ -605,11 +665,12 @@ def backward(problem, dout, dfinal, config=None):
     dbias = torch.empty(batch, nheads, nchunks, dtype=torch.float32, device=dev) \\
         if dt_bias is not None else dummy
     {name}_bwd_ddt[(nchunks, batch * nheads)](
-        dt, A, dt_bias if dt_bias is not None else dummy, r_pairs, r_after, r_before, dcoef, through,
-        ddt, dA, dbias,
-        seqlen, nheads, nchunks, n_pn, *dt.stride(), *A.stride(),
+        dt, A, dt_bias if dt_bias is not None else dummy, r_pairs, row_sums, r_after, r_before,
+        dcoef, through, ddt, dA, dbias,
+        seqlen, nheads, nchunks, n_pn, n_kb, *dt.stride(), *A.stride(),
         CHUNK=chunk, BLOCK_Q=max(16, triton.next_power_of_2(chunk)),
-        BLOCK_S=max(2, triton.next_power_of_2(n_pn)), HAS_DT_BIAS=dt_bias is not None,
+        BLOCK_S=max(2, triton.next_power_of_2(n_pn)), BLOCK_J=max(2, triton.next_power_of_2(n_kb)),
+        PAIR_BLOCK=bk, HAS_DT_BIAS=dt_bias is not None,
         num_warps=4)
     ddt = ddt.transpose(1, 2)
     grads["dt"] = ddt.to(problem.dt.dtype) if problem.dt.dim() == 3 else ddt.sum((0, 1))
