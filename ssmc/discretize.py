@@ -24,7 +24,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .errors import TargetError
-from .functions import Clamp, Softplus
+from .functions import Clamp, Sigmoid, Softplus
 from .ir import AStructure, DeltaSpec, Derivatives, Discretized, Method, SSMFamily
 from .printers import cse_print, stable_form
 
@@ -366,8 +366,28 @@ def derive_derivatives(abar, bbar, bbar_prev, a, delta) -> Derivatives:
         r = sp.simplify(derivative / abar)
         pole = sp.denom(sp.together(r)).free_symbols & {DT, a}
         ratios.append(None if pole else r)
+    split = None
+    if a == A_COMPLEX:
+        # The kernels carry a complex a as (a_re, a_im): every derivative split like Ā, B̄.
+        named = dict(zip(("abar_dt", "abar_a", "bbar_dt", "bbar_a", "bbar_prev_dt",
+                          "bbar_prev_a", "abar_dt_over_abar", "abar_a_over_abar"), d + ratios))
+        split = tuple((k, split_complex(e)) for k, e in named.items() if e is not None)
     return Derivatives(*d, delta_raw=sp.diff(delta, DT_RAW), abar_dt_over_abar=ratios[0],
-                       abar_a_over_abar=ratios[1])
+                       abar_a_over_abar=ratios[1], split=split)
+
+
+# The gate's input (z, shaped like x) and each gate kind's function of it.
+GATE_Z = sp.Symbol("z", real=True)
+GATES = {"silu": GATE_Z * Sigmoid(GATE_Z)}
+
+
+@lru_cache(maxsize=None)
+def gate_derivative(kind: str):
+    """(gate(z), ∂gate/∂z) by sympy, in GATE_Z, for the gate kinds the spec language has."""
+    if kind not in GATES:
+        raise TargetError(f"no derivative for the {kind} gate", hint=f"gates: {', '.join(GATES)}")
+    g = GATES[kind]
+    return g, sp.diff(g, GATE_Z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +409,10 @@ def discretize(family: SSMFamily) -> Discretized:
     derivatives = None
     if st in (AStructure.SCALAR, AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
         derivatives = derive_derivatives(d.abar, d.bbar, d.bbar_prev, d.a, delta)
+        if family.gate is not None and family.gate.kind in GATES:
+            gate, slope = gate_derivative(family.gate.kind)
+            derivatives = dataclasses.replace(derivatives, gate=gate, gate_dz=slope,
+                                              gate_z=GATE_Z)
     return dataclasses.replace(d, delta=delta, dt_raw=DT_RAW, dt_bias=DT_BIAS,
                                derivatives=derivatives)
 
@@ -624,7 +648,20 @@ def _derivative_lines(disc: Discretized, trap: bool) -> List[str]:
         rows += [("dbbarprev_ddt", "∂B̄₋/∂Δ", der.bbar_prev_dt),
                  ("dbbarprev_da", "∂B̄₋/∂a", der.bbar_prev_a)]
     rows.append(("ddt_ddt_raw", "∂Δ/∂dt_raw", der.delta_raw))
+    if der.gate_dz is not None:
+        rows.append(("dgate_dz", "∂gate/∂z", der.gate_dz))
     exprs = {key: e for key, _, e in rows}
+    if der.split is not None:   # complex a: the kernels print the pass's (re, im) splits
+        split = dict(der.split)
+        fields = dict(zip(("dabar_ddt", "dabar_da", "dbbar_ddt", "dbbar_da", "dbbarprev_ddt",
+                           "dbbarprev_da"), ("abar_dt", "abar_a", "bbar_dt", "bbar_a",
+                                             "bbar_prev_dt", "bbar_prev_a")))
+        exprs = {}
+        for key, _, e in rows:
+            if fields.get(key) in split:
+                exprs[f"{key}_re"], exprs[f"{key}_im"] = split[fields[key]]
+            else:
+                exprs[key] = e
     out = ["  derivatives (backward kernels; from the expressions above):"]
     out += [f"    {label} = {sp.sstr(e)}" for _, label, e in rows]
     if der.abar_dt_over_abar is not None:

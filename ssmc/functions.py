@@ -1,4 +1,5 @@
-"""The sympy functions ssmc's derived expressions use beyond sympy's own: Softplus and Clamp.
+"""The sympy functions ssmc's derived expressions use beyond sympy's own: Softplus, Clamp and
+Sigmoid (the silu gate's, whose derivative the backward kernels print).
 
 They stay unevaluated symbols in the expressions (so every dialect prints its own numerically
 stable form, see ``ssmc.printers``) and still evaluate numerically: ``evalf`` through their
@@ -60,6 +61,31 @@ class Clamp(sp.Function):
     def _numpycode(self, printer):
         x, lo, hi = (printer._print(a) for a in self.args)
         return f"{printer._module_format('numpy.clip')}({x}, {lo}, {hi})"
+
+
+class Sigmoid(sp.Function):
+    """sigmoid(x) = 1 / (1 + e^-x); silu(z) = z sigmoid(z). Kept as a function (not expanded)
+    so that sympy's derivative of the gate stays in sigmoids: sigmoid' = sigmoid (1 - sigmoid)
+    has no e^-x / (1 + e^-x)^2, which is inf / inf in fp32 for x < -88."""
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_evalf(self, prec):
+        if self.args[0].is_Number:
+            return self.rewrite(sp.exp)._eval_evalf(prec)
+        return None
+
+    def _numpycode(self, printer):
+        x = printer._print(self.args[0])
+        return f"(0.5 * (1.0 + {printer._module_format('numpy.tanh')}(0.5 * {x})))"
 
 
 def clamp_bounds(expr):

@@ -364,6 +364,17 @@ class Derivatives:
     # of the states by one step). None where the ratio has a pole (Euler, bilinear: Ā = 0).
     abar_dt_over_abar: object = None
     abar_a_over_abar: object = None
+    # The gate's output and ∂gate/∂z in the symbol ``gate_z`` (silu: z·Sigmoid(z) and
+    # Sigmoid(z)(1 + z(1 − Sigmoid(z)))); None without a gate. y = (C h + D x)·gate(z), so
+    # ∂L/∂z = dy·(C h + D x)·∂gate/∂z and the state sees dy·gate(z).
+    gate: object = None
+    gate_dz: object = None
+    gate_z: object = None
+    # Complex-diagonal A only: ((field name, (re, im)), ...) of every field above but
+    # delta_raw (the ratios where not None), split by the pass (``ssmc.discretize.
+    # split_complex``) into the real symbols a_re, a_im, for dialects without complex numbers
+    # (pairs, not a dict: plans are hashed). None for real A.
+    split: object = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ code uses for them (a variable, ``dt[i]``, ``dt[..., None, None]``...).
 
 Dialects: ``numpy`` (``np.``), ``torch``, ``triton`` (``tl.``), ``c`` (C99 float math: ``expf``,
 ``0.5f``; nothing is promoted to double), ``tir`` (TVMScript: ``T.exp``, ``T.float32(...)``).
-The Δ map's ``Softplus`` and ``Clamp`` (``ssmc.functions``) print in every dialect.
+The Δ map's ``Softplus`` and ``Clamp`` and the gate's ``Sigmoid`` (``ssmc.functions``) print in
+every dialect.
 Complex and matrix expressions print only for numpy and torch; the other dialects raise a
 ``TargetError`` saying so (see ``ssmc.discretize.split_complex`` for complex-diagonal A there).
 """
@@ -175,6 +176,11 @@ class _Dialect:
         if hi != sp.oo:
             out = f"{self._fn_min()}({out}, {self._print(hi)})"
         return out
+
+    def _print_Sigmoid(self, expr):
+        # 1 / (1 + e^-x) in the dialect's own exp: e^-x = inf past x < -88 in fp32 gives 0,
+        # never NaN (the gate's derivative, ssmc.discretize.gate_derivative)
+        return self._print(1 / (1 + sp.exp(-expr.args[0])))
 
     def _fn_max(self) -> str:
         return self._fn("max")
