@@ -23,11 +23,12 @@ import ssmc
 from ssmc import signature
 from ssmc.backends import reference
 from ssmc.errors import SSMCError
-from ssmc.ir import Algorithm, Method, Sharing
+from ssmc.ir import Algorithm, AStructure, Method, Sharing
 
 require_cuda_device()
 CH, STATE = (256, 16) if FULL else (8, 4)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+CX = AStructure.COMPLEX_DIAGONAL
 
 
 TARGETS = ["cuda"] if ON_CUDA else ["cpu", "cuda"]
@@ -70,15 +71,24 @@ def oracle_gradients(problem, candidates, final, seed):
     """(the problem's differentiable names, dy, dlast or None, {name: float64 gradient}):
     random gradients of y and the final state, pulled back by autograd through the oracle."""
     names = [n for n in candidates if getattr(problem, n, None) is not None]
-    leaves = [getattr(problem, n).detach().cpu().double().requires_grad_(True) for n in names]
+    # complex tensors (complex-diagonal A's A, B, C and states) as complex128: autograd then
+    # gives torch's gradient of a real loss, dL/dRe + i dL/dIm
+    leaves = [getattr(problem, n).detach().cpu().to(
+        torch.complex128 if getattr(problem, n).is_complex() else torch.float64)
+        .requires_grad_(True) for n in names]
     y64, last64 = reference.run_float64_differentiable(
         dataclasses.replace(problem, **dict(zip(names, leaves))))
     g = torch.Generator().manual_seed(seed + 1)
     # the gradient of y is given in y's dtype: the oracle takes it rounded the same way
     dy = torch.randn(y64.shape, generator=g).to(problem.input.dtype).double()
-    dlast = torch.randn(last64.shape, generator=g, dtype=torch.float64) if final else None
-    loss = (y64 * dy).sum() + ((last64 * dlast).sum() if final else 0.0)
+    dlast = torch.randn(last64.shape, generator=g, dtype=last64.dtype) if final else None
+    # a complex final state's gradient dlast: the loss Re(sum(last * conj(dlast)))
+    loss = (y64 * dy).sum() + ((last64 * dlast.conj()).real.sum() if final else 0.0)
     return names, dy, dlast, dict(zip(names, torch.autograd.grad(loss, leaves)))
+
+
+def _state_dtype(t):
+    return torch.complex64 if t.is_complex() else torch.float32
 
 
 def check_gradients(fam, seqlen, seed, target, batch=2, dtype="float32", with_state=True,
@@ -97,7 +107,7 @@ def check_gradients(fam, seqlen, seed, target, batch=2, dtype="float32", with_st
     backend_kernel = kernel.kernel_for(problem.family)
     with _poisoned(backend_kernel, target):
         got = backend_kernel.backward(problem, dy.to(DEVICE, problem.u.dtype),
-                                      dlast.to(DEVICE, torch.float32) if final else None)
+                                      dlast.to(DEVICE, _state_dtype(dlast)) if final else None)
     for name in names:
         assert got[name].shape == want[name].shape, name
         # per-token gradients come back in the input's dtype, parameters in fp32
@@ -118,18 +128,22 @@ def test_mamba1_every_gradient(seqlen, seed, target):
 
 @pytest.mark.parametrize("method", list(Method))
 def test_every_method(method, seed, target):
-    if method is Method.TRAPEZOIDAL and target == "cuda":
-        pytest.skip("the Triton backward has no previous-token term yet "
-                    "(test_what_has_no_backward_yet_says_so)")
     check_gradients(F.mamba1(channels=CH, state=STATE, method=method), 37, seed, target)
 
 
-def test_trapezoidal_across_chunks_and_sequences(seed):
+def test_trapezoidal_across_chunks_and_sequences(seed, target):
     """The previous-token term's gradients (x_{t-1}, B_{t-1}) cross checkpoint chunks and stop
-    at packed sequences' starts (cpu)."""
-    require_target_tools("cpu")
+    at packed sequences' starts."""
     fam = F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL)
-    check_gradients(fam, 0, seed, "cpu", batch=1, varlen=[17, 1, 40])
+    check_gradients(fam, 0, seed, target, batch=1, varlen=[17, 1, 40])
+
+
+def test_trapezoidal_constant_B_selective_A(seed, target):
+    """The previous-token term with a constant B (its gradient summed over time), a per-token
+    A and a constant Δ."""
+    fam = F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL, selective_B=False,
+                   selective_A=True, selective_delta=False, softplus=False, bias=False)
+    check_gradients(fam, 33, seed, target)
 
 
 @pytest.mark.parametrize("variant", ["groups", "selective_A", "constant_BC", "constant_delta",
@@ -232,23 +246,110 @@ def test_a_layer_trains(seed, target):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("what", ["trapezoidal", "complex"])
-def test_what_has_no_backward_yet_says_so(what, target):
-    if what == "trapezoidal" and target == "cpu":
-        pytest.skip("the cpu backward has the previous-token term (test_every_method)")
-    fam = (F.mamba1(channels=CH, state=STATE, method=Method.TRAPEZOIDAL) if what == "trapezoidal"
-           else F.s5(channels=CH, state=STATE))
-    kernel = ssmc.compile(fam, target=target, algorithm=Algorithm.SCAN)
-    inputs = _inputs(fam, 1, 5, "float32", 0, target)
-    inputs["u"].requires_grad_(True)
+def test_what_has_no_backward_yet_says_so():
+    """A scan the cpu target runs forward but has no backward for (scalar A that varies per
+    token) raises the reason when loss.backward() runs."""
+    require_target_tools("cpu")
+    fam = F.mamba2(heads=4, head_dim=8, state=4, selective_A=True, algorithm=Algorithm.SCAN)
+    kernel = ssmc.compile(fam, target="cpu")
+    inputs = signature.example_inputs(fam, None, 1, 5, seed=0)
+    inputs["x"].requires_grad_(True)
     y = kernel(**inputs)
-    reason = "previous-token term" if what == "trapezoidal" else "complex_diagonal A"
-    with pytest.raises(SSMCError, match=reason):
+    with pytest.raises(SSMCError, match="constant A and a per-token Δ"):
         y.sum().backward()
 
 
+# ---- complex-diagonal A (y = 2 Re(C h)): A, B, C and the states are complex tensors, their
+# gradients torch's dL/dRe + i dL/dIm. Four channels (under the interpreter a cuda case costs
+# in proportion to its programs: one per channel and sequence).
+CXCH = CH if FULL else 4
 
-@pytest.mark.parametrize("variant", ["mamba1", "selective_A", "constant_BC_delta"])
+
+def s4d_lin(**kw):
+    """S4D-Lin's complex A and constant B, C per channel, with a selective Δ (softplus and
+    bias) and D, zoh."""
+    return F.mamba1(channels=CXCH, state=STATE, structure=CX, method=Method.ZOH, gate=False,
+                    selective_B=False, selective_C=False, **kw)
+
+
+COMPLEX_LENGTHS = [1, 15, 17, 37] if not FULL else [1, 255, 257, 2053]
+
+
+@pytest.mark.parametrize("seqlen", COMPLEX_LENGTHS)
+def test_complex_a_every_gradient(seqlen, seed, target):
+    """Lengths 1, the backward's chunk (16 steps on both targets) ± 1 and a prime."""
+    got = check_gradients(s4d_lin(), seqlen, seed, target, batch=1)
+    assert got["A"].is_complex() and got["initial_state"].is_complex()
+
+
+def complex_trapezoidal():
+    """Complex A with selective B, C, Δ, the gate and the trapezoidal rule's previous token."""
+    return F.mamba1(channels=CXCH, state=STATE, structure=CX, method=Method.TRAPEZOIDAL)
+
+
+COMPLEX_CASES = {
+    # constant Δ, A, B, C (S5-like) by the bilinear rule (no pole-free ratio: shifted states)
+    "constant_bilinear": lambda: F.s5(channels=CXCH, state=STATE, method=Method.BILINEAR),
+    "selective_A": lambda: F.mamba1(channels=CXCH, state=STATE, structure=CX, selective_A=True,
+                                    method=Method.ZOH, gate=False),
+    "selective_BC_trapezoidal": complex_trapezoidal,
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPLEX_CASES))
+def test_complex_a_selectivity_and_methods(case, seed, target):
+    check_gradients(COMPLEX_CASES[case](), 35, seed, target)
+
+
+@pytest.mark.parametrize("variant", ["no_state", "no_terms", "varlen"])
+def test_complex_a_states_and_terms(variant, seed, target):
+    """Without an initial or final state; with D (the skip absent), z and Δ's bias omitted at
+    the call; packed sequences (the previous token stops at their starts)."""
+    fam = complex_trapezoidal() if variant != "no_terms" else s4d_lin()
+    if variant == "no_state":
+        check_gradients(fam, 23, seed, target, with_state=False, final=False)
+    elif variant == "no_terms":
+        check_gradients(fam, 23, seed, target, omit=("D", "delta_bias"))
+    else:
+        check_gradients(fam, 0, seed, target, batch=1, varlen=[13, 0, 20, 1, 17])
+
+
+def test_complex_a_no_nan_at_large_decays_and_steps(seed, target):
+    """|A| Δ up to ~1e3 and Δ up to ~10 with complex A (|a_im| up to ~1e3): Ā underflows,
+    sin and cos of large phases; every gradient finite and correct."""
+    got = check_gradients(s4d_lin(), 50, seed, target, batch=1,
+                          scale={"delta": 10.0, "A": 100.0}, tol=1e-4)
+    assert all(torch.isfinite(torch.view_as_real(g) if g.is_complex() else g).all()
+               for g in got.values())
+
+
+def test_complex_a_trains_through_the_compiled_callable(seed, target):
+    """loss.backward() through the callable: complex leaves get complex gradients equal to
+    the oracle's."""
+    fam = s4d_lin()
+    kernel = ssmc.compile(fam, target=target)
+    inputs = _inputs(fam, 1, 13, "float32", seed, target, with_state=True)
+
+    def grads(fn):
+        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in inputs.items()
+                  if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())}
+        y, last = fn(**{**inputs, **leaves, "return_last_state": True})
+        (y.square().sum() + torch.view_as_real(last).square().sum()).backward()
+        return {n: v.grad for n, v in leaves.items()}
+
+    def oracle(**kw):   # float64 inside, in autograd's graph of the same leaves
+        return reference.run_float64_differentiable(signature.bind(fam, fam.convention, (), kw))
+
+    got, want = grads(kernel), grads(oracle)
+    assert got["A"].dtype == torch.complex64
+    for name, g in want.items():
+        assert_rel_close(f"d{name}", got[name], g, "float32")
+
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "selective_A", "constant_BC_delta", "trapezoidal",
+                                     "complex_selective_A_trapezoidal",
+                                     "complex_bilinear_constant_BC"])
 def test_backward_compiles_for_sm90(variant, tmp_path):
     """The interpreter runs what the GPU compiler may refuse (a loop-carried value changing
     shape): the generated backward is compiled for sm_90 by Triton itself, no GPU needed."""
@@ -261,7 +362,13 @@ def test_backward_compiles_for_sm90(variant, tmp_path):
     from ssmc.plan import make_plan
     kw = {"selective_A": dict(selective_A=True),
           "constant_BC_delta": dict(selective_B=False, selective_C=False, selective_delta=False,
-                                    softplus=False, bias=False, gate=False)}.get(variant, {})
+                                    softplus=False, bias=False, gate=False),
+          "trapezoidal": dict(method=Method.TRAPEZOIDAL),
+          "complex_selective_A_trapezoidal": dict(structure=CX, selective_A=True,
+                                                  method=Method.TRAPEZOIDAL),
+          "complex_bilinear_constant_BC": dict(structure=CX, method=Method.BILINEAR,
+                                               selective_B=False, selective_C=False)
+          }.get(variant, {})
     plan = make_plan(F.mamba1(channels=64, state=16, **kw), Algorithm.SCAN)
     path = tmp_path / "kernel.py"
     path.write_text(tb.lower(plan, tb.default_config(plan)))

@@ -198,7 +198,8 @@ class ScanBackwardRunner(_SequenceRunner):
             units, unit_shape = (d // g) // lanes_for(d // g, 8), (d,)
         parts = max(1, min(units // (g if self.ssd else 1),
                            math.ceil(torch.get_num_threads() / max(1, nseq * g))))
-        ck = empty((nseq,) + unit_shape + (nck, n))
+        cx = (2,) if self.cplx else ()   # complex: (re, im) pairs, viewed as complex at the end
+        ck = empty((nseq,) + unit_shape + (nck, n) + cx)
         zeroed = torch.zeros if p.cu_seqlens is not None else (lambda shape: empty(shape))
         token = tuple(args[0].shape)
         grads = {"x": zeroed(token)}
@@ -210,10 +211,11 @@ class ScanBackwardRunner(_SequenceRunner):
                 grads[w] = torch.zeros((parts, batch, seqlen, g, n))
         else:
             grads["dt"] = zeroed(token) if fam.delta.selective else empty((nseq, d))
-            grads["A"] = zeroed(tuple(p.A.shape)) if fam.A.selective else empty((nseq, d, n))
+            grads["A"] = (zeroed(tuple(p.A.shape) + cx) if fam.A.selective
+                          else empty((nseq, d, n) + cx))
             for w in ("B", "C"):
-                grads[w] = (torch.zeros((parts, batch, g, seqlen, n))
-                            if getattr(fam, w).selective else empty((nseq, d, n)))
+                grads[w] = (torch.zeros((parts, batch, g, seqlen, n) + cx)
+                            if getattr(fam, w).selective else empty((nseq, d, n) + cx))
         optional = [k for k in ("D", "z", "bias") if k in names]
         for k in optional:
             if k == "z":
@@ -223,7 +225,7 @@ class ScanBackwardRunner(_SequenceRunner):
                 grads[k] = empty((nseq,) + unit_shape) if per_lane else torch.zeros((nseq, heads))
             else:
                 grads[k] = empty((nseq, d))
-        grads["h0"] = empty((nseq,) + unit_shape + (n,))
+        grads["h0"] = empty((nseq,) + unit_shape + (n,) + cx)
         dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
         self.fn(*args, seg, f32(dout), dhT, ck, grads["x"], grads["dt"], grads["A"], grads["B"],
                 grads["C"], *(grads[k] for k in optional), grads["h0"],
@@ -242,6 +244,9 @@ class ScanBackwardRunner(_SequenceRunner):
         for k in ("D", "bias"):
             if k in grads:
                 grads[k] = grads[k].sum(0)
+        if self.cplx:
+            for k in ("A", "B", "C", "h0"):
+                grads[k] = torch.view_as_complex(grads[k])
         if init is None:
             grads.pop("h0")
         # the convention's names (buffers.py's short names for x, dt, dt_bias, initial)
@@ -291,6 +296,29 @@ def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
 
 
+def causal_correlation(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """c[..., k] = sum_t g[..., t] h[..., t - k] for k < L along the last axis (float64 FFT,
+    zero-padded to 2L: no wrap-around): the adjoint of ``causal_conv`` in either argument."""
+    L = g.shape[-1]
+    nfft = 1
+    while nfft < 2 * L:
+        nfft *= 2
+    gf = torch.fft.rfft(g.to(torch.float64), n=nfft)
+    hf = torch.fft.rfft(h[..., :L].to(torch.float64), n=nfft)
+    return torch.fft.irfft(gf * hf.conj(), n=nfft)[..., :L]
+
+
+def per_sequence(fn, xt: torch.Tensor, Kt: torch.Tensor, seg: torch.Tensor, varlen: bool):
+    """``fn(x, K)`` along time for every sequence: the whole batch, or each packed piece."""
+    if not varlen:
+        return fn(xt, Kt)
+    out = torch.zeros(xt.shape, dtype=torch.float32)
+    for start, end in seg[:, 1:].tolist():
+        if end > start:
+            out[..., start:end] = fn(xt[..., start:end], Kt)
+    return out
+
+
 class ConvRunner(_SequenceRunner):
     """Binds a Problem to the convolution's two TIR functions and the FFT between them
     (conv.py says how the three steps divide the work)."""
@@ -320,13 +348,7 @@ class ConvRunner(_SequenceRunner):
         # the convolution runs along time: (b, d, L) as is; SSD's (b, L, h, p) as (b, h, p, L)
         xt = x32.permute(0, 2, 3, 1) if self.ssd else x32
         Kt = K[:, None, :] if self.ssd else K
-        if p.cu_seqlens is None:
-            ylin_t = causal_conv(xt, Kt)
-        else:
-            ylin_t = empty(xt.shape)
-            for start, end in seg[:, 1:].tolist():
-                if end > start:
-                    ylin_t[..., start:end] = causal_conv(xt[..., start:end], Kt)
+        ylin_t = per_sequence(causal_conv, xt, Kt, seg, p.cu_seqlens is not None)
         ylin = ylin_t.permute(0, 3, 1, 2).contiguous() if self.ssd else ylin_t
         if self.matrix:
             args = [x32] + coefs
@@ -349,6 +371,88 @@ class ConvRunner(_SequenceRunner):
         self.boundary_fn(*args)
         final = state_out(hT, self.cplx) if want else None
         return output(y, x), final
+
+
+class ConvBackwardRunner(_SequenceRunner):
+    """Binds a Problem (real or complex diagonal A, selective-scan layout) and the gradients
+    of its outputs to the convolution's backward (conv_backward.py says how the three steps
+    divide the work): K from the forward's generator, dK and the convolution's share of dx
+    by FFT correlations here. Returns the gradients by argument name, fp32."""
+
+    def __init__(self, plan: KernelPlan, forward_module, backward_module):
+        super().__init__(plan)
+        from . import conv_backward
+        self.kernel_fn = forward_module["ssmc_conv_kernel"]
+        self.boundary_fn = backward_module[conv_backward.BOUNDARY]
+        self.adjoint_fn = backward_module[conv_backward.ADJOINT]
+        self.trap = conv_backward._Gen(plan, {}).trap
+
+    def __call__(self, p, dout, dfinal):
+        fam = self.fam
+        x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
+        check_cpu(dout, dfinal)
+        varlen = p.cu_seqlens is not None
+        lengths = seg[:, 2] - seg[:, 1]
+        longest = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        nseq, d = seg.shape[0], fam.dims.d_inner
+        x32, dt32, A, B, C = (f32(t) for t in (x, dt, p.A, p.B, p.C))
+        params = [dt32, A, B, C] + ([f32(bias)] if fam.delta.bias else [])
+        K = empty((d, longest))
+        self.kernel_fn(*params, K)
+        ylin = per_sequence(causal_conv, x32, K, seg, varlen)
+        token = tuple(x32.shape)
+        alloc = torch.zeros if varlen else empty   # packed tokens outside every piece stay 0
+        dpre, dx = alloc(token), alloc(token)
+        grads = {"D": empty((nseq, d))} if fam.D is not None else {}
+        if fam.gate is not None:
+            grads["z"] = alloc(token)
+        part = state_shape[1:]                     # (n,) or (n, 2)
+        names = ["gabar", "gbbar"] + (["gbprev"] if self.trap else []) + ["gB", "gC"]
+        partial = {k: empty((nseq, d) + part) for k in names}
+        dh0 = empty((nseq, d) + part)
+        h0 = f32(init) if init is not None else self.placeholders(state_shape)
+        dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
+        optional = ([f32(p.D)] if fam.D is not None else []) + \
+            ([f32(p.z)] if fam.gate is not None else [])
+        self.boundary_fn(x32, *params, *optional, h0, dhT, seg, ylin, f32(dout), dpre, dx,
+                         *grads.values(), *partial.values(), dh0, int(init is not None),
+                         int(dfinal is not None))
+        # dK_k = sum over the batch of sum_t dpre_t x_(t-k); dx_s += sum_t dpre_t K_(t-s)
+        if varlen:
+            dK = torch.zeros((d, longest), dtype=torch.float64)
+            for start, end in seg[:, 1:].tolist():
+                if end > start:
+                    piece = causal_correlation(dpre[..., start:end], x32[..., start:end])
+                    dK[:, :end - start] += piece.sum(0)
+        else:
+            dK = causal_correlation(dpre, x32).sum(0)
+        dx += per_sequence(lambda g, k: causal_correlation(g, k).to(torch.float32), dpre, K,
+                           seg, varlen)
+        out = {k: empty((d,) + part) for k in ("A", "B", "C")}
+        out["dt"] = empty((d,))
+        if fam.delta.bias:
+            out["bias"] = empty((d,))
+        self.adjoint_fn(*params, dK.to(torch.float32).contiguous(),
+                        *(v.sum(0) for v in partial.values()), *out.values())
+        key = self.plan.operands.keyword
+        result = {key["x"]: dx, key["dt"]: out["dt"], "A": out["A"]}
+        for name in ("B", "C"):   # per channel; a group's channels share one row
+            g = out[name]
+            rows = getattr(p, name).shape[0]
+            result[name] = g.reshape((rows, d // rows) + part).sum(1) if rows != d else g
+        if fam.delta.bias:
+            result[key["dt_bias"]] = out["bias"]
+        if fam.D is not None:
+            result["D"] = grads["D"].sum(0)
+        if fam.gate is not None:
+            result["z"] = grads["z"]
+        if init is not None:
+            result[key["initial"]] = dh0
+        if self.cplx:
+            for name in ("A", "B", "C", key["initial"]):
+                if name in result:
+                    result[name] = torch.view_as_complex(result[name].contiguous())
+        return result
 
 
 def runner(plan: KernelPlan, module):

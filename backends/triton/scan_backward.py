@@ -1,5 +1,6 @@
-"""Generator of the selective scan's backward kernel (real diagonal A), appended to the scan
-module as ``backward(...)``.
+"""Generator of the selective scan's backward kernel (real diagonal A; complex-diagonal A:
+``scan_backward_complex``, the same passes on (re, im) pairs), appended to the scan module as
+``backward(...)``.
 
 The adjoint of h_t = Ā_t h_{t-1} + B̄_t B_t x_t (per channel and state element) is the reverse
 recurrence λ_t = C_t dy_t + Ā_{t+1} λ_{t+1}, λ_t = ∂L/∂h_t; every input's gradient is a product
@@ -25,8 +26,11 @@ torch: deterministic, no atomics. The program's channels share a group (the laun
 BLOCK_D dividing the channels per group). Parameters (A, D, Δ's bias, constant B/C/Δ) are
 accumulated over time in registers and written once per (sequence, channel block).
 
-Not generated yet (``supports_backward`` says so): complex-diagonal A and the trapezoidal
-rule's previous-token term.
+The trapezoidal rule's previous-token term B̄₋_t B_{t-1} x_{t-1}: x_{t-1} and B_{t-1} are
+loaded shifted back by one step (zero at a sequence's first step) into b_t, and what it feeds
+back into x_t and B_t is λ_{t+1} B̄₋_{t+1}, with λ_{t+1} moved by one step along the chunk
+(``tl.gather``; λ entering from the next chunk at the last step) and B̄₋_{t+1} from the same
+shifted loads as Ā_{t+1}. Real diagonal families without it generate the same kernel as before.
 """
 from __future__ import annotations
 
@@ -59,20 +63,28 @@ def _ssmc_pair(a1, b1, a2, b2):
     return a1 * a2, b1 * a2 + b2
 '''
 
+CPAIR_SCAN = '''
+
+@triton.jit
+def _ssmc_cpair(a1, a1_i, b1, b1_i, a2, a2_i, b2, b2_i):
+    # _ssmc_pair of complex (re, im) values: h -> a2 (a1 h + b1) + b2
+    return (a1 * a2 - a1_i * a2_i, a1 * a2_i + a1_i * a2,
+            b1 * a2 - b1_i * a2_i + b2, b1 * a2_i + b1_i * a2 + b2_i)
+'''
+
 
 def supports_backward(plan: KernelPlan) -> Optional[str]:
     """None when the backward kernel is generated for ``plan``, else why not."""
     f = plan.family
-    if f.A.structure is not AStructure.DIAGONAL:
-        return (f"the Triton scan's backward is generated for real diagonal A, not "
+    if f.A.structure not in (AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
+        return (f"the Triton scan's backward is generated for real and complex diagonal A, not "
                 f"{f.A.structure.value} A (not yet)")
-    if not codegen.is_zero(plan.disc.bbar_prev):
-        return (f"the Triton scan's backward does not yet generate the {f.method.value} rule's "
-                "previous-token term")
     if f.gate and f.gate.kind != "silu":
         return f"the Triton scan's backward knows the silu gate, not {f.gate.kind}"
     if plan.disc.derivatives is None:
         return "the plan carries no derivatives of its discretization"
+    if f.A.structure is AStructure.COMPLEX_DIAGONAL and plan.disc.derivatives.split is None:
+        return "the plan carries no split (re, im) derivatives of its complex discretization"
     return None
 
 
@@ -93,6 +105,13 @@ class _BackwardGen:
         self.coefs = {"abar": d.abar, "bbar": d.bbar}
         self.grads = {"abar_dt": der.abar_dt, "abar_a": der.abar_a, "bbar_dt": der.bbar_dt,
                       "bbar_a": der.bbar_a}
+        # the trapezoidal rule's previous-token term B̄₋_t B_{t-1} x_{t-1} (zero at a sequence's
+        # first token): its inputs are loaded shifted back by one step, and what it feeds
+        # back into x_t and B_t comes from step t + 1 (λ_{t+1} B̄₋_{t+1})
+        self.trap = not codegen.is_zero(d.bbar_prev)
+        if self.trap:
+            self.coefs["bbar_prev"] = d.bbar_prev
+            self.grads.update(bbar_prev_dt=der.bbar_prev_dt, bbar_prev_a=der.bbar_prev_a)
         self.delta_raw = der.delta_raw
         # (∂Ā/∂·)/Ā without a pole: λ_t h_{t-1} ∂Ā = λ_t (h_t - b_t) ratio, no shifted states
         self.ratios = None
@@ -143,10 +162,9 @@ class _BackwardGen:
               "HAS_DHT: tl.constexpr", "VARLEN: tl.constexpr", "ATOMIC_BC: tl.constexpr"]
         return p + [f"HAS_{k.upper()}: tl.constexpr" for k in self.terms]
 
-    def kernel(self, name: str) -> str:
-        sel, f = self.sel, self.f
-        o = Lines()
-        o.jit_def(name, self.params())
+    def common_setup(self, o: Lines):
+        """The program's sequence, channels and row pointers (every A structure alike)."""
+        sel = self.sel
         o(f"N: tl.constexpr = {self.N}",
           "pid_d = tl.program_id(0)",
           "seq = tl.program_id(1)  # batch row, or packed sequence when VARLEN",
@@ -182,10 +200,19 @@ class _BackwardGen:
           "grad_rows = bat * n_channels * seqlen + ch64 * seqlen")
         if not self.ratios:
             o("prev_t = tl.zeros([BLOCK_D, N, CHUNK], dtype=tl.int32) + tl.maximum(t3 - 1, 0)")
+        if self.trap:
+            o("next_t = tl.zeros([BLOCK_D, N, CHUNK], dtype=tl.int32) + tl.minimum(t3 + 1, "
+              "CHUNK - 1)")
         if sel["dt"]:
             o("dt_rows = delta_ptr + bat * stride_dt_b + ch64 * stride_dt_d")
         if "z" in self.terms:
             o("z_rows = z_ptr + bat * stride_z_b + ch64 * stride_z_d")
+
+    def kernel(self, name: str) -> str:
+        sel, f = self.sel, self.f
+        o = Lines()
+        o.jit_def(name, self.params())
+        self.common_setup(o)
         if sel["A"]:
             o("a_rows = A_ptr + bat * stride_A_b + ch64[:, None] * stride_A_d "
               "+ nn[None, :] * stride_A_n")
@@ -313,8 +340,14 @@ class _BackwardGen:
             o("an3 = tl.load(a_rows[:, :, None] + offs_n[None, None, :], "
               "mask=tm_n[None, None, :] & dn_ok[:, :, None], other=-1.0).to(tl.float32)")
             names["a"] = "an3"
-        self.print_math(o, {"abar": self.coefs["abar"]}, "ntmp", names, {"abar": "an"})
+        keys, rename = {"abar": self.coefs["abar"]}, {"abar": "an"}
+        if self.trap:
+            keys["bbar_prev"], rename["bbar_prev"] = self.coefs["bbar_prev"], "bpn"
+        self.print_math(o, keys, "ntmp", names, rename)
         o("an = tl.where(tm_n[None, None, :], tl.broadcast_to(an, (BLOCK_D, N, CHUNK)), 1.0)")
+        if self.trap:   # no step t + 1 past the sequence's end: no previous-token term
+            o("bpn = tl.where(tm_n[None, None, :], tl.broadcast_to(bpn, (BLOCK_D, N, CHUNK)), "
+              "0.0)")
 
     def load_chunk(self, o: Lines, backward: bool):
         """The chunk's inputs as tiles, its coefficients (and in pass 2 their derivatives),
@@ -342,6 +375,18 @@ class _BackwardGen:
             if sel[w]:
                 o(f"{lw}t = tl.load({lw}_rows[:, None] + offs[None, :], mask=tm[None, :], "
                   f"other=0.0).to(tl.float32)", f"{lw}3 = {lw}t[None, :, :]")
+        if self.trap:
+            o("# B_{t-1} x_{t-1}, zero at the sequence's first step",
+              "offs_p = offs - 1",
+              "tm_p = tm & (offs_p >= seq_start)",
+              "xp = tl.load(u_rows[:, None] + offs_p[None, :], "
+              "mask=ch_ok[:, None] & tm_p[None, :], other=0.0).to(tl.float32)",
+              "xp3 = xp[:, None, :]")
+            if sel["B"]:
+                o("bp3 = tl.load(b_rows[:, None] + offs_p[None, :], mask=tm_p[None, :], other=0.0)"
+                  ".to(tl.float32)[None, :, :]")
+            else:
+                o("bp3 = b3")
         keys = dict(self.coefs)
         if backward:
             keys.update(self.grads)
@@ -349,8 +394,11 @@ class _BackwardGen:
         self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
         # coefficients that vary with fewer axes (constant Δ, constant B) at the full tile
         o("abar_m = tl.where(tm3, tl.broadcast_to(abar, (BLOCK_D, N, CHUNK)), 1.0)",
-          "bb = tl.broadcast_to(bbar * b3, (BLOCK_D, N, CHUNK))  # Bbar B per (channel, state, step)",
-          "bx = tl.where(tm3, bb * x3, 0.0)")
+          "bb = tl.broadcast_to(bbar * b3, (BLOCK_D, N, CHUNK))  # Bbar B per (channel, state, step)")
+        if self.trap:
+            o("bx = tl.where(tm3, bb * x3 + bbar_prev * bp3 * xp3, 0.0)")
+        else:
+            o("bx = tl.where(tm3, bb * x3, 0.0)")
 
     def dabar_lines(self) -> List[str]:
         """dL/dAbar_t = lam_t h_{t-1}: as lam_t Abar_t h_{t-1} = lam_t (h_t - b_t) where the
@@ -390,11 +438,17 @@ class _BackwardGen:
         o("# lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}, lam entering from the next chunk",
           "Q, R = tl.associative_scan((an, c3 * dy3), 2, _ssmc_pair, reverse=True)",
           "lam3 = R + Q * lam[:, :, None]",
+          *(["lam_in = lam  # lam at the next chunk's first step"] if self.trap else []),
           "lam = tl.sum(tl.where(t3 == 0, lam3, 0.0), axis=2)",
           "lam3 = tl.where(tm3, lam3, 0.0)",
           *self.dabar_lines(),
           "dbbar = lam3 * b3 * x3",
           "dx += tl.sum(lam3 * bb, axis=1)",
+          *(["# step t + 1's previous-token term: lam_{t+1} Bbar_prev_{t+1} (B_t x_t)",
+             "lam_n3 = tl.where(t3 == CHUNK - 1, lam_in[:, :, None], tl.gather(lam3, next_t, 2))",
+             "lbpn = lam_n3 * bpn",
+             "dbbarp = lam3 * bp3 * xp3",
+             "dx += tl.sum(lbpn * b3, axis=1)"] if self.trap else []),
           "tl.store(du_ptr + grad_rows[:, None] + offs[None, :], dx.to(du_ptr.dtype.element_ty), "
           "mask=tm2)")
         live = self.live
@@ -403,7 +457,8 @@ class _BackwardGen:
             abar_term = (f"dabar_h * ratio_{var}" if f"ratio_{var}" in live else None) \
                 if self.ratios else (f"dabar * abar_{var}" if f"abar_{var}" in live else None)
             parts = [abar_term,
-                     f"dbbar * bbar_{var}" if f"bbar_{var}" in live else None]
+                     f"dbbar * bbar_{var}" if f"bbar_{var}" in live else None,
+                     f"dbbarp * bbar_prev_{var}" if f"bbar_prev_{var}" in live else None]
             parts = [p for p in parts if p]
             return " + ".join(parts) if parts else None
         ddt, da = chain("dt"), chain("a")
@@ -429,8 +484,11 @@ class _BackwardGen:
         elif sel["A"]:
             o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], tl.zeros_like(lam3), "
               "mask=tm3 & dn_ok[:, :, None])")
-        for w, val in (("B", "lam3 * tl.broadcast_to(bbar, (BLOCK_D, N, CHUNK)) * x3"),
-                       ("C", "hs * dy3")):
+        b_val = "lam3 * tl.broadcast_to(bbar, (BLOCK_D, N, CHUNK)) * x3"
+        if self.trap:   # selective B_t: from step t + 1; a constant B: each step's own term
+            b_val += (" + lbpn * x3" if sel["B"] else
+                      " + lam3 * tl.broadcast_to(bbar_prev, (BLOCK_D, N, CHUNK)) * xp3")
+        for w, val in (("B", b_val), ("C", "hs * dy3")):
             lw = w.lower()
             if sel[w]:
                 o(f"d{lw}_ptrs = d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
@@ -474,60 +532,57 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
         strides += [delta.stride(0), delta.stride(1)]
     else:
         delta = delta.contiguous()
-    if SELECTIVE["A"]:
-        A = _time_contiguous(A)
-        strides += list(A.stride()[:3])
+{planes}    if SELECTIVE["A"]:
+{a_tokens}
     else:
-        A = _param(A, False)
+        A = _param(A, {cplx})
     bd = BWD_CONFIG["bwd_block_d"]
     bc, cpg = [], []
     for name, t in (("B", B), ("C", C)):
         if SELECTIVE[name]:
-            t = _time_contiguous(t.unsqueeze(1) if t.dim() == 3 else t)
-            strides += list(t.stride()[:3])
-            groups = t.shape[1]
+{bc_tokens}
             bd = min(bd, _pow2_divisor(d // groups))  # a channel block within one group
         else:
-            t = _param(t, False)
+            t = _param(t, {cplx})
             groups = d
         bc.append(t)
         cpg.append(max(d // groups, 1))
     chunk = BWD_CONFIG["bwd_chunk"]
     n_slots = L // chunk + nseq + 1 if varlen else batch * triton.cdiv(L, chunk)
-    ckpt = EMPTY((max(n_slots, 1), d, N), device=dev, dtype=f32)
+    ckpt = EMPTY((max(n_slots, 1), d, N{pair}), device=dev, dtype=f32)
     blocks = triton.cdiv(d, bd)
     grads = {{"u": EMPTY(u.shape, device=dev, dtype=u.dtype)}}
     grads["delta"] = (EMPTY((batch, d, L), device=dev, dtype=delta.dtype) if SELECTIVE["dt"]
                       else EMPTY((nseq, d), device=dev, dtype=f32))
-    grads["A"] = (EMPTY(A.shape, device=dev, dtype=f32) if SELECTIVE["A"]
-                  else EMPTY((nseq, d, N), device=dev, dtype=f32))
+    grads["A"] = (EMPTY({a_shape}, device=dev, dtype=f32) if SELECTIVE["A"]
+                  else EMPTY((nseq, d, N{pair}), device=dev, dtype=f32))
     atomic = any(SELECTIVE[w] and k // bd > BWD_CONFIG["bwd_max_partials"]
                  for w, k in (("B", cpg[0]), ("C", cpg[1])))
     for name, t, k in (("B", bc[0], cpg[0]), ("C", bc[1], cpg[1])):
         if SELECTIVE[name]:
             # zeroed where added into, or where packed sequences leave tokens past the last one
             make = torch.zeros if varlen or atomic else EMPTY
-            grads[name] = make((1 if atomic else k // bd, batch, t.shape[1], N, L), device=dev,
+            grads[name] = make((1 if atomic else k // bd, batch, t.shape[{g_axis}], N, L{pair}), device=dev,
                                dtype=f32)
         else:
-            grads[name] = EMPTY((nseq, d, N), device=dev, dtype=f32)
+            grads[name] = EMPTY((nseq, d, N{pair}), device=dev, dtype=f32)
     opt, flags = [], {{}}
 {opt_args}
-    grads["initial_state"] = EMPTY((nseq, d, N), device=dev, dtype=f32)
-    dlast = dlast.to(f32).contiguous() if dlast is not None else None
-    h0 = _param(initial_state, False) if initial_state is not None else ckpt
+    grads["initial_state"] = EMPTY((nseq, d, N{pair}), device=dev, dtype=f32)
+    dlast = {dlast} if dlast is not None else None
+    h0 = _param(initial_state, {cplx}) if initial_state is not None else ckpt
     cu = cu_seqlens if varlen else ckpt
     args = (u, delta, A, bc[0], bc[1], *opt, h0, dout, dlast if dlast is not None else ckpt, cu,
             ckpt, grads["u"], grads["delta"], grads["A"], grads["B"], grads["C"], *opt_grads,
             grads["initial_state"], d, L, batch, cpg[0], cpg[1], u.stride(0), u.stride(1),
-            dout.stride(0), dout.stride(1), *strides, *z_strides)
+            dout.stride(0), dout.stride(1), *strides, *z_strides{plane_args})
     if L > 0 and d > 0 and nseq > 0:
         {kernel}[(blocks, nseq)](*args, BLOCK_D=bd, CHUNK=chunk, HAS_H0=initial_state is not None,
                              HAS_DHT=dlast is not None, VARLEN=varlen, ATOMIC_BC=atomic,
                              num_warps=BWD_CONFIG["bwd_num_warps"], **flags)
     else:
         grads["initial_state"] = (dlast if dlast is not None else
-                                  torch.zeros((nseq, d, N), device=dev, dtype=f32))
+                                  torch.zeros((nseq, d, N{pair}), device=dev, dtype=f32))
         for key in grads:
             if key not in ("u", "initial_state"):
                 grads[key].zero_()
@@ -540,7 +595,7 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
     for name in ("B", "C"):
         grads[name] = grads[name].sum(0)
 {sum_args}
-    if initial_state is None:
+{to_complex}    if initial_state is None:
         grads.pop("initial_state")
     return grads
 '''
@@ -570,13 +625,41 @@ def launcher_source(plan: KernelPlan, config: dict, kernel: str) -> str:
     opt.append("    z_strides = " + next(
         (f"({name}.stride(0), {name}.stride(1)) if {name} is not None else (0, 0)"
          for name in inputs), "()"))
-    return PAIR_SCAN + LAUNCHER.format(config=dict(config), name=plan.family.name,
-                                       kernel=kernel, opt_args="\n".join(opt),
-                                       sum_args="\n".join(sums))
+    cplx = plan.family.A.structure is AStructure.COMPLEX_DIAGONAL
+    if cplx:
+        # complex: per-token A, B, C as (2, ...) re/im planes (the forward's _tokens), the
+        # parameters, states and every complex gradient as (..., 2) pairs
+        slots = dict(
+            planes="    planes = []  # the re/im plane strides of the per-token A, B, C\n",
+            a_tokens="        A, s = _tokens(A, True)\n        strides += s[:3]\n"
+                     "        planes.append(s[3])",
+            bc_tokens="            t, s = _tokens(t.unsqueeze(1) if t.dim() == 3 else t, True)\n"
+                      "            strides += s[:3]\n            planes.append(s[3])\n"
+                      "            groups = t.shape[2]",
+            a_shape="(*A.shape[1:], 2)", g_axis=2, pair=", 2",
+            dlast="_param(dlast, True)", plane_args=", *planes",
+            to_complex="    for key in ('A', 'B', 'C', 'initial_state'):\n"
+                       "        grads[key] = torch.view_as_complex(grads[key])\n")
+    else:
+        slots = dict(
+            planes="", a_tokens="        A = _time_contiguous(A)\n"
+                                "        strides += list(A.stride()[:3])",
+            bc_tokens="            t = _time_contiguous(t.unsqueeze(1) if t.dim() == 3 else t)\n"
+                      "            strides += list(t.stride()[:3])\n            groups = t.shape[1]",
+            a_shape="A.shape", g_axis=1, pair="", dlast="dlast.to(f32).contiguous()",
+            plane_args="", to_complex="")
+    return PAIR_SCAN + (CPAIR_SCAN if cplx else "") + LAUNCHER.format(
+        config=dict(config), name=plan.family.name, kernel=kernel, opt_args="\n".join(opt),
+        sum_args="\n".join(sums), cplx=cplx, **slots)
 
 
 def generate(plan: KernelPlan, config: dict, forward_kernel: str) -> str:
     """The backward kernel and ``backward`` launcher for the scan module (after its forward)."""
     cfg = {k: config.get(k, v) for k, v in BACKWARD_DEFAULTS.items()}
     name = f"{forward_kernel}_backward"
-    return "\n\n" + _BackwardGen(plan).kernel(name) + launcher_source(plan, cfg, name)
+    if plan.family.A.structure is AStructure.COMPLEX_DIAGONAL:
+        from .scan_backward_complex import ComplexBackwardGen
+        gen = ComplexBackwardGen(plan)
+    else:
+        gen = _BackwardGen(plan)
+    return "\n\n" + gen.kernel(name) + launcher_source(plan, cfg, name)
