@@ -26,7 +26,7 @@ from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
 
 from . import tvmbuild as _build
-from . import chunked, conv, scan, scan_backward, step
+from . import chunked, conv, conv_backward, scan, scan_backward, step
 
 NAME = "cpu"
 _GENERATORS = {Algorithm.SCAN: scan, Algorithm.CHUNKED: chunked, Algorithm.CONV: conv,
@@ -163,7 +163,7 @@ def build(plan: KernelPlan, config: dict, cache) -> CpuKernel:
     kernel = CpuKernel(plan, config, source, built, launch.runner(plan, built.module))
     kernel.backward_refusal = backward_refusal(plan)
     if kernel.backward_refusal is None:
-        kernel.backward = _lazy_backward(plan, config, tdict, cache)
+        kernel.backward = _lazy_backward(plan, config, tdict, cache, built.module)
     return kernel
 
 
@@ -172,6 +172,8 @@ def backward_refusal(plan: KernelPlan) -> Optional[str]:
     # CHUNKED plans are computed by the scan here (chunked.py), and so is their backward
     if plan.algorithm in (Algorithm.SCAN, Algorithm.CHUNKED):
         return scan_backward.supports_backward(plan)
+    if plan.algorithm is Algorithm.CONV:
+        return conv_backward.supports_backward(plan)
     return f"the cpu target's {plan.algorithm.value} generator has no backward kernel yet"
 
 
@@ -179,14 +181,16 @@ def lower_backward(plan: KernelPlan, config: dict) -> str:
     """The TVMScript of the plan's backward kernel (compiled on the first backward)."""
     notes = [f"llvm target: {json.dumps(_target(config), sort_keys=True)}", "backward kernel",
              ""] + _describe(plan).splitlines()
+    generator = conv_backward if plan.algorithm is Algorithm.CONV else scan_backward
     return (header(plan, _shown(config), _about(plan, config)["target"], "#", notes)
-            + scan_backward.generate(plan, config))
+            + generator.generate(plan, config))
 
 
-def _lazy_backward(plan: KernelPlan, config: dict, tdict: dict, cache):
+def _lazy_backward(plan: KernelPlan, config: dict, tdict: dict, cache, forward_module=None):
     """``backward(problem, dout, dfinal) -> {argument: gradient}``, its module compiled (or
     loaded from the cache) on the first call: most kernels never run a backward, and the
-    forward's compile time is what `ssmc compile` and the tests pay."""
+    forward's compile time is what `ssmc compile` and the tests pay. The convolution's
+    backward also calls the forward module's K generator (``forward_module``)."""
     from ssmc.plan import ir_hash
     from . import launch
     runner = []
@@ -197,9 +201,12 @@ def _lazy_backward(plan: KernelPlan, config: dict, tdict: dict, cache):
                                    _target_spec(config))
             about = dict(_about(plan, config), algorithm=f"{plan.algorithm.value} backward")
             built = _build.load(pkey, lambda: lower_backward(plan, config), tdict, cache, about)
-            runner.append(launch.ScanBackwardRunner(plan, built.module[scan_backward.FUNC],
-                                                    int(config.get("ckpt",
-                                                                   scan_backward.DEFAULT_CKPT))))
+            if plan.algorithm is Algorithm.CONV:
+                runner.append(launch.ConvBackwardRunner(plan, forward_module, built.module))
+            else:
+                runner.append(launch.ScanBackwardRunner(plan, built.module[scan_backward.FUNC],
+                                                        int(config.get("ckpt",
+                                                                       scan_backward.DEFAULT_CKPT))))
         return runner[0](problem, dout, dfinal)
     return backward
 

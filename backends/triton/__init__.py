@@ -185,6 +185,9 @@ def backward_refusal(plan: KernelPlan) -> Optional[str]:
     if plan.algorithm is Algorithm.CHUNKED:
         from . import chunked_backward
         return chunked_backward.supports_backward(plan)
+    if plan.algorithm is Algorithm.CONV:
+        from . import conv_backward
+        return conv_backward.supports_backward(plan)
     return f"the Triton {plan.algorithm.value} generator has no backward kernel yet"
 
 

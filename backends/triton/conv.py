@@ -15,6 +15,10 @@ trapezoidal method). The generated module:
    initial state (the same kernels with coef = C h0 and exponents k + 1), and the gate.
 The final state, when asked for, is Ā^L h0 + Σ_t Ā^(L-1-t) B̄ B x_t, summed on the host in
 float64 chunks. Packed sequences (cu_seqlens) are convolved one by one.
+
+For real and complex diagonal A the module also defines ``backward(dout, dlast, ...)``
+(``conv_backward``: the adjoint of the Vandermonde kernel as a second generated kernel, the
+FFT correlations in torch); DPLR / dense A have none (``conv_backward.supports_backward``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from ssmc.ir import AStructure, KernelPlan, Sharing
 from ssmc.plan import plan_limits
 from ssmc.printers import print_expr
 
-from . import codegen
+from . import codegen, conv_backward
 
 WHAT = "convolution (LTI)"
 
@@ -245,29 +249,46 @@ def _final_state(co, x, h0):
     return h
 
 
+def _segments(cu_seqlens, L):
+    """(start, end, rows) of each sequence: the whole batch, or each packed piece (row 0)."""
+    if cu_seqlens is None:
+        return [(0, L, slice(None))]
+    offsets = cu_seqlens.tolist()
+    return [(offsets[i], offsets[i + 1], slice(i, i + 1)) for i in range(len(offsets) - 1)]
+
+
+def _before_gate(co, u, initial_state, segments, Kfull):
+    """K * u plus the initial state's zero-input response (fp32, u's shape): y before D u and
+    the gate."""
+    d = u.shape[1]
+    y = torch.empty(u.shape, device=u.device, dtype=torch.float32)
+    for s0, s1, sl in segments:
+        n_t = s1 - s0
+        if n_t == 0:
+            continue
+        ys = _fft_conv(u[..., s0:s1], Kfull[:, :n_t])
+        if initial_state is not None:
+            h0 = initial_state[sl]
+            rows = h0.shape[0] * d
+            zi = _kernel_rows(co, h0.reshape(rows, N).to(co["Cd"].dtype), rows, n_t, 1)
+            ys = ys + zi.reshape(h0.shape[0], d, n_t)
+        y[..., s0:s1] = ys
+    return y
+
+
 def forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
             cu_seqlens=None, return_last_state=False, P=None, Q=None, **_):
     """{name}: y = K * u (+ D u, zero-input response of initial_state, gate); (y, last_state)."""
     batch, d, L = u.shape
     co = _coefficients(delta, A, B, C, delta_bias, P, Q, d)
     cplx = A.is_complex()
-    offsets = cu_seqlens.tolist() if cu_seqlens is not None else None
-    segments = ([(0, L, slice(None))] if offsets is None else
-                [(offsets[i], offsets[i + 1], slice(i, i + 1)) for i in range(len(offsets) - 1)])
-    y = torch.empty(u.shape, device=u.device, dtype=torch.float32)
-    finals = []
+    segments = _segments(cu_seqlens, L)
     Kfull = _conv_kernel(co, L) if L > 0 else None
+    y = _before_gate(co, u, initial_state, segments, Kfull)
+    finals = []
     for s0, s1, sl in segments:
         x = u[..., s0:s1]
-        n_t = s1 - s0
         h0 = initial_state[sl] if initial_state is not None else None
-        if n_t > 0:
-            ys = _fft_conv(x, Kfull[:, :n_t])
-            if h0 is not None:
-                rows = h0.shape[0] * d
-                zi = _kernel_rows(co, h0.reshape(rows, N).to(co["Cd"].dtype), rows, n_t, 1)
-                ys = ys + zi.reshape(h0.shape[0], d, n_t)
-            y[..., s0:s1] = ys
         if return_last_state:
             start = h0 if h0 is not None else torch.zeros(
                 (x.shape[0], d, N), device=u.device,
@@ -311,13 +332,14 @@ def _coef_body(plan: KernelPlan) -> str:
         names = {"dt": "dt_", "a": "a_"}
         lines += ["dt_ = dt_[:, None]",
                   "a_ = A.to(torch.complex128 if cplx else f64)"]
+        lines.append(f"abar = ({codegen.printers.print_expr(disc.abar, 'torch', names)})"
+                     ".expand(Bd.shape)")
         expo = _exponent(disc.abar)
         if expo is not None:
             lines.append(f"lam = ({codegen.printers.print_expr(expo, 'torch', names)})"
                          ".to(torch.complex128)  # abar = exp(lam): powers are exp(k lam)")
         else:
-            abar = codegen.printers.print_expr(disc.abar, "torch", names)
-            lines.append(f"lam = torch.log(({abar}).to(torch.complex128))  # abar^k = exp(k log abar)")
+            lines.append("lam = torch.log(abar.to(torch.complex128))  # abar^k = exp(k log abar)")
             lines.append("lam = torch.complex(lam.real.clamp(min=-1e30), lam.imag)  # abar = 0")
         lines.append("lam = lam.expand(Bd.shape)")
         for key in ("bbar", "bbar_prev"):
@@ -329,7 +351,9 @@ def _coef_body(plan: KernelPlan) -> str:
         lines += ["w = bbar * Bd",
                   "wp = bbar_prev * Bd if bbar_prev is not None else None",
                   "# conjugate pairs: y = 2 Re(C h) for complex-diagonal A",
-                  "return dict(lam=lam, w=w, wp=wp, Cd=Cd, pair=2.0 if cplx else 1.0)"]
+                  "# and what the backward's chain rule needs (conv_backward.py)",
+                  "return dict(lam=lam, w=w, wp=wp, Cd=Cd, pair=2.0 if cplx else 1.0, abar=abar,",
+                  "            dt=dt_, a=a_, Bd=Bd, bbar=bbar, bbar_prev=bbar_prev)"]
     return "\n".join("    " + ln for ln in lines)
 
 
@@ -339,12 +363,12 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
     matrix = f.A.structure in _MATRIX
     vand, powit = f"ssmc_conv_vandermonde_{base}", f"ssmc_conv_power_{base}"
     body = ""
+    # Real Ā > 0 (an exponential of a real a): λ is real and the kernels need no cos/sin.
+    real_positive = (f.A.structure is AStructure.DIAGONAL and
+                     bool(sp.sympify(plan.disc.abar).is_positive))
     if matrix:
         body += POWER_ITERATION.format(name=powit)
     else:
-        # Real Ā > 0 (an exponential of a real a): λ is real and the kernel needs no cos/sin.
-        real_positive = (f.A.structure is AStructure.DIAGONAL and
-                         bool(sp.sympify(plan.disc.abar).is_positive))
         template = _BODY_REAL if real_positive else _BODY_COMPLEX
         body += VANDERMONDE.format(name=vand, body=template.format(log2e=codegen.LOG2E))
     delta = "\n    ".join(_delta_lines(plan))
@@ -353,4 +377,6 @@ def generate(plan: KernelPlan, config: dict, notes: Sequence[str] = ()) -> str:
         b_group=f.B.sharing is Sharing.GROUP, c_group=f.C.sharing is Sharing.GROUP,
         coef_body=_coef_body(plan),
         kernel_host=(POW_HOST.format(powit=powit) if matrix else VAND_HOST.format(vand=vand)))
+    if conv_backward.supports_backward(plan) is None:
+        launcher += conv_backward.generate(plan, config, base, real_positive)
     return codegen.module_source(plan, config, WHAT, body + launcher, notes)
