@@ -5,7 +5,7 @@
 
 Rows (bf16 inputs, fp32 parameters, the Mamba-1 / Mamba-2 blocks of bench/gpu.py):
 selective scan b8 d4096 l2048 n16 (softplus(dt + bias), D, silu(z)) and SSD b4 l4096 h80 p64
-n128. Each row: the median time of one forward and one backward (``torch.autograd.grad`` of
+n128 and b8 l2048 h32 (chunk 256). Each row: the median time of one forward and one backward (``torch.autograd.grad`` of
 every input given a fixed random dy) through the public callable, ours and the anchor's
 (mamba_ssm ``selective_scan_fn`` CUDA, ``mamba_chunk_scan_combined`` Triton), the extra memory
 of one fwd+bwd (peak allocated minus what was allocated before: outputs, gradients, saved and
@@ -29,7 +29,9 @@ from measure import copy_bandwidth, ms, rel_err  # noqa: E402
 
 DEVICE = "cuda"
 SCAN_SHAPE = ("selective scan fwd+bwd b8 d4096 l2048 n16", 8, 2048)
-SSD_SHAPE = ("SSD fwd+bwd b4 l4096 h80 p64 n128 c256", 4, 4096, 80)
+SSD_SHAPES = [("SSD fwd+bwd b4 l4096 h80 p64 n128 c256", 4, 4096, 80),
+              ("SSD fwd+bwd b8 l2048 h32 p64 n128 c256", 8, 2048, 32)]
+SSD_SHAPE = SSD_SHAPES[0]
 SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -180,14 +182,14 @@ def _ssd_reference_grads(leaves, dy, heads):
     return dict(zip(names, grads))
 
 
-def ssd_row(ceil) -> dict:
+def ssd_row(ceil, shape=SSD_SHAPE) -> dict:
     """Our generated SSD fwd+bwd beside mamba_ssm's ``mamba_chunk_scan_combined``."""
     import anchors
     import gpu
     import ssmc
     from measure import kernel_breakdown
     from ssmc.signature import bind, example_inputs
-    label, batch, seqlen, heads = SSD_SHAPE
+    label, batch, seqlen, heads = shape
     fam = gpu.mamba2_family(heads)
     kw = example_inputs(fam, None, batch, seqlen, dtype="bfloat16", device=DEVICE, seed=0)
     p = bind(fam, fam.convention, (), kw)
@@ -274,11 +276,13 @@ def ssd_sweep(configs) -> list:
 
 def rows(ceil, scan_config=None) -> list:
     out = []
-    for make in (scan_row, ssd_row):
+    makers = [lambda: scan_row(ceil, scan_config)]
+    makers += [lambda shape=shape: ssd_row(ceil, shape) for shape in SSD_SHAPES]
+    for make in makers:
         try:
-            out.append(make(ceil, scan_config) if make is scan_row else make(ceil))
+            out.append(make())
         except Exception as e:  # noqa: BLE001
-            out.append({"kernel": make.__name__, "note": f"{type(e).__name__}: {str(e)[:300]}"})
+            out.append({"kernel": "row", "note": f"{type(e).__name__}: {str(e)[:300]}"})
         print(out[-1], flush=True)
         torch.cuda.empty_cache()
     return out
@@ -323,7 +327,7 @@ def main(argv=None):
             return
     ceil = {"bandwidth": copy_bandwidth()}
     if args.ssd_only:
-        rs = [ssd_row(ceil)]
+        rs = [ssd_row(ceil, shape) for shape in SSD_SHAPES]
     else:
         import anchors
         if anchors.build_selective_scan() is None:

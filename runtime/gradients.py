@@ -33,8 +33,9 @@ def message_for(kernel, backend_kernel=None) -> str:
     return (f"no backward kernel for the compiled {kernel.family.name} "
             f"({kernel.plan.algorithm.value}, target {kernel.target.name}): {reason}; the "
             "kernel is inference-only here: run it under torch.no_grad() or "
-            "torch.inference_mode() (what trains today: the selective scan with real "
-            "diagonal A on the cuda and cpu targets; SSD and the trapezoidal rule on cpu)")
+            "torch.inference_mode() (what trains today: the selective scan with real or "
+            "complex diagonal A on the cuda and cpu targets; SSD on cuda and cpu;"
+            " the convolution of real or complex diagonal A on cuda and cpu)")
 
 
 def differentiable_names(problem, plan) -> List[str]:

@@ -40,7 +40,7 @@ def family(**kw):
 
 
 def check(fam, seqlen, seed, batch=2, dtype="float32", with_state=True, final=True, omit=(),
-          scale=None, config=None, tol=None):
+          scale=None, config=None, tol=None, tols=None):
     kernel = ssmc.compile(fam, target="cuda", config=dict(SMALL_BLOCKS, **(config or {})))
     inputs = signature.example_inputs(fam, None, batch, seqlen, dtype=dtype, device=DEVICE,
                                       seed=seed, with_state=with_state)
@@ -58,7 +58,7 @@ def check(fam, seqlen, seed, batch=2, dtype="float32", with_state=True, final=Tr
     for name in names:
         assert got[name].shape == want[name].shape, name
         assert_rel_close(f"d{name}", got[name], want[name],
-                         dtype if name in TOKEN else "float32", tol=tol)
+                         dtype if name in TOKEN else "float32", tol=(tols or {}).get(name, tol))
     return got
 
 
@@ -108,7 +108,12 @@ def test_optional(case, seed):
 
 
 def test_bf16(seed):
-    check(family(), 37, seed, dtype="bfloat16", tol=2e-2)
+    """bf16 inputs: the tensor-core operands (dy, the weights, the chunk states) are rounded to
+    bf16 inside, as in mamba_ssm, so every gradient carries ~5e-3. A (selective here: per token)
+    is checked per token; dt_bias and D sum ~100 per-token terms of both signs, which can cancel
+    to a few times less than their size: their tolerance is that much wider."""
+    check(family(selective_A=True), 37, seed, dtype="bfloat16", tol=2e-2,
+          tols={"dt_bias": 6e-2, "D": 6e-2})
 
 
 def test_no_nan_at_large_decays_and_steps(seed):
@@ -141,14 +146,61 @@ def test_trains_through_autograd_the_op_and_torch_compile(seed):
         assert_rel_close(f"d{name}", through_op[name], g, "float32", tol=1e-6)
 
 
-@pytest.mark.parametrize("what", ["trapezoidal", "varlen"])
-def test_what_has_no_backward_yet_says_so(what):
-    fam = family(method=Method.TRAPEZOIDAL) if what == "trapezoidal" else family()
+@pytest.mark.parametrize("how", ["cu_seqlens", "seq_idx", "no_state"])
+def test_packed_sequences(how, seed):
+    """Packed sequences (an empty one, a one-token one, chunk boundaries inside sequences):
+    each sequence's state is its own, in the gradients too, the per-sequence states' given."""
+    fam = family()
+    q = DIMS[3]
+    lengths = [q // 2 + 3, 0, 1, 2 * q + 5, q - 1]
     kernel = ssmc.compile(fam, target="cuda", config=SMALL_BLOCKS)
-    options = {"varlen": [5, 9]} if what == "varlen" else {}
-    inputs = signature.example_inputs(fam, None, 1, 7, device=DEVICE, seed=0, **options)
+    inputs = signature.example_inputs(fam, None, 1, 0, device=DEVICE, seed=seed,
+                                      with_state=how != "no_state", varlen=lengths)
+    if how == "seq_idx":
+        cu = inputs.pop("cu_seqlens")
+        inputs["seq_idx"] = torch.repeat_interleave(
+            torch.arange(len(lengths), device=DEVICE), cu[1:] - cu[:-1]).to(torch.int32)[None]
+    final = how != "no_state"
+    flag = "return_final_states" if how == "seq_idx" else "return_varlen_states"
+    problem = signature.bind(fam, fam.convention, (), {**inputs, flag: final})
+    names, dy, dlast, want = oracle_gradients(problem, NAMES, final, seed)
+    backend_kernel = kernel.kernel_for(problem.family)
+    with _poisoned(backend_kernel, "cuda"):
+        got = backend_kernel.backward(problem, dy.to(DEVICE, problem.x.dtype),
+                                      dlast.to(DEVICE, torch.float32) if final else None)
+    for name in names:
+        assert got[name].shape == want[name].shape, name
+        assert_rel_close(f"d{name}", got[name], want[name], "float32")
+
+
+def test_trapezoidal_has_no_backward_yet_and_says_so():
+    fam = family(method=Method.TRAPEZOIDAL)
+    kernel = ssmc.compile(fam, target="cuda", config=SMALL_BLOCKS)
+    inputs = signature.example_inputs(fam, None, 1, 7, device=DEVICE, seed=0)
     inputs["x"].requires_grad_(True)
     y = kernel(**inputs)
-    reason = "previous-token term" if what == "trapezoidal" else "packed sequences"
-    with pytest.raises((SSMCError, NotImplementedError), match=reason):
+    with pytest.raises(SSMCError, match="previous-token term"):
         y.sum().backward()
+
+
+def test_packed_state_gradients_through_the_op_match_eager(seed):
+    """return_final_states and return_varlen_states of packed sequences: both states'
+    gradients reach the inputs the same way through the torch op as through the eager call."""
+    fam = family()
+    kernel = ssmc.compile(fam, target="cuda", config=SMALL_BLOCKS)
+    inputs = signature.example_inputs(fam, None, 1, 0, device=DEVICE, seed=seed, with_state=True,
+                                      varlen=[7, 12, 0, 9])
+
+    def grads(fn):
+        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in inputs.items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        y, final, varlen = fn(**{**inputs, **leaves, "return_final_states": True,
+                                 "return_varlen_states": True})
+        weights = torch.arange(4.0, device=DEVICE)[:, None, None, None]
+        (y.square().sum() + 3 * final.sum() + (varlen * weights).sum()).backward()
+        return {n: v.grad for n, v in leaves.items()}
+    eager = grads(kernel)
+    through_op = grads(lambda **kw: kernel.as_op()(**kw))
+    for name, g in eager.items():
+        assert torch.isfinite(g).all(), name
+        assert_rel_close(f"d{name}", through_op[name], g, "float32", tol=1e-6)

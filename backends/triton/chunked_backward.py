@@ -22,6 +22,10 @@ entering chunk c and dS_c the gradient of the loss with respect to it:
    and ddt through the plan's derivatives (``plan.disc.derivatives``: (dAbar/dDelta)/Abar, dBbar/d,
    the Delta map's), dA and ddt_bias summed per chunk.
 
+Packed sequences (cu_seqlens / seq_idx) go to one batch row each, padded past their length,
+where the prep and ddt kernels take Abar = 1, Bbar = 0 (``row_lengths``): the row's last state
+is the sequence's, and nothing crosses from one sequence to the next.
+
 Placeholders ``{name}`` etc. are filled by ``str.format``; the kernels contain no other braces.
 """
 from __future__ import annotations
@@ -143,6 +147,19 @@ def {name}_bwd_dstates(
         tl.store(dinit_ptr + fin_tile, dS, mask=mask_pn)
 '''
 
+# The skip's share of dx and dD (emitted only for a family with D).
+DX_SKIP = """\
+    if HAS_D:
+        dy_m = tl.load(dy_ptr + b * stride_dy_b + t_m[:, None] * stride_dy_l + h * stride_dy_h
+                       + offs_p[None, :] * stride_dy_p, mask=mask_mp, other=0.0).to(tl.float32)
+        D_v = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=offs_p < headdim,
+                      other=0.0).to(tl.float32)
+        dx += dy_m * D_v[None, :]
+        # per (row block, batch x chunk, head): the launcher sums
+        tl.store(dD_ptr + ((pid_bc * tl.num_programs(0) + rb) * nheads + h) * headdim + offs_p,
+                 tl.sum(dy_m * x_m, axis=0), mask=offs_p < headdim)
+"""
+
 DX = '''
 @triton.jit
 def {name}_bwd_dx(
@@ -214,16 +231,7 @@ def {name}_bwd_dx(
     tl.store(dcoef_ptr + scal_base + t_m, tl.sum(x_m * acc, axis=1), mask=mask_m)
     coef_m = tl.load(coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)
     dx = acc * coef_m[:, None]
-    if HAS_D:
-        dy_m = tl.load(dy_ptr + b * stride_dy_b + t_m[:, None] * stride_dy_l + h * stride_dy_h
-                       + offs_p[None, :] * stride_dy_p, mask=mask_mp, other=0.0).to(tl.float32)
-        D_v = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=offs_p < headdim,
-                      other=0.0).to(tl.float32)
-        dx += dy_m * D_v[None, :]
-        # per (row block, batch x chunk, head): the launcher sums
-        tl.store(dD_ptr + ((pid_bc * tl.num_programs(0) + rb) * nheads + h) * headdim + offs_p,
-                 tl.sum(dy_m * x_m, axis=0), mask=offs_p < headdim)
-    tl.store(dx_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
+{skip}    tl.store(dx_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
              + offs_p[None, :] * stride_x_p, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
 '''
 
@@ -431,10 +439,11 @@ DDT = '''
 @triton.jit
 def {name}_bwd_ddt(
     dt_ptr, A_ptr, dt_bias_ptr, r_pairs_ptr, row_sums_ptr, r_after_ptr, r_before_ptr, dcoef_ptr,
-    through_ptr, ddt_ptr, dA_ptr, dbias_ptr, seqlen, nheads, nchunks, n_through, n_kblocks,
+    through_ptr, ddt_ptr, dA_ptr, dbias_ptr, row_len_ptr, seqlen, nheads, nchunks, n_through,
+    n_kblocks,
     stride_dt_b, stride_dt_l, stride_dt_h, stride_A_b, stride_A_l, stride_A_h,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
-    PAIR_BLOCK: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    PAIR_BLOCK: tl.constexpr, HAS_DT_BIAS: tl.constexpr, ROW_LENGTHS: tl.constexpr,
 ):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -443,6 +452,8 @@ def {name}_bwd_ddt(
     offs = tl.arange(0, BLOCK_Q)
     t = c * CHUNK + offs
     valid = (offs < CHUNK) & (t < seqlen)
+    if ROW_LENGTHS:
+        valid = valid & (t < tl.load(row_len_ptr + b))   # padded steps have no Delta or A
     scal = (b * nheads + h) * seqlen + t
     bhc = (b * nheads + h) * nchunks + c
 {prologue}
@@ -514,7 +525,8 @@ def render_backward(plan: KernelPlan, name: str, indent) -> str:
                      step=indent("\n".join(step), 4), math=indent(math, 4), draw=draw,
                      store_da=indent(store_da, 4))
     gate = GATE.format(name=name) if fam.gate is not None else ""
-    return (gate + DSTATES.format(name=name) + DX.format(name=name)
+    return (gate + DSTATES.format(name=name)
+            + DX.format(name=name, skip=DX_SKIP if fam.D is not None else "")
             + DCB.format(name=name) + BC.format(name=name, **DB_PARTS)
             + BC.format(name=name, **DC_PARTS) + ddt
             + BACKWARD_LAUNCHER.format(
@@ -535,12 +547,49 @@ EMPTY = torch.empty
 
 def backward(problem, dout, dfinal, config=None):
     """Gradients of every differentiable input given dout (like y) and dfinal (like the final
-    states, or None): {{argument name: gradient}}, shaped like the arguments."""
+    states, one per sequence, or None): {{argument name: gradient}}, shaped like the arguments."""
     cfg = config or CONFIG
-    if problem.cu_seqlens is not None or problem.seq_idx is not None:
-        raise NotImplementedError(
-            "packed sequences (cu_seqlens / seq_idx) have no chunked backward on the cuda target "
-            "yet: pass batched sequences, or use the cpu target")
+    if problem.cu_seqlens is None and problem.seq_idx is None:
+        return _backward_rows(problem, dout, dfinal, cfg, None)
+    # Packed sequences: each to a batch row of its own, padded past its length (where the
+    # kernels take Abar = 1, Bbar = 0, so the row's last state is the sequence's), then the
+    # gradients back to their packed places. The padding costs (sequences x longest - total)
+    # steps.
+    x = problem.x
+    total, dev = x.shape[1], x.device
+    cu = problem.cu_seqlens
+    if cu is None:
+        seq_idx = problem.seq_idx.reshape(-1)
+        init = problem.initial_states
+        nseq = init.shape[0] if init is not None else int(seq_idx[-1].item()) + 1
+        cu = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
+        cu[1:] = torch.cumsum(torch.bincount(seq_idx.long(), minlength=nseq), 0)
+    cu = cu.to(device=dev, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    nseq = lengths.numel()
+    width = max(1, int(lengths.max().item()))
+    row = torch.repeat_interleave(torch.arange(nseq, device=dev), lengths, output_size=total)
+    pos = torch.arange(total, device=dev) - cu[:-1][row]
+
+    def per_token(t):
+        return t is not None and t.dim() >= 3 and tuple(t.shape[:2]) == (1, total)
+
+    def to_rows(t):
+        out = t.new_zeros((nseq, width) + tuple(t.shape[2:]))
+        out[row, pos] = t[0]
+        return out
+
+    fields = {{n: getattr(problem, n) for n in ("x", "dt", "A", "B", "C", "z")}}
+    rows = types.SimpleNamespace(
+        **{{n: to_rows(t) if per_token(t) else t for n, t in fields.items()}}, D=problem.D,
+        dt_bias=problem.dt_bias, initial_states=problem.initial_states, cu_seqlens=None,
+        seq_idx=None)
+    grads = _backward_rows(rows, to_rows(dout), dfinal, cfg, lengths.to(torch.int32))
+    return {{n: g[row, pos][None] if per_token(fields.get(n)) else g for n, g in grads.items()}}
+
+
+def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
+    """The backward of batched sequences (``row_lengths``: each row's length, or None)."""
     x = problem.x
     batch, seqlen, nheads, headdim = x.shape
     chunk = {chunk}
@@ -551,7 +600,8 @@ def backward(problem, dout, dfinal, config=None):
         x=x, dt=problem.dt, A=problem.A, B=problem.B, C=problem.C, D=problem.D, z=z,
         dt_bias=problem.dt_bias, initial_states=problem.initial_states, seq_idx=None,
         cu_seqlens=None, wants_final_state=False)
-    y_pre, _ = launch(recompute, cfg, keep=keep, output=z is not None, gate=False)
+    y_pre, _ = launch(recompute, cfg, keep=keep, output=z is not None, gate=False,
+                      row_lengths=row_lengths)
     B, C, nchunks = keep["B"], keep["C"], keep["nchunks"]
     dstate = B.shape[-1]
     cum, coef, decay, chunk_states = keep["cum"], keep["coef"], keep["decay"], keep["chunk_states"]
@@ -666,11 +716,11 @@ def backward(problem, dout, dfinal, config=None):
         if dt_bias is not None else dummy
     {name}_bwd_ddt[(nchunks, batch * nheads)](
         dt, A, dt_bias if dt_bias is not None else dummy, r_pairs, row_sums, r_after, r_before,
-        dcoef, through, ddt, dA, dbias,
+        dcoef, through, ddt, dA, dbias, row_lengths if row_lengths is not None else dummy,
         seqlen, nheads, nchunks, n_pn, n_kb, *dt.stride(), *A.stride(),
         CHUNK=chunk, BLOCK_Q=max(16, triton.next_power_of_2(chunk)),
         BLOCK_S=max(2, triton.next_power_of_2(n_pn)), BLOCK_J=max(2, triton.next_power_of_2(n_kb)),
-        PAIR_BLOCK=bk, HAS_DT_BIAS=dt_bias is not None,
+        PAIR_BLOCK=bk, HAS_DT_BIAS=dt_bias is not None, ROW_LENGTHS=row_lengths is not None,
         num_warps=4)
     ddt = ddt.transpose(1, 2)
     grads["dt"] = ddt.to(problem.dt.dtype) if problem.dt.dim() == 3 else ddt.sum((0, 1))

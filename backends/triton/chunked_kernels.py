@@ -20,10 +20,11 @@ from __future__ import annotations
 PREP = '''
 @triton.jit
 def {name}_chunk_prep(
-    dt_ptr, A_ptr, dt_bias_ptr, seq_idx_ptr, cum_ptr, coef_ptr, prev_coef_ptr, weight_ptr, decay_ptr,
-    seqlen, nheads, nchunks,
+    dt_ptr, A_ptr, dt_bias_ptr, seq_idx_ptr, row_len_ptr, cum_ptr, coef_ptr, prev_coef_ptr,
+    weight_ptr, decay_ptr, seqlen, nheads, nchunks,
     stride_dt_b, stride_dt_l, stride_dt_h, stride_A_b, stride_A_l, stride_A_h,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_DT_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    ROW_LENGTHS: tl.constexpr,
 ):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -32,6 +33,10 @@ def {name}_chunk_prep(
     offs = tl.arange(0, BLOCK_Q)
     t = c * CHUNK + offs
     valid = (offs < CHUNK) & (t < seqlen)
+    stored = valid
+    if ROW_LENGTHS:
+        # rows padded past their length (the backward of packed sequences): Abar = 1, Bbar = 0
+        valid = valid & (t < tl.load(row_len_ptr + b))
 {prologue}
     if VARLEN:
         seq_t = tl.load(seq_idx_ptr + t, mask=valid, other=-1)
@@ -46,9 +51,9 @@ def {name}_chunk_prep(
     # scales with the suffix of recent steps rather than with the whole chunk's sum.
     suffix = tl.cumsum(log_decay, axis=0, reverse=True) - log_decay
     scal = (b * nheads + h) * seqlen + t
-    tl.store(cum_ptr + scal, cum, mask=valid)
-    tl.store(coef_ptr + scal, coef, mask=valid)
-    tl.store(weight_ptr + scal, tl.exp2(suffix) * coef_eff, mask=valid)
+    tl.store(cum_ptr + scal, cum, mask=stored)
+    tl.store(coef_ptr + scal, coef, mask=stored)
+    tl.store(weight_ptr + scal, tl.exp2(suffix) * coef_eff, mask=stored)
 {store_prev}
     tl.store(decay_ptr + (b * nheads + h) * nchunks + c, tl.exp2(tl.sum(log_decay, axis=0)))
 '''

@@ -82,7 +82,7 @@ def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> 
             prev_coef = tl.where(valid_next, {math_next['prev_coef']}, 0.0)
             coef_eff = coef + prev_coef
         """, 4)
-        store_prev = _indent("tl.store(prev_coef_ptr + scal, prev_coef, mask=valid)", 4)
+        store_prev = _indent("tl.store(prev_coef_ptr + scal, prev_coef, mask=stored)", 4)
     else:
         prev_coef_code = _indent("coef_eff = coef", 4)
         store_prev = ""
@@ -280,12 +280,14 @@ def _as_blgn(t, batch, seqlen):
     return t
 
 
-def launch(problem, config, y=None, final_states=None, keep=None, output=True, gate=True):
+def launch(problem, config, y=None, final_states=None, keep=None, output=True, gate=True,
+           row_lengths=None):
     """Run the kernels on a bound SSD problem; returns (y, final_states or None).
 
     The backward recomputes with ``keep`` (a dict: receives the per-step scalars, C B^T and the
     chunk states), ``output=False`` (no y: only what the backward reads) or ``gate=False`` (y
-    before silu(z), for dz)."""
+    before silu(z), for dz); ``row_lengths`` (int32 per batch row) treats the steps past each
+    row's length as Abar = 1, Bbar = 0 (the backward of packed sequences pads them to rows)."""
     x = problem.x
     batch, seqlen, nheads, headdim = x.shape
     chunk = {chunk}
@@ -336,9 +338,11 @@ def launch(problem, config, y=None, final_states=None, keep=None, output=True, g
     decay = torch.empty(batch, nheads, nchunks, dtype=torch.float32, device=dev)
     block_q = max(16, triton.next_power_of_2(chunk))
     {name}_chunk_prep[(nchunks, batch * nheads)](
-        dt, A, dt_bias if dt_bias is not None else dummy, seqp, cum, coef, prev_coef, weight, decay,
+        dt, A, dt_bias if dt_bias is not None else dummy, seqp,
+        row_lengths if row_lengths is not None else dummy, cum, coef, prev_coef, weight, decay,
         seqlen, nheads, nchunks, *dt.stride(), *A.stride(),
         CHUNK=chunk, BLOCK_Q=block_q, HAS_DT_BIAS=dt_bias is not None, VARLEN=varlen,
+        ROW_LENGTHS=row_lengths is not None,
         num_warps=4 if block_q <= 256 else 8,
     )
 
