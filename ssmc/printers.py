@@ -193,9 +193,37 @@ class _Dialect:
                           f"in {expr}")
 
 
-class NumpyPrinter(_Dialect, PythonCodePrinter):
+class _ElementwiseConditions:
+    """A clamp's derivative is a Piecewise indicator. On tensors it must be an elementwise
+    select over elementwise conditions, not Python's ``a if c else b`` and ``and``: each
+    dialect names its select and its boolean operators."""
+    select_fn = ""
+    and_op = "&"
+    or_op = "|"
+
+    def _print_Piecewise(self, expr):
+        *pairs, (last, cond) = expr.args
+        if cond != sp.true:
+            raise TargetError(f"{self.dialect} needs a Piecewise with a default branch: {expr}")
+        out = self._print(last)
+        for value, c in reversed(pairs):
+            out = f"{self.select_fn}({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_And(self, expr):
+        return f" {self.and_op} ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return f" {self.or_op} ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+
+class NumpyPrinter(_ElementwiseConditions, _Dialect, PythonCodePrinter):
     dialect = "numpy"
     fn_prefix = "np."
+    select_fn = "np.where"
     supports_complex = True
     supports_matrix = True
     _linalg = "np.linalg"
@@ -271,6 +299,7 @@ class NumpyPrinter(_Dialect, PythonCodePrinter):
 class TorchPrinter(NumpyPrinter):
     dialect = "torch"
     fn_prefix = "torch."
+    select_fn = "torch.where"
     _linalg = "torch.linalg"
     _expm = "torch.linalg.matrix_exp"
 
@@ -289,33 +318,6 @@ class TorchPrinter(NumpyPrinter):
         x, lo, hi = expr.args
         bounds = f"min={self._print(lo)}" + ("" if hi == sp.oo else f", max={self._print(hi)}")
         return f"torch.clamp({self._print(x)}, {bounds})"
-
-
-class _ElementwiseConditions:
-    """A clamp's derivative is a Piecewise indicator. On tensors it must be an elementwise
-    select over elementwise conditions, not Python's ``a if c else b`` and ``and``: each
-    dialect names its select and its boolean operators."""
-    select_fn = ""
-    and_op = "&"
-    or_op = "|"
-
-    def _print_Piecewise(self, expr):
-        *pairs, (last, cond) = expr.args
-        if cond != sp.true:
-            raise TargetError(f"{self.dialect} needs a Piecewise with a default branch: {expr}")
-        out = self._print(last)
-        for value, c in reversed(pairs):
-            out = f"{self.select_fn}({self._print(c)}, {self._print(value)}, {out})"
-        return out
-
-    def _print_And(self, expr):
-        return f" {self.and_op} ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Or(self, expr):
-        return f" {self.or_op} ".join(f"({self._print(a)})" for a in expr.args)
-
-    def _print_Relational(self, expr):
-        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
 
 
 class TritonPrinter(_ElementwiseConditions, _Dialect, PythonCodePrinter):

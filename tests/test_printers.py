@@ -453,3 +453,20 @@ def test_delta_map_tir_compiles_and_matches(tmp_path, seed):
                     for x in (raw, bias, np.full(n, np.nan))]
             lib[f"delta{i}_{kind}"](*bufs)
             _close(f"tir {kind} {spec}", bufs[2].numpy(), ref, 1e-5)
+
+
+def test_a_clamps_derivative_is_elementwise_in_numpy_and_torch():
+    """The Δ map's clamp differentiates to a Piecewise indicator: on arrays and tensors it must
+    be an elementwise select (Python's ``a if c else b`` and ``and`` fail on them)."""
+    import sympy as sp
+    from ssmc.discretize import DT_RAW
+    from ssmc.functions import Clamp
+    lo, hi = 0.01, 0.5
+    slope = sp.diff(Clamp(DT_RAW, lo, hi), DT_RAW)
+    values = np.array([-1.0, 0.005, 0.2, 0.49, 0.7])
+    want = ((values > lo) & (values < hi)).astype(float)
+    for dialect, env, arg in (("numpy", {"np": np}, values),
+                              ("torch", {"torch": torch}, torch.from_numpy(values))):
+        text = print_expr(slope, dialect, {"dt_raw": "x"})
+        got = eval(text, {**env, "x": arg})  # noqa: S307 - our own printer
+        np.testing.assert_allclose(np.asarray(got, dtype=float), want, err_msg=text)

@@ -63,15 +63,9 @@ def supports_backward(plan: KernelPlan) -> Optional[str]:
     return None
 
 
-class TorchWherePrinter(printers._ElementwiseConditions, printers.TorchPrinter):
-    """The torch dialect with a clamp's derivative (a Piecewise indicator) as an elementwise
-    ``torch.where`` over tensors instead of Python's ``a if c else b``."""
-    select_fn = "torch.where"
-
-
 def _torch(expr, names) -> str:
     """``expr`` as float64 torch text (expm1 where exp(x) - 1 would cancel)."""
-    printer = TorchWherePrinter(names=names, dtype="float64")
+    printer = printers.TorchPrinter(names=names, dtype="float64")
     expr = sp.sympify(expr)
     printer.check(expr)
     return printer.doprint(printers.stable_form(expr))
