@@ -99,7 +99,7 @@ def test_write_artifact_host(tmp_path):
     import tvm
     plan = make_plan(mamba1(channels=16, state=8), Algorithm.STEP)
     paths = calls.write_artifact(cpu, plan, CONFIG, tmp_path, CACHED)
-    text, lib = paths
+    text, lib, *_ = paths
     assert text.endswith(".tir.py") and "def ssmc_step" in open(text).read()
     assert lib.endswith(".so")
     module = tvm.runtime.load_module(lib)
@@ -127,7 +127,7 @@ def test_write_artifact_cross_without_a_linker_writes_the_object(triple, tmp_pat
     monkeypatch.setattr(tvmbuild, "cross_linker", lambda triple: None)
     plan = make_plan(mamba1(channels=16, state=8))
     cfg = dict(CONFIG, llvm_target=f"llvm -mtriple={triple}")
-    text, lib = calls.write_artifact(cpu, plan, cfg, tmp_path)
+    text, lib, *_ = calls.write_artifact(cpu, plan, cfg, tmp_path)
     assert text.endswith(".tir.py") and lib.endswith("_cpu.o")
     assert elf_header(lib) == (ET_REL, ELF_MACHINE[triple])
     note = capsys.readouterr().err.strip().splitlines()
@@ -143,7 +143,7 @@ def test_write_artifact_cross_without_a_linker_writes_the_object(triple, tmp_pat
 def test_write_artifact_cross_aarch64_links_a_shared_object(tmp_path):
     plan = make_plan(mamba1(channels=16, state=8))
     cfg = dict(CONFIG, llvm_target="llvm -mtriple=aarch64-linux-gnu")
-    text, lib = calls.write_artifact(cpu, plan, cfg, tmp_path)
+    text, lib, *_ = calls.write_artifact(cpu, plan, cfg, tmp_path)
     assert lib.endswith("_cpu.so")
     assert elf_header(lib) == (ET_DYN, ELF_MACHINE["aarch64-linux-gnu"])
 
@@ -213,3 +213,20 @@ ssm Tiny {
     y = fn(**kw_np)   # numpy inputs are converted by signature.bind
     ref = ssmc.compile(spec, target="reference")(**kw)
     assert rel_err(y, ref.double()) <= TOL["float32"]
+
+
+def test_write_artifact_writes_the_backward_text_beside_the_forward(tmp_path):
+    """A plan that trains gets its backward kernel's TVMScript written too (to read: it is
+    compiled on the first backward), the same again from the cache entry; one that does not
+    (the step) gets none."""
+    from ssmc.runtime.cache import ArtifactCache
+    cache = ArtifactCache(tmp_path / "cache")
+    plan = make_plan(mamba1(channels=8, state=4, name="BackwardText"))
+    first = calls.write_artifact(cpu, plan, {}, tmp_path / "a", cache)
+    second = calls.write_artifact(cpu, plan, {}, tmp_path / "b", cache)
+    assert len(first) == len(second) == 3 and first[2].endswith("_backward.tir.py")
+    text = open(first[2]).read()
+    assert "def ssmc_scan_backward" in text and text == open(second[2]).read()
+    ast.parse(text)
+    step = make_plan(mamba1(channels=8, state=4, name="BackwardText"), Algorithm.STEP)
+    assert len(calls.write_artifact(cpu, step, {}, tmp_path / "c", cache)) == 2

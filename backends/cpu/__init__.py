@@ -220,19 +220,35 @@ def write_artifact(plan: KernelPlan, config: dict, out_dir, cache) -> List[str]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{plan.family.name}_{plan.algorithm.value}_cpu"
     text_path, lib_path = out / f"{stem}.tir.py", out / f"{stem}.so"
+    backward_text = None if backward_refusal(plan) is not None else (
+        lambda: lower_backward(plan, config))
     if _build.runs_here(_build.parse_target(_target_spec(config))):
         pkey = _plan_key(plan, config)
         entry = _build.cached_entry(pkey, cache)    # found without importing TVM
         if entry is None:
             library, _ = _build.library(pkey, lambda: lower(plan, config), _target(config),
-                                        cache, _about(plan, config))
+                                        cache, _about(plan, config),
+                                        {BACKWARD_TEXT: backward_text} if backward_text else None)
             entry = library.parent
         shutil.copyfile(entry / "kernel.tir.py", text_path)
         shutil.copyfile(entry / "kernel.so", lib_path)
-        return [str(text_path), str(lib_path)]
-    source = lower(plan, config)
-    text_path.write_text(source)
-    return [str(text_path), str(_build.export_cross(source, _target(config), lib_path))]
+        written = [str(text_path), str(lib_path)]
+        if backward_text is not None and (entry / BACKWARD_TEXT).exists():
+            backward_text = (entry / BACKWARD_TEXT).read_text
+    else:
+        source = lower(plan, config)
+        text_path.write_text(source)
+        written = [str(text_path), str(_build.export_cross(source, _target(config), lib_path))]
+    if backward_text is not None:
+        # the backward kernel's TVMScript, to read: it is compiled where it runs, on the first
+        # backward
+        path = out / f"{stem}_backward.tir.py"
+        path.write_text(backward_text())
+        written.append(str(path))
+    return written
+
+
+BACKWARD_TEXT = "backward.tir.py"   # a cache entry's copy of the backward's TVMScript
 
 
 __all__ = ["NAME", "supports", "default_config", "check_config", "candidates", "lower", "build",

@@ -224,11 +224,12 @@ def compile_source(source: str, tdict: dict) -> Tuple[object, float]:
 
 
 def library(pkey: str, lower: Callable[[], str], tdict: dict, cache,
-            about: Optional[dict] = None) -> Tuple[Path, bool]:
+            about: Optional[dict] = None,
+            texts: Optional[Dict[str, Callable[[], str]]] = None) -> Tuple[Path, bool]:
     """The shared object of plan key ``pkey`` in the artifact ``cache``, compiled into it from
     ``lower()`` (the TIR text, generated only on a miss) when absent; not loaded. Returns (path,
     whether it was compiled now). ``about`` (family, algorithm, target as written) is recorded for
-    ``ssmc cache ls``."""
+    ``ssmc cache ls``; ``texts`` are more files written into a new entry ({name: text()})."""
     parts = _entry_parts(pkey)
     built_now = []
 
@@ -237,6 +238,8 @@ def library(pkey: str, lower: Callable[[], str], tdict: dict, cache,
         exe, _ = compile_source(source, tdict)
         exe.export_library(str(folder / "kernel.so"))
         (folder / "kernel.tir.py").write_text(source)
+        for name, text in (texts or {}).items():
+            (folder / name).write_text(text())
         built_now.append(True)
 
     description = dict(parts, llvm_target=tdict, **(about or {}))
