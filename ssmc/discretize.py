@@ -372,8 +372,12 @@ def derive_derivatives(abar, bbar, bbar_prev, a, delta) -> Derivatives:
         named = dict(zip(("abar_dt", "abar_a", "bbar_dt", "bbar_a", "bbar_prev_dt",
                           "bbar_prev_a", "abar_dt_over_abar", "abar_a_over_abar"), d + ratios))
         split = tuple((k, split_complex(e)) for k, e in named.items() if e is not None)
+    weight = prev_input(abar, bbar_prev)
+    prev = (None, None) if weight is None else tuple(sp.simplify(sp.diff(weight, v))
+                                                     for v in (DT, a))
     return Derivatives(*d, delta_raw=sp.diff(delta, DT_RAW), abar_dt_over_abar=ratios[0],
-                       abar_a_over_abar=ratios[1], split=split)
+                       abar_a_over_abar=ratios[1], split=split, prev_input_dt=prev[0],
+                       prev_input_a=prev[1])
 
 
 # The gate's input (z, shaped like x) and each gate kind's function of it.
@@ -647,6 +651,10 @@ def _derivative_lines(disc: Discretized, trap: bool) -> List[str]:
     if trap:
         rows += [("dbbarprev_ddt", "∂B̄₋/∂Δ", der.bbar_prev_dt),
                  ("dbbarprev_da", "∂B̄₋/∂a", der.bbar_prev_a)]
+        if der.prev_input_dt is not None and der.split is None:
+            # the chunked algorithm's previous-input weight B̄₋/Ā
+            rows += [("dprev_ddt", "∂(B̄₋/Ā)/∂Δ", der.prev_input_dt),
+                     ("dprev_da", "∂(B̄₋/Ā)/∂a", der.prev_input_a)]
     rows.append(("ddt_ddt_raw", "∂Δ/∂dt_raw", der.delta_raw))
     if der.gate_dz is not None:
         rows.append(("dgate_dz", "∂gate/∂z", der.gate_dz))

@@ -375,6 +375,10 @@ class Derivatives:
     # split_complex``) into the real symbols a_re, a_im, for dialects without complex numbers
     # (pairs, not a dict: plans are hashed). None for real A.
     split: object = None
+    # ∂/∂Δ and ∂/∂a of the previous-input weight B̄₋/Ā (``Discretized.prev_input``: what the
+    # chunked algorithm applies at step t-1 for the term entering at t); None without one.
+    prev_input_dt: object = None
+    prev_input_a: object = None
 
 
 @dataclass(frozen=True)

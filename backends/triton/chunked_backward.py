@@ -22,6 +22,11 @@ entering chunk c and dS_c the gradient of the loss with respect to it:
    and ddt through the plan's derivatives (``plan.disc.derivatives``: (dAbar/dDelta)/Abar, dBbar/d,
    the Delta map's), dA and ddt_bias summed per chunk.
 
+The trapezoidal rule's previous input B_{s-1} x_{s-1} is seen from step s-1 with the weight
+p = Bbar_prev/Abar of step s (the forward's prev_coef): an input s counts with coef_s on the
+diagonal and coef_s + p_s at every later step; dp_s goes to step s+1's Delta and a through the
+pass's d(Bbar_prev/Abar).
+
 Packed sequences (cu_seqlens / seq_idx) go to one batch row each, padded past their length,
 where the prep and ddt kernels take Abar = 1, Bbar = 0 (``row_lengths``): the row's last state
 is the sequence's, and nothing crosses from one sequence to the next.
@@ -42,9 +47,6 @@ MAX_HEAD_DIM = 256   # dB, dC and dx keep a whole row of head_dim in one tile
 def supports_backward(plan: KernelPlan) -> Optional[str]:
     """None when the chunked backward is generated for ``plan``, else why not."""
     d = plan.disc
-    if d.prev_input is not None:
-        return (f"{plan.family.method.value}'s previous-token term (Bbar_prev) has no chunked "
-                "backward on the cuda target yet (use method zoh or exp_euler, or the cpu target)")
     der = d.derivatives
     if der.abar_dt_over_abar is None or der.abar_a_over_abar is None:
         return (f"(dAbar/dDelta)/Abar of {plan.family.method.value} has a pole: the chunked "
@@ -163,8 +165,8 @@ DX_SKIP = """\
 DX = '''
 @triton.jit
 def {name}_bwd_dx(
-    x_ptr, dy_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, cum_ptr, coef_ptr, dstates_ptr,
-    dx_ptr, dcoef_ptr, dD_ptr,
+    x_ptr, dy_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, cum_ptr, coef_ptr, prev_coef_ptr, dstates_ptr,
+    dx_ptr, dcoef_ptr, dprev_ptr, dD_ptr,
     seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C, heads_per_cb,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
@@ -175,7 +177,7 @@ def {name}_bwd_dx(
     stride_st_b, stride_st_c, stride_st_h, stride_st_n, stride_st_p,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, CB_PRECOMPUTED: tl.constexpr, HAS_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_PREV: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     rb = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -220,7 +222,12 @@ def {name}_bwd_dx(
                           + offs_n[None, :] * stride_C_n,
                           mask=mask_k[:, None] & (offs_n[None, :] < dstate), other=0.0).to(in_dtype)
             cbT = _mma(C_k, tl.trans(B_m), DOT_PRECISION, DOT_UPCAST)
-        keep = (offs_k[:, None] >= offs_m[None, :]) & mask_k[:, None]
+        if HAS_PREV:
+            # the diagonal apart: its input enters with Bbar only, later steps also with the
+            # next step's previous-input weight
+            keep = (offs_k[:, None] > offs_m[None, :]) & mask_k[:, None]
+        else:
+            keep = (offs_k[:, None] >= offs_m[None, :]) & mask_k[:, None]
         w = tl.where(keep, cbT * tl.exp2(tl.minimum(cum_k[:, None] - cum_m[None, :], 0.0)), 0.0)
         dy_k = tl.load(dy_ptr + b * stride_dy_b + t_k[:, None] * stride_dy_l + h * stride_dy_h
                        + offs_p[None, :] * stride_dy_p,
@@ -228,9 +235,21 @@ def {name}_bwd_dx(
         acc += _mma(tl.trans(w).to(in_dtype), dy_k, DOT_PRECISION, DOT_UPCAST)
     x_m = tl.load(x_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
                   + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0).to(tl.float32)
-    tl.store(dcoef_ptr + scal_base + t_m, tl.sum(x_m * acc, axis=1), mask=mask_m)
     coef_m = tl.load(coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)
-    dx = acc * coef_m[:, None]
+    if HAS_PREV:
+        C_m = tl.load(C_ptr + b * stride_C_b + t_m[:, None] * stride_C_l + g_C * stride_C_g
+                      + offs_n[None, :] * stride_C_n,
+                      mask=mask_m[:, None] & (offs_n[None, :] < dstate), other=0.0)
+        dy_s = tl.load(dy_ptr + b * stride_dy_b + t_m[:, None] * stride_dy_l + h * stride_dy_h
+                       + offs_p[None, :] * stride_dy_p, mask=mask_mp, other=0.0).to(tl.float32)
+        diag = tl.sum(C_m.to(tl.float32) * B_m.to(tl.float32), axis=1)[:, None] * dy_s
+        prev_m = tl.load(prev_coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)
+        tl.store(dprev_ptr + scal_base + t_m, tl.sum(x_m * acc, axis=1), mask=mask_m)
+        tl.store(dcoef_ptr + scal_base + t_m, tl.sum(x_m * (acc + diag), axis=1), mask=mask_m)
+        dx = acc * (coef_m + prev_m)[:, None] + diag * coef_m[:, None]
+    else:
+        tl.store(dcoef_ptr + scal_base + t_m, tl.sum(x_m * acc, axis=1), mask=mask_m)
+        dx = acc * coef_m[:, None]
 {skip}    tl.store(dx_ptr + b * stride_x_b + t_m[:, None] * stride_x_l + h * stride_x_h
              + offs_p[None, :] * stride_x_p, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
 '''
@@ -250,7 +269,8 @@ def {name}_bwd_dx(
 DCB = """
 @triton.jit
 def {name}_bwd_dcb(
-    x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, cum_ptr, coef_ptr, dcb_ptr, r_pairs_ptr, row_sums_ptr,
+    x_ptr, dy_ptr, B_ptr, C_ptr, cb_ptr, cum_ptr, coef_ptr, prev_coef_ptr, dcb_ptr, r_pairs_ptr,
+    row_sums_ptr,
     seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C, heads_per_cb,
     heads_per_program,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
@@ -260,8 +280,8 @@ def {name}_bwd_dcb(
     stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i,
     stride_dcb_s, stride_dcb_b, stride_dcb_c, stride_dcb_g, stride_dcb_i,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, CB_PRECOMPUTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, CB_PRECOMPUTED: tl.constexpr, HAS_PREV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     pid_mk = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -310,6 +330,12 @@ def {name}_bwd_dcb(
         cum_m = tl.load(cum_ptr + scal_base + t_m, mask=mask_m, other=0.0)
         cum_k = tl.load(cum_ptr + scal_base + t_k, mask=mask_k, other=0.0)
         coef_k = tl.load(coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)
+        if HAS_PREV:
+            # an input seen from a later step also carries the next step's previous-input weight
+            prev_k = tl.load(prev_coef_ptr + scal_base + t_k, mask=mask_k, other=0.0)
+            coef_ts = tl.where(strict, coef_k[None, :] + prev_k[None, :], coef_k[None, :])
+        else:
+            coef_ts = coef_k[None, :]
         dy_m = tl.load(dy_ptr + b * stride_dy_b + t_m[:, None] * stride_dy_l + h * stride_dy_h
                        + offs_p[None, :] * stride_dy_p,
                        mask=mask_m[:, None] & (offs_p[None, :] < headdim), other=0.0)
@@ -318,7 +344,7 @@ def {name}_bwd_dcb(
                       mask=mask_k[:, None] & (offs_p[None, :] < headdim), other=0.0)
         pair = _mma(dy_m.to(in_dtype), tl.trans(x_k.to(in_dtype)), DOT_PRECISION, DOT_UPCAST)
         w = tl.where(keep, pair * (tl.exp2(tl.minimum(cum_m[:, None] - cum_k[None, :], 0.0))
-                                   * coef_k[None, :]), 0.0)
+                                   * coef_ts), 0.0)
         acc += w
         # this head's pairs s < tau <= t inside the block; the row sums serve the blocks right
         # of this one
@@ -340,7 +366,8 @@ def {name}_bwd_dcb(
 BC = """
 @triton.jit
 def {name}_bwd_d{W}(
-    x_ptr, dy_ptr, B_ptr, C_ptr, cum_ptr, coef_ptr, states_ptr, dcb_ptr, dW_ptr, r_ptr,
+    x_ptr, dy_ptr, B_ptr, C_ptr, cum_ptr, coef_ptr, prev_coef_ptr, states_ptr, dcb_ptr, dW_ptr,
+    r_ptr,
     seqlen, nheads, headdim, dstate, nchunks, heads_per_group_B, heads_per_group_C, heads_per_cb,
     heads_per_program, dcb_splits,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
@@ -351,7 +378,8 @@ def {name}_bwd_d{W}(
     stride_dcb_s, stride_dcb_b, stride_dcb_c, stride_dcb_g, stride_dcb_i,
     stride_dW_s, stride_dW_b, stride_dW_l, stride_dW_g,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_PREV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
     pid_bc = tl.program_id(1)
@@ -429,6 +457,8 @@ DB_PARTS = dict(
     W="B", V="C", rows="x", loop="rb * BLOCK_M, CHUNK",
     state_scale=(
         "        coef_m = tl.load(coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)\n"
+        "        if HAS_PREV:\n"
+        "            coef_m += tl.load(prev_coef_ptr + scal_base + t_m, mask=mask_m, other=0.0)\n"
         "        cum_end = tl.load(cum_ptr + scal_base + tl.minimum(c * CHUNK + CHUNK, seqlen) - 1)\n"
         "        from_state = from_state * (tl.exp2(tl.minimum(cum_end - cum_m, 0.0)) * coef_m)[:, None]"),
     dcb_tile="offs_k[None, :] * stride_dcb_i + offs_m[:, None]",
@@ -439,11 +469,13 @@ DDT = '''
 @triton.jit
 def {name}_bwd_ddt(
     dt_ptr, A_ptr, dt_bias_ptr, r_pairs_ptr, row_sums_ptr, r_after_ptr, r_before_ptr, dcoef_ptr,
+    dprev_ptr,
     through_ptr, ddt_ptr, dA_ptr, dbias_ptr, row_len_ptr, seqlen, nheads, nchunks, n_through,
     n_kblocks,
     stride_dt_b, stride_dt_l, stride_dt_h, stride_A_b, stride_A_l, stride_A_h,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
     PAIR_BLOCK: tl.constexpr, HAS_DT_BIAS: tl.constexpr, ROW_LENGTHS: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -479,7 +511,13 @@ def {name}_bwd_ddt(
     dcoef = tl.load(dcoef_ptr + scal, mask=valid, other=0.0)
 {math}
     ddelta = dlog * ratio_dt + dcoef * bbar_dt
-    da = tl.where(valid, dlog * ratio_a + dcoef * bbar_a, 0.0)
+    da = dlog * ratio_a + dcoef * bbar_a
+    if HAS_PREV:
+        # step t's Delta and a also set the previous input's weight, applied at step t - 1
+        dprev = tl.load(dprev_ptr + scal - 1, mask=valid & (t > 0), other=0.0)
+        ddelta += dprev * prev_dt
+        da += dprev * prev_a
+    da = tl.where(valid, da, 0.0)
     ddr = tl.where(valid, ddelta * ({draw}), 0.0)
     tl.store(ddt_ptr + scal, ddr, mask=valid)
 {store_da}
@@ -514,9 +552,12 @@ def render_backward(plan: KernelPlan, name: str, indent) -> str:
     if fam.A.selective:
         step.append("a_t = tl.load(A_ptr + b * stride_A_b + t * stride_A_l + h * stride_A_h, "
                     "mask=valid, other=-1.0).to(tl.float32)")
-    math = _print_block({"ratio_dt": der.abar_dt_over_abar, "ratio_a": der.abar_a_over_abar,
-                         "bbar_dt": der.bbar_dt, "bbar_a": der.bbar_a},
-                        {"dt": "delta", "a": a_name}, "dtmp")
+    exprs = {"ratio_dt": der.abar_dt_over_abar, "ratio_a": der.abar_a_over_abar,
+             "bbar_dt": der.bbar_dt, "bbar_a": der.bbar_a}
+    trap = plan.disc.prev_input is not None
+    if trap:
+        exprs.update(prev_dt=der.prev_input_dt, prev_a=der.prev_input_a)
+    math = _print_block(exprs, {"dt": "delta", "a": a_name}, "dtmp")
     draw = codegen.print_one(der.delta_raw, {"dt_raw": "dr",
                                              "dt_bias": "dt_bias_h" if fam.delta.bias else "0.0"})
     store_da = ("tl.store(dA_ptr + scal, da, mask=valid)" if fam.A.selective
@@ -530,7 +571,7 @@ def render_backward(plan: KernelPlan, name: str, indent) -> str:
             + DCB.format(name=name) + BC.format(name=name, **DB_PARTS)
             + BC.format(name=name, **DC_PARTS) + ddt
             + BACKWARD_LAUNCHER.format(
-                name=name, chunk=plan.chunk_size,
+                name=name, chunk=plan.chunk_size, trap=trap,
                 opt_z="problem.z" if fam.gate is not None else "None",
                 opt_d="problem.D" if fam.D is not None else "None",
                 opt_bias="problem.dt_bias" if fam.delta.bias else "None",
@@ -605,6 +646,7 @@ def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
     B, C, nchunks = keep["B"], keep["C"], keep["nchunks"]
     dstate = B.shape[-1]
     cum, coef, decay, chunk_states = keep["cum"], keep["coef"], keep["decay"], keep["chunk_states"]
+    prev_coef = keep["prev_coef"]     # the previous-input weight per step (trapezoidal)
     precision, upcast = keep["precision"], keep["upcast"]
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     block_p = max(16, triton.next_power_of_2(headdim))
@@ -650,18 +692,20 @@ def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
     D = {opt_d}
     dx = EMPTY(x.shape, dtype=x.dtype, device=dev)
     dcoef = torch.empty_like(cum)
+    dprev = torch.empty_like(cum) if {trap} else dummy
     dD = torch.empty(batch * nchunks * n_rows, nheads, headdim, dtype=torch.float32, device=dev) \\
         if D is not None else dummy
     D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
     cb, cb_strides = keep["cb"], keep["cb_strides"]
     {name}_bwd_dx[(n_rows, batch * nchunks, nheads)](
-        x, dy, B, C, D if D is not None else dummy, cb, cum, coef, dstates, dx, dcoef, dD,
+        x, dy, B, C, D if D is not None else dummy, cb, cum, coef, prev_coef, dstates, dx, dcoef,
+        dprev, dD,
         seqlen, nheads, headdim, dstate, nchunks, nheads // B.shape[2], nheads // C.shape[2],
         keep["heads_per_cb"],
         *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *D_strides, *cb_strides,
         *dstates.stride(),
         CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=block_n,
-        CB_PRECOMPUTED=keep["cb_pre"], HAS_D=D is not None,
+        CB_PRECOMPUTED=keep["cb_pre"], HAS_D=D is not None, HAS_PREV={trap},
         DOT_PRECISION=precision, DOT_UPCAST=upcast,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     grads["x"] = dx
@@ -679,12 +723,12 @@ def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
     dcb = torch.empty(dcb_splits, batch, nchunks, nheads // hp_cb, chunk, chunk,
                       dtype=torch.float32, device=dev)
     {name}_bwd_dcb[(n_rows * n_kb, batch * nchunks, (nheads // hp_cb) * dcb_splits)](
-        x, dy, B, C, cb, cum, coef, dcb, r_pairs, row_sums,
+        x, dy, B, C, cb, cum, coef, prev_coef, dcb, r_pairs, row_sums,
         seqlen, nheads, headdim, dstate, nchunks, nheads // B.shape[2], nheads // C.shape[2],
         hp_cb, per_program,
         *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *cb_strides, *dcb.stride()[:5],
         CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=block_n,
-        CB_PRECOMPUTED=keep["cb_pre"], DOT_PRECISION=precision, DOT_UPCAST=upcast,
+        CB_PRECOMPUTED=keep["cb_pre"], HAS_PREV={trap}, DOT_PRECISION=precision, DOT_UPCAST=upcast,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     bbn = min(cfg["bwd_block_n"], block_n)
     for W, kernel, states, r in (("B", {name}_bwd_dB, dstates, r_before),
@@ -694,12 +738,12 @@ def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
         splits = triton.cdiv(nheads // groups, per_program)
         dW = torch.empty(splits, batch, seqlen, groups, dstate, dtype=torch.float32, device=dev)
         kernel[(n_rows * triton.cdiv(dstate, bbn), batch * nchunks, groups * splits)](
-            x, dy, B, C, cum, coef, states, dcb, dW, r,
+            x, dy, B, C, cum, coef, prev_coef, states, dcb, dW, r,
             seqlen, nheads, headdim, dstate, nchunks, nheads // B.shape[2], nheads // C.shape[2],
             hp_cb, per_program, dcb_splits,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *states.stride(),
             *dcb.stride()[:5], *dW.stride()[:4],
-            CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=bbn,
+            CHUNK=chunk, BLOCK_M=bm, BLOCK_K=bk, BLOCK_P=block_p, BLOCK_N=bbn, HAS_PREV={trap},
             DOT_PRECISION=precision, DOT_UPCAST=upcast,
             num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
         dW = dW.sum(0) if splits > 1 else dW[0]
@@ -716,11 +760,12 @@ def _backward_rows(problem, dout, dfinal, cfg, row_lengths):
         if dt_bias is not None else dummy
     {name}_bwd_ddt[(nchunks, batch * nheads)](
         dt, A, dt_bias if dt_bias is not None else dummy, r_pairs, row_sums, r_after, r_before,
-        dcoef, through, ddt, dA, dbias, row_lengths if row_lengths is not None else dummy,
+        dcoef, dprev, through, ddt, dA, dbias, row_lengths if row_lengths is not None else dummy,
         seqlen, nheads, nchunks, n_pn, n_kb, *dt.stride(), *A.stride(),
         CHUNK=chunk, BLOCK_Q=max(16, triton.next_power_of_2(chunk)),
         BLOCK_S=max(2, triton.next_power_of_2(n_pn)), BLOCK_J=max(2, triton.next_power_of_2(n_kb)),
         PAIR_BLOCK=bk, HAS_DT_BIAS=dt_bias is not None, ROW_LENGTHS=row_lengths is not None,
+        HAS_PREV={trap},
         num_warps=4)
     ddt = ddt.transpose(1, 2)
     grads["dt"] = ddt.to(problem.dt.dtype) if problem.dt.dim() == 3 else ddt.sum((0, 1))

@@ -74,6 +74,8 @@ def render(plan: KernelPlan, name: str, header: str, config: Dict[str, int]) -> 
         step_next = _delta_code(plan, "delta_next", "a_next", "valid_next", "(t + 1)", 4)
         prev_coef_code = _indent("""
             valid_next = valid & (t + 1 < seqlen)
+            if ROW_LENGTHS:
+                valid_next = valid_next & (t + 1 < tl.load(row_len_ptr + b))
             if VARLEN:
                 seq_next_t = tl.load(seq_idx_ptr + t + 1, mask=valid_next, other=-1)
                 valid_next = valid_next & (seq_next_t == seq_t)
@@ -385,7 +387,7 @@ def launch(problem, config, y=None, final_states=None, keep=None, output=True, g
     )
 
     if keep is not None:
-        keep.update(cum=cum, coef=coef, decay=decay, chunk_states=chunk_states, cb=cb,
+        keep.update(cum=cum, coef=coef, prev_coef=prev_coef, decay=decay, chunk_states=chunk_states, cb=cb,
                     cb_strides=cb_strides, heads_per_cb=heads_per_cb, cb_pre=cb_pre, B=B, C=C,
                     dt=dt, A=A, nchunks=nchunks, precision=precision, upcast=upcast)
     if not output:
