@@ -1,6 +1,6 @@
 """CPU benchmark: the ssmc cpu target vs torch on this machine, in one run (the team's design notes).
 
-    python bench/cpu.py [--repeats 7] [--out bench/results_cpu.md] [--only mamba1,mamba2,decode]
+    python bench/cpu.py [--repeats 7] [--out bench/results_cpu.md] [--only mamba1,mamba2,decode,train]
 
 Rows: Mamba-1 selective scan (b1 d1536 l2048 n16, b1 d4096 l1024 n16; softplus, D, z),
 Mamba-2 SSD (b1 l2048 h24 p64 n128; softplus, D, z) and the decode step (one token, b1:
@@ -9,6 +9,8 @@ ours, the torch eager loop (a per-timestep loop in the style of mamba_ssm's
 selective_scan_ref) and the best vectorized torch formulation written here (chunked
 cumulative-sum / matmul forms), ratios, GB/s, the relative error of each vs float64, and
 llama.cpp's ggml_ssm_scan as measured elsewhere on this machine type (the team's design notes).
+``train``: the fwd+bwd rows of bench/cpu_train.py (Mamba-1 and Mamba-2 against torch autograd
+through the vectorized forms and the per-step loop), at 2 threads.
 """
 from __future__ import annotations
 
@@ -408,7 +410,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3, help="worker processes per thread count")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_cpu.md"))
-    ap.add_argument("--only", default="mamba1,mamba2,decode")
+    ap.add_argument("--only", default="mamba1,mamba2,decode,train")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keys", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -417,10 +419,14 @@ def main(argv=None):
         import json
         print(json.dumps(worker(args.keys.split(","), args.worker, args.repeats, args.impl)))
         return
-    keys = [k for g in args.only.split(",") for k in GROUPS[g]]
-    results = run_workers(keys, args.repeats, args.rounds)
-    text = render(results, keys)
+    groups = args.only.split(",")
+    keys = [k for g in groups if g != "train" for k in GROUPS[g]]
+    text = render(run_workers(keys, args.repeats, args.rounds), keys) if keys else ""
     print(text)
+    if "train" in groups:
+        import cpu_train
+        for family in ("mamba1", "mamba2"):
+            text += "\n\n" + cpu_train.main(["--family", family, "--repeats", "3"])
     if args.out:
         Path(args.out).write_text(text)
 

@@ -69,11 +69,13 @@ def main(argv=None):
         return kernel(x, dt, A, B, C, D=D, z=z, **{names[-1]: bias, softplus: True})
     rows = compare(fam, names, {"ours": ours, **forms}, args.L, args.repeats, check, cpu_bench)
     ours_ms = rows[0][1]
-    print(f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n")
-    print(f"| fwd+bwd, {title} fp32 | ms | ours is faster by | grad rel err vs fp64 |")
-    print("|---|---|---|---|")
-    for name, t, err in rows:
-        print(f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |")
+    lines = [f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n",
+             f"| fwd+bwd, {title} fp32 | ms | ours is faster by | grad rel err vs fp64 |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |" for name, t, err in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def compare(fam, names, impls, L, repeats, check, cpu_bench):
