@@ -51,6 +51,8 @@ def supports_backward(plan: KernelPlan) -> Optional[str]:
     if der.abar_dt_over_abar is None or der.abar_a_over_abar is None:
         return (f"(dAbar/dDelta)/Abar of {plan.family.method.value} has a pole: the chunked "
                 "backward differentiates log(Abar)")
+    if plan.family.gate is not None and der.gate_dz is None:
+        return f"the pass derives no derivative of the {plan.family.gate.kind} gate"
     if plan.family.dims.head_dim > MAX_HEAD_DIM:
         return f"head_dim {plan.family.dims.head_dim} > {MAX_HEAD_DIM}: a row no longer fits one tile"
     return None
@@ -64,8 +66,8 @@ def {name}_bwd_gate(
     stride_z_b, stride_z_l, stride_z_h, stride_z_p,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # y = y_pre silu(z): dy_pre = dout silu(z), dz = dout y_pre silu'(z). y_pre, dy_pre and dz
-    # are (b, l, h, p) contiguous.
+    # y = y_pre gate(z): dy_pre = dout gate(z), dz = dout y_pre gate'(z), both printed from the
+    # pass (Derivatives.gate, gate_dz). y_pre, dy_pre and dz are (b, l, h, p) contiguous.
     pid_l = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -79,10 +81,9 @@ def {name}_bwd_gate(
                  + offs_p[None, :] * stride_z_p, mask=mask, other=0.0).to(tl.float32)
     dense = ((b * seqlen + t[:, None]) * nheads + h) * headdim + offs_p[None, :]
     y_pre = tl.load(ypre_ptr + dense, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(zt)
-    tl.store(dy_ptr + dense, (g * zt * sig).to(dy_ptr.dtype.element_ty), mask=mask)
-    tl.store(dz_ptr + dense, (g * y_pre * sig * (1.0 + zt * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
-             mask=mask)
+{gate_math}
+    tl.store(dy_ptr + dense, (g * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + dense, (g * y_pre * gate_dz).to(dz_ptr.dtype.element_ty), mask=mask)
 '''
 
 DSTATES = '''
@@ -565,7 +566,11 @@ def render_backward(plan: KernelPlan, name: str, indent) -> str:
     ddt = DDT.format(name=name, prologue=indent("\n".join(prologue), 4),
                      step=indent("\n".join(step), 4), math=indent(math, 4), draw=draw,
                      store_da=indent(store_da, 4))
-    gate = GATE.format(name=name) if fam.gate is not None else ""
+    gate = ""
+    if fam.gate is not None:
+        gate_math = _print_block({"gate": der.gate, "gate_dz": der.gate_dz},
+                                 {der.gate_z.name: "zt"}, "gtmp")
+        gate = GATE.format(name=name, gate_math=indent(gate_math, 4))
     return (gate + DSTATES.format(name=name)
             + DX.format(name=name, skip=DX_SKIP if fam.D is not None else "")
             + DCB.format(name=name) + BC.format(name=name, **DB_PARTS)
@@ -598,13 +603,7 @@ def backward(problem, dout, dfinal, config=None):
     # steps.
     x = problem.x
     total, dev = x.shape[1], x.device
-    cu = problem.cu_seqlens
-    if cu is None:
-        seq_idx = problem.seq_idx.reshape(-1)
-        init = problem.initial_states
-        nseq = init.shape[0] if init is not None else int(seq_idx[-1].item()) + 1
-        cu = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
-        cu[1:] = torch.cumsum(torch.bincount(seq_idx.long(), minlength=nseq), 0)
+    cu = _cu_seqlens(problem.cu_seqlens, problem.seq_idx, problem.initial_states, dev)
     cu = cu.to(device=dev, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     nseq = lengths.numel()

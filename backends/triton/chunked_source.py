@@ -282,6 +282,17 @@ def _as_blgn(t, batch, seqlen):
     return t
 
 
+def _cu_seqlens(cu, seq_idx, init, dev):
+    """The packed sequences' boundaries, given as cu_seqlens or as seq_idx (then as many
+    sequences as initial states, else up to the last index)."""
+    if cu is None:
+        seq_idx = seq_idx.reshape(-1)
+        nseq = init.shape[0] if init is not None else int(seq_idx[-1].item()) + 1
+        cu = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
+        cu[1:] = torch.cumsum(torch.bincount(seq_idx.long(), minlength=nseq), 0)
+    return cu
+
+
 def launch(problem, config, y=None, final_states=None, keep=None, output=True, gate=True,
            row_lengths=None):
     """Run the kernels on a bound SSD problem; returns (y, final_states or None).
@@ -308,12 +319,7 @@ def launch(problem, config, y=None, final_states=None, keep=None, output=True, g
     cu, seq_idx = problem.cu_seqlens, problem.seq_idx
     if varlen:
         seq_idx = seq_idx.reshape(-1).contiguous()
-        if cu is None:
-            nseq = init.shape[0] if init is not None else int(seq_idx[-1].item()) + 1
-            counts = torch.bincount(seq_idx.long(), minlength=nseq)
-            cu = torch.zeros(nseq + 1, dtype=torch.int64, device=dev)
-            cu[1:] = torch.cumsum(counts, 0)
-        cu = cu.contiguous()
+        cu = _cu_seqlens(cu, seq_idx, init, dev).contiguous()
         nseq = cu.numel() - 1
     else:
         nseq = batch
