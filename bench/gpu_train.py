@@ -79,24 +79,29 @@ def _scan_reference_grads(p, leaves_of, dy, channels):
 def scan_sweep(configs) -> list:
     """fwd+bwd ms of the scan row with each backward config (keys bwd_*), same inputs."""
     import gpu_scan
-    import ssmc
     _, batch, seqlen = SCAN_SHAPE
     fam, p = gpu_scan.scan_problem(batch, seqlen)
     leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SCAN_GRADS}
     dy = torch.randn_like(p.u)
+
+    def call(kernel):
+        return kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                      D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
+                      delta_softplus=True)
+    return _sweep(fam, configs, call, [leaves[n] for n in SCAN_GRADS], dy, "sweep")
+
+
+def _sweep(fam, configs, call, leaves, dy, label) -> list:
+    """(config, fwd+bwd ms or the error) of ``call(kernel)`` compiled with each config."""
+    import ssmc
     out = []
     for cfg in configs:
-        cfg = dict(cfg)
         try:
-            kernel = ssmc.compile(fam, target="cuda", config=cfg)
-            run = _fwd_bwd(lambda: kernel(leaves["u"], leaves["delta"], leaves["A"], leaves["B"],
-                                          leaves["C"], D=leaves["D"], z=leaves["z"],
-                                          delta_bias=leaves["delta_bias"], delta_softplus=True),
-                           [leaves[n] for n in SCAN_GRADS], dy)
-            out.append((cfg, round(ms(run, rep=50), 4)))
+            kernel = ssmc.compile(fam, target="cuda", config=dict(cfg))
+            out.append((cfg, round(ms(_fwd_bwd(lambda: call(kernel), leaves, dy), rep=50), 4)))
         except Exception as e:  # noqa: BLE001
             out.append((cfg, f"{type(e).__name__}: {str(e)[:160]}"))
-        print("  sweep", out[-1], flush=True)
+        print(" ", label, out[-1], flush=True)
     return out
 
 
@@ -251,7 +256,6 @@ def ssd_row(ceil, shape=SSD_SHAPE) -> dict:
 def ssd_sweep(configs) -> list:
     """fwd+bwd ms of our SSD row with each config (forward and backward keys), same inputs."""
     import gpu
-    import ssmc
     from ssmc.signature import bind, example_inputs
     _, batch, seqlen, heads = SSD_SHAPE
     fam = gpu.mamba2_family(heads)
@@ -259,19 +263,11 @@ def ssd_sweep(configs) -> list:
                                                      device=DEVICE, seed=0))
     leaves = {n: getattr(p, n).detach().clone().requires_grad_(True) for n in SSD_GRADS}
     dy = torch.randn_like(p.x)
-    out = []
-    for cfg in configs:
-        try:
-            kernel = ssmc.compile(fam, target="cuda", config=dict(cfg))
-            run = _fwd_bwd(lambda: kernel(leaves["x"], leaves["dt"], leaves["A"], leaves["B"],
-                                          leaves["C"], D=leaves["D"], z=leaves["z"],
-                                          dt_bias=leaves["dt_bias"], dt_softplus=True),
-                           [leaves[n] for n in SSD_GRADS], dy)
-            out.append((cfg, round(ms(run, rep=50), 4)))
-        except Exception as e:  # noqa: BLE001
-            out.append((cfg, f"{type(e).__name__}: {str(e)[:160]}"))
-        print("  ssd sweep", out[-1], flush=True)
-    return out
+
+    def call(kernel):
+        return kernel(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                      D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], dt_softplus=True)
+    return _sweep(fam, configs, call, [leaves[n] for n in SSD_GRADS], dy, "ssd sweep")
 
 
 def rows(ceil, scan_config=None) -> list:
