@@ -285,27 +285,28 @@ class StepRunner:
 # --------------------------------------------------------------------------------------------
 # The convolution's call
 
-def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """y[..., t] = sum_k K[..., k] x[..., t - k] along the last axis (float64 FFT)."""
-    L = x.shape[-1]
+def _spectra(a: torch.Tensor, b: torch.Tensor):
+    """(rfft of a, rfft of b's first L entries, n): float64, zero-padded to a power of two
+    >= 2L, so that their products are linear (not circular) convolutions along the last axis."""
+    L = a.shape[-1]
     nfft = 1
     while nfft < 2 * L:
         nfft *= 2
-    xf = torch.fft.rfft(x.to(torch.float64), n=nfft)
-    kf = torch.fft.rfft(K[..., :L].to(torch.float64), n=nfft)
-    return torch.fft.irfft(xf * kf, n=nfft)[..., :L].to(torch.float32)
+    return (torch.fft.rfft(a.to(torch.float64), n=nfft),
+            torch.fft.rfft(b[..., :L].to(torch.float64), n=nfft), nfft)
+
+
+def causal_conv(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_k K[..., k] x[..., t - k] along the last axis (float64 FFT)."""
+    xf, kf, nfft = _spectra(x, K)
+    return torch.fft.irfft(xf * kf, n=nfft)[..., :x.shape[-1]].to(torch.float32)
 
 
 def causal_correlation(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """c[..., k] = sum_t g[..., t] h[..., t - k] for k < L along the last axis (float64 FFT,
     zero-padded to 2L: no wrap-around): the adjoint of ``causal_conv`` in either argument."""
-    L = g.shape[-1]
-    nfft = 1
-    while nfft < 2 * L:
-        nfft *= 2
-    gf = torch.fft.rfft(g.to(torch.float64), n=nfft)
-    hf = torch.fft.rfft(h[..., :L].to(torch.float64), n=nfft)
-    return torch.fft.irfft(gf * hf.conj(), n=nfft)[..., :L]
+    gf, hf, nfft = _spectra(g, h)
+    return torch.fft.irfft(gf * hf.conj(), n=nfft)[..., :g.shape[-1]]
 
 
 def per_sequence(fn, xt: torch.Tensor, Kt: torch.Tensor, seg: torch.Tensor, varlen: bool):
