@@ -26,14 +26,14 @@ from ssmc.ir import Algorithm, AStructure, KernelPlan
 from ssmc.plan import plan_limits
 
 from . import tvmbuild as _build
-from . import chunked, conv, conv_backward, scan, scan_backward, step
+from . import chunked, conv, conv_backward, scan, scan_backward, ssd_backward, step
 
 NAME = "cpu"
 _GENERATORS = {Algorithm.SCAN: scan, Algorithm.CHUNKED: chunked, Algorithm.CONV: conv,
                Algorithm.STEP: step}
 _CONFIG_KEYS = {"llvm_target", "target", "num_threads", "lanes", "unroll_state",
                 "kernel_lanes", "tile", "exp_degree", "row_tiles", "scalef", "readout_split",
-                "ckpt"}
+                "ckpt", "bwd_rows"}
 
 
 # A matrix A (DPLR, dense) only by conv, which forms Abar once on the host; state and
@@ -171,6 +171,8 @@ def backward_refusal(plan: KernelPlan) -> Optional[str]:
     """Why no backward kernel is generated for ``plan`` (None when one is)."""
     # CHUNKED plans are computed by the scan here (chunked.py), and so is their backward
     if plan.algorithm in (Algorithm.SCAN, Algorithm.CHUNKED):
+        if plan.family.A.structure is AStructure.SCALAR:
+            return ssd_backward.supports_backward(plan)
         return scan_backward.supports_backward(plan)
     if plan.algorithm is Algorithm.CONV:
         return conv_backward.supports_backward(plan)
@@ -181,7 +183,8 @@ def lower_backward(plan: KernelPlan, config: dict) -> str:
     """The TVMScript of the plan's backward kernel (compiled on the first backward)."""
     notes = [f"llvm target: {json.dumps(_target(config), sort_keys=True)}", "backward kernel",
              ""] + _describe(plan).splitlines()
-    generator = conv_backward if plan.algorithm is Algorithm.CONV else scan_backward
+    generator = conv_backward if plan.algorithm is Algorithm.CONV else \
+        ssd_backward if plan.family.A.structure is AStructure.SCALAR else scan_backward
     return (header(plan, _shown(config), _about(plan, config)["target"], "#", notes)
             + generator.generate(plan, config))
 
@@ -203,6 +206,9 @@ def _lazy_backward(plan: KernelPlan, config: dict, tdict: dict, cache, forward_m
             built = _build.load(pkey, lambda: lower_backward(plan, config), tdict, cache, about)
             if plan.algorithm is Algorithm.CONV:
                 runner.append(launch.ConvBackwardRunner(plan, forward_module, built.module))
+            elif plan.family.A.structure is AStructure.SCALAR:
+                runner.append(launch.SSDBackwardRunner(plan, built.module[ssd_backward.FUNC],
+                                                       config))
             else:
                 runner.append(launch.ScanBackwardRunner(plan, built.module[scan_backward.FUNC],
                                                         int(config.get("ckpt",

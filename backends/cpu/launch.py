@@ -254,6 +254,65 @@ class ScanBackwardRunner(_SequenceRunner):
         return {keyword.get(k, k): v for k, v in grads.items()}
 
 
+class SSDBackwardRunner(_SequenceRunner):
+    """Binds an SSD Problem (scalar A) and the gradients of its outputs to
+    ``ssmc_ssd_backward`` (ssd_backward.py); returns the gradients by argument name, fp32."""
+
+    def __init__(self, plan, function, config: dict):
+        super().__init__(plan)
+        self.fn = function
+        from . import ssd_backward
+        self.K = ssd_backward.checkpoint(config)
+        gen = ssd_backward._Gen(plan, config)
+        self.planes = (len(gen.tc), len(gen.tacc))
+
+    def __call__(self, p, dout, dfinal):
+        import math
+        fam = self.fam
+        x, dt, bias, init, want, batch, seqlen, state_shape, seg = self._begin(p)
+        check_cpu(dout, dfinal)
+        nseq, n, g = seg.shape[0], fam.dims.state, fam.dims.groups
+        heads, hdim = fam.dims.heads, fam.dims.head_dim
+        args = self.kernel_inputs(p, state_shape)
+        names = {name for name, _ in self.inputs}
+        lengths = seg[:, 2] - seg[:, 1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        nck = max(1, math.ceil(longest / self.K))
+        # a part is a range of a group's heads, one task each: enough for the threads
+        parts = max(1, min(heads // g, math.ceil(torch.get_num_threads() / max(1, nseq * g))))
+        # the checkpoints of the head a task is walking (ssd_backward.py)
+        ck = empty((nseq * g * parts, nck, hdim, n))
+        tc = empty((batch, heads, self.planes[0], seqlen))
+        tacc = empty((batch, heads, self.planes[1], seqlen))
+        # tokens outside every packed sequence are never written: zero
+        token_alloc = torch.zeros if p.cu_seqlens is not None else (lambda shape: empty(shape))
+        token = tuple(args[0].shape)
+        grads = {"x": token_alloc(token), "dt": token_alloc((batch, seqlen, heads)),
+                 "A": empty((nseq, heads))}
+        for w in ("B", "C"):   # each part's sum over its heads, added into by the kernel
+            grads[w] = torch.zeros((parts, batch, seqlen, g, n))
+        optional = [k for k in ("D", "z", "bias") if k in names]
+        for k in optional:
+            if k == "z":
+                grads[k] = token_alloc(token)
+            elif k == "D" and dict(self.inputs)["D"].dims == ("h", "p"):
+                grads[k] = empty((nseq, heads, hdim))
+            else:
+                grads[k] = empty((nseq, heads))
+        grads["h0"] = empty((nseq, heads, hdim, n))
+        dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
+        self.fn(*args, seg, f32(dout), dhT, ck, tc, tacc, grads["x"], grads["dt"], grads["A"],
+                grads["B"], grads["C"], *(grads[k] for k in optional), grads["h0"],
+                int(init is not None), int(dfinal is not None), parts)
+        for k in ("A", "B", "C", "D", "bias"):
+            if k in grads:
+                grads[k] = grads[k].sum(0)
+        if init is None:
+            grads.pop("h0")
+        keyword = {name: op.name for name, op in self.inputs}
+        return {keyword.get(k, k): v for k, v in grads.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # The decode step's call
 
