@@ -438,12 +438,16 @@ class _Gen:
         abar = w.let("abar", self.coef_at("abar"))
         with self.loop("sv", self.NV):
             w(f"s0: T.let = sv * {W}")
+            # lanes outside the rows: B_t, C_t are loaded once for the block, and dB, dC are
+            # summed over its rows in registers
             with self.lanes():
+                Bv = w.let("Bv", "B[bi, tt, g, s0 + v]")
+                Cv = w.let("Cv", "C[bi, tt, g, s0 + v]")
+                if self.trap:
+                    Bp = w.let("Bp", "B[bi, tp, g, s0 + v]")
                 for a in ("dba", "dca") + (("dbpa",) if self.trap else ()):
                     w(f"{a}[v] = {ZERO}")
-            with self.rows():
-                with self.lanes():
-                    Bv, Cv = "B[bi, tt, g, s0 + v]", "C[bi, tt, g, s0 + v]"
+                with self.rows():
                     hc, hp = "hs[j + 1, r, s0 + v]", "hs[j, r, s0 + v]"
                     lam = w.let("lam", f"{Cv} * dys[r] + mu[p0 + r, s0 + v]")
                     if gate:
@@ -453,11 +457,9 @@ class _Gen:
                     w(f"dba[v] = dba[v] + {lam} * xs[r]")
                     w(f"dca[v] = dca[v] + dys[r] * {hc}")
                     if self.trap:
-                        w(f"gpacc[r * {W} + v] = gpacc[r * {W} + v] + {lam} * "
-                          f"B[bi, tp, g, s0 + v]")
+                        w(f"gpacc[r * {W} + v] = gpacc[r * {W} + v] + {lam} * {Bp}")
                         w(f"dbpa[v] = dbpa[v] + {lam} * xps[r]")
                     w(f"mu[p0 + r, s0 + v] = {abar} * {lam}")
-            with self.lanes():
                 at = "part, bi, tt, g, s0 + v"
                 w(f"dB[{at}] = dB[{at}] + {self.coef_at('bbar')} * dba[v]")
                 w(f"dC[{at}] = dC[{at}] + dca[v]")
