@@ -171,9 +171,7 @@ def backward_refusal(plan: KernelPlan) -> Optional[str]:
     """Why no backward kernel is generated for ``plan`` (None when one is)."""
     # CHUNKED plans are computed by the scan here (chunked.py), and so is their backward
     if plan.algorithm in (Algorithm.SCAN, Algorithm.CHUNKED):
-        if plan.family.A.structure is AStructure.SCALAR:
-            return ssd_backward.supports_backward(plan)
-        return scan_backward.supports_backward(plan)
+        return scan_backward.supports_backward(plan)   # (scalar A: ssd_backward's)
     if plan.algorithm is Algorithm.CONV:
         return conv_backward.supports_backward(plan)
     return f"the cpu target's {plan.algorithm.value} generator has no backward kernel yet"

@@ -171,8 +171,9 @@ class ScanRunner(_SequenceRunner):
 
 
 class ScanBackwardRunner(_SequenceRunner):
-    """Binds a selective-scan Problem and the gradients of its outputs to
-    ``ssmc_scan_backward`` (scan_backward.py); returns the gradients by argument name, fp32."""
+    """Binds a selective-scan Problem (real or complex diagonal A) and the gradients of its
+    outputs to ``ssmc_scan_backward`` (scan_backward.py); returns the gradients by argument
+    name, fp32."""
 
     def __init__(self, plan, function, checkpoint: int):
         super().__init__(plan)
@@ -191,56 +192,33 @@ class ScanBackwardRunner(_SequenceRunner):
         longest = int(lengths.max()) if lengths.numel() else 0
         nck = max(1, math.ceil(longest / self.K))
         from .tir import lanes_for
-        if self.ssd:     # units: heads (a head's head_dim blocks stay in one task)
-            units, heads = fam.dims.heads, fam.dims.heads
-            unit_shape = (heads, fam.dims.head_dim)
-        else:
-            units, unit_shape = (d // g) // lanes_for(d // g, 8), (d,)
-        parts = max(1, min(units // (g if self.ssd else 1),
-                           math.ceil(torch.get_num_threads() / max(1, nseq * g))))
+        units, unit_shape = (d // g) // lanes_for(d // g, 8), (d,)
+        parts = max(1, min(units, math.ceil(torch.get_num_threads() / max(1, nseq * g))))
         cx = (2,) if self.cplx else ()   # complex: (re, im) pairs, viewed as complex at the end
         ck = empty((nseq,) + unit_shape + (nck, n) + cx)
         zeroed = torch.zeros if p.cu_seqlens is not None else (lambda shape: empty(shape))
         token = tuple(args[0].shape)
         grads = {"x": zeroed(token)}
-        if self.ssd:
-            # what is per head is added into by the kernel: zeroed
-            grads["dt"] = torch.zeros((batch, seqlen, heads))
-            grads["A"] = torch.zeros((nseq, heads))
-            for w in ("B", "C"):
-                grads[w] = torch.zeros((parts, batch, seqlen, g, n))
-        else:
-            grads["dt"] = zeroed(token) if fam.delta.selective else empty((nseq, d))
-            grads["A"] = (zeroed(tuple(p.A.shape) + cx) if fam.A.selective
-                          else empty((nseq, d, n) + cx))
-            for w in ("B", "C"):
-                grads[w] = (torch.zeros((parts, batch, g, seqlen, n) + cx)
-                            if getattr(fam, w).selective else empty((nseq, d, n) + cx))
+        grads["dt"] = zeroed(token) if fam.delta.selective else empty((nseq, d))
+        grads["A"] = (zeroed(tuple(p.A.shape) + cx) if fam.A.selective
+                      else empty((nseq, d, n) + cx))
+        for w in ("B", "C"):
+            grads[w] = (torch.zeros((parts, batch, g, seqlen, n) + cx)
+                        if getattr(fam, w).selective else empty((nseq, d, n) + cx))
         optional = [k for k in ("D", "z", "bias") if k in names]
         for k in optional:
-            if k == "z":
-                grads[k] = zeroed(token)
-            elif self.ssd:
-                per_lane = k == "D" and dict(self.inputs)["D"].dims == ("h", "p")
-                grads[k] = empty((nseq,) + unit_shape) if per_lane else torch.zeros((nseq, heads))
-            else:
-                grads[k] = empty((nseq, d))
+            grads[k] = zeroed(token) if k == "z" else empty((nseq, d))
         grads["h0"] = empty((nseq,) + unit_shape + (n,) + cx)
         dhT = f32(dfinal) if dfinal is not None else self.placeholders(state_shape)
         self.fn(*args, seg, f32(dout), dhT, ck, grads["x"], grads["dt"], grads["A"], grads["B"],
                 grads["C"], *(grads[k] for k in optional), grads["h0"],
                 int(init is not None), int(dfinal is not None), parts)
-        if self.ssd:
-            grads["A"] = grads["A"].sum(0)
-            for w in ("B", "C"):
-                grads[w] = grads[w].sum(0)
-        else:
-            for key in ("dt", "A"):
-                if not getattr(fam, "delta" if key == "dt" else key).selective:
-                    grads[key] = grads[key].sum(0)
-            for w in ("B", "C"):
-                grads[w] = (grads[w].sum(0).transpose(2, 3) if getattr(fam, w).selective
-                            else grads[w].sum(0))
+        for key in ("dt", "A"):
+            if not getattr(fam, "delta" if key == "dt" else key).selective:
+                grads[key] = grads[key].sum(0)
+        for w in ("B", "C"):
+            grads[w] = (grads[w].sum(0).transpose(2, 3) if getattr(fam, w).selective
+                        else grads[w].sum(0))
         for k in ("D", "bias"):
             if k in grads:
                 grads[k] = grads[k].sum(0)

@@ -1,5 +1,5 @@
-"""The selective scan's backward kernel (real and complex diagonal A, scalar A) as TVMScript:
-``ssmc_scan_backward``.
+"""The selective scan's backward kernel (real and complex diagonal A) as TVMScript:
+``ssmc_scan_backward``. Scalar A (SSD) has its own generator, ssd_backward.py.
 
 The adjoint recurrence (``ssmc.ir.Derivatives`` has the algebra): per channel and state,
 λ_t = C_t dy_t + μ_t with μ_t = Ā_{t+1} λ_{t+1} carried backward in time, and every input's
@@ -49,11 +49,10 @@ DEFAULT_CKPT = 16
 
 def supports_backward(plan: KernelPlan) -> Optional[str]:
     f = plan.family
-    if f.A.structure is AStructure.SCALAR:
-        if f.A.selective or not f.delta.selective:
-            return ("the cpu backward of scalar A (SSD) is generated for a constant A and a "
-                    "per-token Δ, as Mamba-2 has them")
-    elif f.A.structure not in (AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
+    if f.A.structure is AStructure.SCALAR:   # its own generator (rows of n-vectors)
+        from . import ssd_backward
+        return ssd_backward.supports_backward(plan)
+    if f.A.structure not in (AStructure.DIAGONAL, AStructure.COMPLEX_DIAGONAL):
         return (f"the cpu scan's backward is generated for real and complex diagonal and "
                 f"scalar A, not {f.A.structure.value} A (not yet)")
     if f.gate and f.gate.kind != "silu":
@@ -149,15 +148,6 @@ class _Backward:
             self.der = {k: split[k] for k in self.der}
         self.delta_raw = der.delta_raw
         self.names = dict(buffers.inputs(plan))
-        self.scratch: List[str] = []
-        # Scalar A (Mamba-2 / SSD layout): a unit is one head's head_dim block of W lanes, x is
-        # (b, l, h, p), Δ (b, l, h), A and Δ's bias per head, B/C (b, l, g, n); what is per head
-        # (dΔ, dA, dD, dbias) sums the head's lanes and blocks.
-        self.ssd = f.A.structure is AStructure.SCALAR
-        if self.ssd:
-            self.H, self.P = f.dims.heads, f.dims.head_dim
-            self.W = int(config.get("lanes") or lanes_for(self.P, 8))
-            self.d_per_head = self.names["D"].dims == ("h", "p") if "D" in self.names else False
 
     # ---- text helpers ------------------------------------------------------------------------
     def alloc(self, name: str, shape) -> None:
@@ -171,29 +161,22 @@ class _Backward:
         return self.loop("v", self.W, "vectorized")
 
     def x_at(self, buf: str, t: str = "tt") -> str:
-        return f"{buf}[bi, {t}, hh, p0 + v]" if self.ssd else f"{buf}[bi, c0 + v, {t}]"
+        return f"{buf}[bi, c0 + v, {t}]"
 
     def raw_dt(self, t: str = "tt") -> str:
-        if self.ssd:
-            return f"dt[bi, {t}, hh]"
         return f"dt[bi, c0 + v, {t}]" if self.sel["dt"] else "dt[c0 + v]"
 
     def a_at(self, t: str = "tt") -> str:
-        if self.ssd:
-            return "A[hh]"
         return f"A[bi, c0 + v, s, {t}]" if self.sel["A"] else "A[c0 + v, s]"
 
     def bc_at(self, name: str, t: str = "tt") -> str:
-        if self.ssd:
-            return f"{name}[bi, {t}, g, s]"
         return f"{name}[bi, g, {t}, s]" if self.sel[name] else f"{name}[c0 + v, s]"
 
     def st(self, buf: str, row: str = "sq", mid: str = "", part: Optional[int] = None) -> str:
         """State element s of lane v in a (rows, units..., [mid,] n[, 2]) state buffer
         (``part``: the re or im plane of a complex one)."""
-        unit = "hh, p0 + v" if self.ssd else "c0 + v"
         tail = "" if part is None else f", {part}"
-        return f"{buf}[{row}, {unit}, {mid + ', ' if mid else ''}s{tail}]"
+        return f"{buf}[{row}, c0 + v, {mid + ', ' if mid else ''}s{tail}]"
 
     # ---- complex A: (re, im) pairs ---------------------------------------------------------
     def a_pair(self, t: str = "tt") -> Cx:
@@ -234,8 +217,6 @@ class _Backward:
         return tuple(f"{b} * {xp}" for b in self.bc_pair("B", "tp"))
 
     def d_at(self) -> str:
-        if self.ssd:
-            return "D[hh, p0 + v]" if self.d_per_head else "D[hh]"
         return "D[c0 + v]"
 
     def previous(self) -> str:
@@ -270,39 +251,26 @@ class _Backward:
             match_buffer(w, name, f"{name}_h", buffers.shape(op, at, bc))
         match_buffer(w, "seg", "seg_h", ("nseg", 3), "int64")
         d = self.d
-        if self.ssd:
-            H, P = self.H, self.P
-            token, unit, state = ("nb", "L", H, P), (H, P), (H, P)
-            per_token_dt, per_unit = ("nb", "L", H), (H,)
-        else:
-            token, unit, state = ("nb", d, "L"), (d,), (d,)
-            per_token_dt, per_unit = ("nb", d, "L"), (d,)
+        token, state = ("nb", d, "L"), (d,)
         cx = (2,) if self.cplx else ()   # complex: a trailing (re, im) axis
         match_buffer(w, "dout", "dout_h", token)
         match_buffer(w, "dhT", "dhT_h", ("nfin",) + state + (n,) + cx)
         match_buffer(w, "ck", "ck_h", ("nseg",) + state + ("nck", n) + cx)
         match_buffer(w, "dx", "dx_h", token)
-        match_buffer(w, "ddt", "ddt_h", per_token_dt if self.sel["dt"] else ("nseg", d))
-        if self.ssd:
-            match_buffer(w, "dA", "dA_h", ("nseg", H))
-        else:
-            match_buffer(w, "dA", "dA_h", (("nb", d, n, "L") if self.sel["A"] else ("nseg", d, n))
-                         + cx)
+        match_buffer(w, "ddt", "ddt_h", token if self.sel["dt"] else ("nseg", d))
+        match_buffer(w, "dA", "dA_h", (("nb", d, n, "L") if self.sel["A"] else ("nseg", d, n))
+                     + cx)
         for name in ("B", "C"):
-            if self.ssd:
-                shape = ("nparts", "nb", "L", self.g, n)
-            else:
-                shape = ("nparts", "nb", self.g, "L", n) if self.sel[name] else ("nseg", d, n)
+            shape = ("nparts", "nb", self.g, "L", n) if self.sel[name] else ("nseg", d, n)
             match_buffer(w, f"d{name}", f"d{name}_h", shape + cx)
         if "D" in ins:
-            dshape = ("nseg",) + ((H, P) if self.ssd and self.d_per_head else per_unit)
-            match_buffer(w, "dD", "dD_h", dshape)
+            match_buffer(w, "dD", "dD_h", ("nseg", d))
         if "z" in ins:
             match_buffer(w, "dz", "dz_h", token)
         if "bias" in ins:
-            match_buffer(w, "dbias", "dbias_h", ("nseg",) + per_unit)
+            match_buffer(w, "dbias", "dbias_h", ("nseg", d))
         match_buffer(w, "dh0", "dh0_h", ("nseg",) + state + (n,) + cx)
-        blocks = self.cpg // W if not self.ssd else 0
+        blocks = self.cpg // W
         with self.loop("task", f"nseg * {self.g} * parts", "parallel"):
             w(f"sq: T.let = task // (parts * {self.g})")
             w(f"g: T.let = task // parts % {self.g}")
@@ -311,28 +279,13 @@ class _Backward:
             w("t_begin: T.let = seg[sq, 1]")
             w("t_len: T.let = seg[sq, 2] - seg[sq, 1]")
             self.allocations()
-            if self.ssd:
-                # a part is a range of the group's heads (a head's blocks stay in one task: what
-                # is per head sums over them)
-                hpg = self.H // self.g
-                w(f"per: T.let = ({hpg} + parts - 1) // parts")
-                with self.loop("kh", f"T.max(T.min(per, {hpg} - part * per), 0)"):
-                    w(f"hh: T.let = g * {hpg} + part * per + kh")
-                    with self.loop("pb", self.P // W):
-                        w(f"p0: T.let = pb * {W}")
-                        self.channel_block()
-            else:
-                w(f"per: T.let = ({blocks} + parts - 1) // parts")
-                with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
-                    w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
-                    if self.cplx:
-                        self.complex_block()
-                    else:
-                        self.channel_block()
-        if self.ssd and self.scratch:
-            at, ind = self.scratch_at
-            w.lines[at:at] = [f'{ind}{name} = T.alloc_buffer((1,), "float32", scope="global")'
-                              for name in self.scratch]
+            w(f"per: T.let = ({blocks} + parts - 1) // parts")
+            with self.loop("kb", f"T.max(T.min(per, {blocks} - part * per), 0)"):
+                w(f"c0: T.let = g * {self.cpg} + (part * per + kb) * {W}")
+                if self.cplx:
+                    self.complex_block()
+                else:
+                    self.channel_block()
         return w.text()
 
     def allocations(self):
@@ -342,12 +295,6 @@ class _Backward:
         self.alloc("h", (n, W))
         self.alloc("mu", (n, W))
         self.alloc("hs", (K + 1, n, W))      # the chunk's states, h_{t0-1} first
-        if self.ssd:
-            self.alloc("tdt", (K,))
-            for key, expr in {**self.coef, **self.der}.items():
-                if sp.sympify(expr) != 0:
-                    self.alloc(f"tc_{key}", (K,))
-            self.scratch_at = (len(self.w.lines), self.w.ind)
         self.alloc("abar_s", (K, n, W))
         self.alloc("bbar_s", (K, n, W))
         if self.trap:
@@ -370,15 +317,11 @@ class _Backward:
 
     def coefficients(self, j: str, extra: bool):
         """Ā, B̄ (and with ``extra`` their derivatives) of step j at state s, lane v, into
-        local let names; returns {key: text}. Scalar A: the per-token values
-        ``token_coefficients`` stored (one per head and token, not per state and lane)."""
+        local let names; returns {key: text}."""
         w = self.w
         keys = dict(self.coef)
         if extra:
             keys.update(self.der)
-        if self.ssd:
-            return {key: None if sp.sympify(expr) == 0 else f"tc_{key}[{j}]"
-                    for key, expr in keys.items()}
         names = {"dt": f"dts[{j}, v]", "a": self.a_at()}
         out = {}
         for key, expr in keys.items():
@@ -387,24 +330,6 @@ class _Backward:
                 continue
             out[key] = w.let(key, _print(expr, names))
         return out
-
-    def token_coefficients(self, j: str):
-        """Scalar A: Δ of token tt and every coefficient and derivative, once per (head,
-        token), stored in one-element-per-step buffers (TVM would substitute scalar lets
-        into the state loops' uses, one exp per state and lane again)."""
-        from .tir import scalar_temporaries
-        w = self.w
-        start = len(w.lines)
-        w(f"tdt[{j}] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
-        w.lines[start:] = scalar_temporaries(w.lines[start:], self.declare)
-        names = {"dt": f"tdt[{j}]", "a": "A[hh]"}
-        for key, expr in {**self.coef, **self.der}.items():
-            if sp.sympify(expr) != 0:
-                w(f"tc_{key}[{j}] = {_print(expr, names)}")
-
-    def declare(self, name: str) -> None:
-        if name not in self.scratch:
-            self.scratch.append(name)
 
     def channel_block(self):
         w, n, W, K, sel = self.w, self.n, self.W, self.K, self.sel
@@ -422,11 +347,8 @@ class _Backward:
                 with self.loop("s", n):
                     with self.lanes():
                         w(f"{self.st('ck', mid=f't // {K}')} = h[s, v]")
-            if self.ssd:
-                self.token_coefficients("0")
-            else:
-                with self.lanes():
-                    w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+            with self.lanes():
+                w(f"dts[0, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
             with self.loop("s", n):
                 with self.lanes():
                     c = self.coefficients("0", extra=False)
@@ -455,11 +377,8 @@ class _Backward:
                 w(f"tt: T.let = t_begin + c * {K} + j")
                 if self.trap:
                     w("tp: T.let = T.max(tt - 1, t_begin)")
-                if self.ssd:
-                    self.token_coefficients("j")
-                else:
-                    with self.lanes():
-                        w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
+                with self.lanes():
+                    w(f"dts[j, v] = {delta_expr(w, self.plan.disc, self.raw_dt(), self.bias())}")
                 with self.loop("s", n):
                     with self.lanes():
                         c = self.coefficients("j", extra=False)
@@ -478,9 +397,6 @@ class _Backward:
                 if self.trap:
                     w("tp: T.let = T.max(tt - 1, t_begin)")
                 self.step_backward()
-        if self.ssd:
-            self.head_stores()
-            return
         with self.loop("s", n):
             with self.lanes():
                 w("dh0[sq, c0 + v, s] = mu[s, v]")
@@ -502,31 +418,10 @@ class _Backward:
                 for line in stores:
                     w(line)
 
-    def head_stores(self):
-        """Scalar A: the block's initial-state gradient, and its lanes' shares of what is per
-        head (dA, D, Δ's bias), added into the launcher's zeroed (sequence, head) sums."""
-        w, n, W, ins = self.w, self.n, self.W, self.names
-        with self.loop("s", n):
-            with self.lanes():
-                w(f"{self.st('dh0')} = mu[s, v]")
-        with self.loop("s", n):
-            with self.loop("v", W):
-                w("dA[sq, hh] = dA[sq, hh] + acc_a[s, v]")
-        if "D" in ins and self.d_per_head:
-            with self.lanes():
-                w("dD[sq, hh, p0 + v] = acc_d[v]")
-        sums = (["dD[sq, hh] = dD[sq, hh] + acc_d[v]"] if "D" in ins and not self.d_per_head
-                else []) + (["dbias[sq, hh] = dbias[sq, hh] + acc_bias[v]"] if "bias" in ins
-                            else [])
-        if sums:
-            with self.loop("v", W):
-                for line in sums:
-                    w(line)
-
     def bias(self) -> Optional[str]:
         if "bias" not in self.names:
             return None
-        return "bias[hh]" if self.ssd else "bias[c0 + v]"
+        return "bias[c0 + v]"
 
     def step_backward(self):
         """Step j of the chunk, t = tt: the gate's and D's gradients, then per state the
@@ -579,8 +474,8 @@ class _Backward:
         for name, term in (("B", "dbv[s, v]"), ("C", "dyv[v] * hs[j + 1, s, v]")):
             if not sel[name]:
                 continue
-            at = (lambda t: f"d{name}[part, bi, {t}, g, s]") if self.ssd else \
-                (lambda t: f"d{name}[part, bi, g, {t}, s]")
+            def at(t):
+                return f"d{name}[part, bi, g, {t}, s]"
             with self.loop("s", n):
                 with self.loop("v", W):
                     w(f"{at('tt')} = {at('tt')} + {term}")
@@ -629,18 +524,12 @@ class _Backward:
             # printed like the forward's Δ map (its vectorizable softplus as let-lines)
             slope = DeltaPrinter(w, names).doprint(sp.sympify(self.delta_raw))
             dr = w.let("ddr", f"ddv[v] * ({slope})")
-            if self.ssd:
-                w(f"ddv[v] = {dr}")   # this lane's share of the head's dΔ
-            elif sel["dt"]:
+            if sel["dt"]:
                 w(f"ddt[bi, c0 + v, tt] = {dr}")
             else:
                 w(f"acc_dt[v] = acc_dt[v] + {dr}")
             if "bias" in ins:
                 w(f"acc_bias[v] = acc_bias[v] + {dr}")
-        if self.ssd:
-            with self.loop("v", W):
-                w("ddt[bi, tt, hh] = ddt[bi, tt, hh] + ddv[v]")
-
 
     # ---- complex-diagonal A -------------------------------------------------------------------
     # The same passes as channel_block / step_backward, each complex value a (re, im) pair of
