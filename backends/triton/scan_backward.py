@@ -13,24 +13,29 @@ by sympy from the expressions the forward prints, and printed here the same way)
     ∂L/∂dt_raw = ∂L/∂Δ · ∂Δ/∂dt_raw (softplus', the clamp's indicator), ∂L/∂h_0 = Ā_1 λ_1
 
 Memory: nothing per token is kept from the forward. One program owns BLOCK_D channels of one
-sequence and walks it twice in CHUNK-step tiles [BLOCK_D, N, CHUNK]: forward, storing only the
-state at each chunk's start (``ckpt``: one state per chunk, the issue's "per-chunk states");
-then backward over the chunks, where each chunk's states are recomputed from its checkpoint by
-an associative scan over the chunk's steps (``tl.associative_scan`` of the (Ā, b) pairs) and λ
-by the reverse scan of (Ā_{t+1}, C_t dy_t), λ entering from the chunk after. The shifts by one
-step (h_{t-1}, Ā_{t+1}) are ``tl.gather`` along the chunk axis.
+sequence and walks it twice in CHUNK-step tiles [BLOCK_D, CHUNK], time across the threads and
+the state index n a loop inside each chunk (``_TimeLanesGen``): forward, storing only the state
+at each chunk's start (``ckpt``: one state per chunk, the issue's "per-chunk states"); then
+backward over the chunks, where each (chunk, n) recomputes its states from the checkpoint by an
+associative scan of the (Ā, b) pairs and λ by a reverse scan whose combine reads Ā_{t+1} from
+the next element, λ entering from the chunk after. What sums over the states (dx, dΔ, the
+output before the gate for dz) is added in registers across the n loop; what sums over the
+channels (dB, dC) over the rows a thread holds, then once per program.
 
-Reductions over channels (dB, dC of B/C shared by a group) are summed inside the program over
-its BLOCK_D channels and written as one partial per channel block, which the launcher sums in
-torch: deterministic, no atomics. The program's channels share a group (the launcher picks
-BLOCK_D dividing the channels per group). Parameters (A, D, Δ's bias, constant B/C/Δ) are
-accumulated over time in registers and written once per (sequence, channel block).
+Reductions over channels (dB, dC of B/C shared by a group) are written as one partial per
+channel block, which the launcher sums in torch (deterministic), or added atomically when a
+group has more than ``bwd_max_partials`` blocks. The program's channels share a group (the
+launcher picks BLOCK_D dividing the channels per group). Parameters (A, D, Δ's bias, constant
+B/C/Δ) are summed per (sequence, channel) and by the launcher over sequences.
 
 The trapezoidal rule's previous-token term B̄₋_t B_{t-1} x_{t-1}: x_{t-1} and B_{t-1} are
 loaded shifted back by one step (zero at a sequence's first step) into b_t, and what it feeds
-back into x_t and B_t is λ_{t+1} B̄₋_{t+1}, with λ_{t+1} moved by one step along the chunk
-(``tl.gather``; λ entering from the next chunk at the last step) and B̄₋_{t+1} from the same
-shifted loads as Ā_{t+1}. Real diagonal families without it generate the same kernel as before.
+back into x_t and B_t is λ_{t+1} B̄₋_{t+1} = (λ_t - C_t dy_t) (B̄₋/Ā)_{t+1}, the weight printed
+from the plan's ``prev_input`` at Δ_{t+1} (a load shifted forward by one step).
+
+Complex-diagonal A keeps the earlier layout, [BLOCK_D, N, CHUNK] tiles with the states across
+the threads (``_BackwardGen``, subclassed by ``scan_backward_complex``): its timing is in
+bench/NOTES_backward.md with the real kernel's before this layout.
 """
 from __future__ import annotations
 
@@ -52,8 +57,11 @@ from .scan_launcher import optional_term_lines
 # Timed on the H200 at b8 d4096 l2048 n16 (fwd+bwd ms, bench/gpu_train.py --sweep, one run):
 # block_d 4 chunk 32 warps 4: 24.3 (partials); 2/16/2: 14.4; 1/32/1: 14.1; 1/16/1: 12.1;
 # 4/16/2: 16.4; 8/8/2: 17.4. Smaller tiles keep more programs resident (bench/NOTES_backward.md).
-BACKWARD_DEFAULTS = {"bwd_block_d": 1, "bwd_chunk": 16, "bwd_num_warps": 1,
+BACKWARD_DEFAULTS = {"bwd_block_d": 1, "bwd_chunk": 512, "bwd_num_warps": 4,
                      "bwd_max_partials": 8}
+# complex A keeps the [BLOCK_D, N, CHUNK] tiles (scan_backward_complex.py)
+COMPLEX_DEFAULTS = {"bwd_block_d": 1, "bwd_chunk": 16, "bwd_num_warps": 1,
+                    "bwd_max_partials": 8}
 
 PAIR_SCAN = '''
 
@@ -89,7 +97,9 @@ def supports_backward(plan: KernelPlan) -> Optional[str]:
 
 
 class _BackwardGen:
-    """Emits the backward kernel. Tiles: [BLOCK_D, N, CHUNK] (channel, state, step); a
+    """What both layouts read from the plan (coefficients, derivatives, ratios, terms) and the
+    kernel's parameters; the base of the complex generator, whose tiles are [BLOCK_D, N, CHUNK]
+    (channel, state, step): a
     per-token input is [BLOCK_D, CHUNK] (x, Δ, z) or [N, CHUNK] (a group's B, C), a parameter
     [BLOCK_D, N] (A, constant B/C) or [BLOCK_D] (D, Δ's bias, constant Δ); ``*3`` names are
     the same values broadcastable to the 3-D tile."""
@@ -208,28 +218,100 @@ class _BackwardGen:
         if "z" in self.terms:
             o("z_rows = z_ptr + bat * stride_z_b + ch64 * stride_z_d")
 
+
+RSCAN = '''
+
+@triton.jit
+def _ssmc_adjoint(p2, a2, l2, p1, a1, l1):
+    # the reverse scan's combine: (p, a, l) of a run of steps t..m is (the product of Abar over
+    # t+1..m, Abar_t, lam_t when lam_{m+1} = 0); run 2 follows run 1 in time
+    q = p1 * a2
+    return q * p2, a1, l1 + q * l2
+'''
+
+
+class _TimeLanesGen:
+    """Emits the real-diagonal backward kernel. Tiles: [BLOCK_D, CHUNK] (channel, step), time
+    across the threads; the state index n is a loop inside each chunk, so that what sums over
+    the states (dx, dΔ, y) is added in registers, and what sums over the channels (dB, dC) over
+    the BLOCK_D rows a thread holds. The per-(channel, state) carries between chunks, the
+    checkpointed state and λ, are one float per (channel, state) in global memory (ckpt, and
+    dh0 which ends as dL/dh_0), re-read by the next chunk after a barrier.
+
+    The scans along the chunk: h_t by (Ā_t, b_t) with the checkpoint folded into b_0; λ_t =
+    C_t dy_t + Ā_{t+1} λ_{t+1} by the three-part combine ``_ssmc_adjoint`` over (Ā_t, C_t dy_t),
+    which reads Ā_{t+1} from the next element (no shifted Ā, no second exp), with the carry
+    Ā_T λ_T folded into the last step. λ_t Ā_t h_{t-1} = λ_t (h_t - b_t) with the plan's
+    pole-free ratios (∂Ā/∂·)/Ā; without them h_{t-1} is ``tl.gather``-ed one step back."""
+
+    def __init__(self, plan: KernelPlan):
+        base = _BackwardGen(plan)
+        self.plan, self.f, self.N, self.sel = plan, base.f, base.N, base.sel
+        self.coefs, self.grads, self.trap = base.coefs, base.grads, base.trap
+        self.delta_raw, self.ratios, self.bias, self.terms = (base.delta_raw, base.ratios,
+                                                              base.bias, base.terms)
+        self.base = base
+        if self.trap:   # what step t + 1's previous-token term feeds back: (B̄₋/Ā)_{t+1}
+            self.prev_ratio = plan.disc.prev_input
+
+    def print_math(self, o, keys, prefix, names=None, rename=None):
+        return self.base.print_math(o, keys, prefix, names or {"dt": "dt", "a": "a"}, rename)
+
     def kernel(self, name: str) -> str:
-        sel, f = self.sel, self.f
+        sel = self.sel
         o = Lines()
-        o.jit_def(name, self.params())
-        self.common_setup(o)
+        o.jit_def(name, self.base.params())
+        o(f"N: tl.constexpr = {self.N}",
+          "pid_d = tl.program_id(0)",
+          "seq = tl.program_id(1)  # batch row, or packed sequence when VARLEN",
+          "if VARLEN:",
+          "    seq_start = tl.load(cu_ptr + seq).to(tl.int32)",
+          "    seq_end = tl.load(cu_ptr + seq + 1).to(tl.int32)",
+          "    batch = seq * 0",
+          "    # a packed sequence's chunks get slots start // CHUNK + seq + c: distinct for",
+          "    # every sequence, fewer than seqlen // CHUNK + sequences + 1 in all",
+          "    slot0 = seq_start // CHUNK + seq",
+          "else:",
+          "    seq_start = 0",
+          "    seq_end = seqlen",
+          "    batch = seq",
+          "    slot0 = seq * tl.cdiv(seqlen, CHUNK)",
+          "n_chunks = tl.cdiv(seq_end - seq_start, CHUNK)",
+          "bat = batch.to(tl.int64)",
+          "seq64 = seq.to(tl.int64)",
+          "ch = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)",
+          "ch_ok = ch < n_channels",
+          "chl = tl.minimum(ch, n_channels - 1)  # loads read a valid channel; stores are masked",
+          "ch64 = chl.to(tl.int64)",
+          "tt = tl.arange(0, CHUNK)",
+          "first = tt[None, :] == 0",
+          "last = tt[None, :] == CHUNK - 1",
+          "zero_d = tl.zeros([BLOCK_D], dtype=tl.float32)",
+          "u_rows = u_ptr + bat * stride_u_b + ch64 * stride_u_d",
+          "dout_rows = dout_ptr + bat * stride_dout_b + ch64 * stride_dout_d",
+          "# du, ddelta and dz are (b, d, l) contiguous",
+          "grad_rows = bat * n_channels * seqlen + ch64 * seqlen",
+          "# a (channel, state) float of a (.., d, n) tensor is at dn + n",
+          "dn = ch64 * N",
+          "state_rows = seq64 * n_channels * N + dn  # h0, dhT, dh0, the per-sequence sums")
+        if sel["dt"]:
+            o("dt_rows = delta_ptr + bat * stride_dt_b + ch64 * stride_dt_d")
+        if "z" in self.terms:
+            o("z_rows = z_ptr + bat * stride_z_b + ch64 * stride_z_d")
         if sel["A"]:
-            o("a_rows = A_ptr + bat * stride_A_b + ch64[:, None] * stride_A_d "
-              "+ nn[None, :] * stride_A_n")
-            o("da_rows = (bat * n_channels + ch64[:, None]) * N * seqlen + nn[None, :] * seqlen")
-        else:
-            o("a = tl.load(A_ptr + dn).to(tl.float32)", "a3 = a[:, :, None]")
+            o("a_rows = A_ptr + bat * stride_A_b + ch64 * stride_A_d",
+              "da_rows = (bat * n_channels + ch64) * N * seqlen")
         for w in ("B", "C"):
             lw = w.lower()
             if sel[w]:
                 o(f"# the program's channels share one group of {w}",
                   f"group_{lw} = (pid_d * BLOCK_D) // cpg_{w}",
                   f"{lw}_rows = {w}_ptr + bat * stride_{w}_b + group_{lw}.to(tl.int64) * "
-                  f"stride_{w}_g + nn * stride_{w}_n",
+                  f"stride_{w}_g",
                   f"d{lw}_part = 0 if ATOMIC_BC else (pid_d % (cpg_{w} // BLOCK_D)).to(tl.int64)  "
-                  f"# which partial d{w} this channel block writes")
-            else:
-                o(f"{lw}t = tl.load({w}_ptr + dn).to(tl.float32)", f"{lw}3 = {lw}t[:, :, None]")
+                  f"# which partial d{w} this channel block writes",
+                  f"d{lw}_rows = ((d{lw}_part * n_rows + bat) * (n_channels // cpg_{w}) + "
+                  f"group_{lw}) * N * seqlen")
         if not sel["dt"]:
             o("dr = tl.load(delta_ptr + chl).to(tl.float32)")
         if self.bias:
@@ -240,61 +322,70 @@ class _BackwardGen:
             if sel["dt"]:
                 o("dt_bias = dt_bias[:, None]")
         if not sel["dt"]:
-            o(f"dt = {codegen.delta_expr(self.plan, 'dr')}", "dt3 = dt[:, None, None]")
+            o(f"dt = ({codegen.delta_expr(self.plan, 'dr')})[:, None]")
         if "D" in self.terms:
             o("if HAS_D:",
               "    d_skip = tl.load(D_ptr + chl).to(tl.float32)",
               "else:",
               "    d_skip = zero_d")
-        # ---- pass 1: the state at every chunk's start
+        # ---- pass 1
         o("", "# pass 1: forward over the chunks, keeping only each chunk's initial state",
-          "h = tl.zeros([BLOCK_D, N], dtype=tl.float32)",
-          "if HAS_H0:",
-          "    h = tl.load(h0_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)",
-          "for c in range(0, n_chunks):")
+          "ckpt_rows = (slot0 + 0).to(tl.int64) * n_channels * N + dn",
+          "for n in range(N):")
         o.indent()
-        o("tl.store(ckpt_ptr + (slot0 + c).to(tl.int64) * n_channels * N + dn, h, mask=dn_ok)")
-        self.load_chunk(o, backward=False)
-        o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
-          "h = tl.sum(tl.where(t3 == CHUNK - 1, P * h[:, :, None] + H, 0.0), axis=2)")
+        o("if HAS_H0:",
+          "    h_in = tl.load(h0_ptr + state_rows + n, mask=ch_ok, other=0.0)",
+          "else:",
+          "    h_in = zero_d",
+          "tl.store(ckpt_ptr + ckpt_rows + n, h_in, mask=ch_ok)")
         o.dedent()
-        o("tl.debug_barrier()  # pass 2 reads the checkpoints other threads wrote")
+        o("tl.debug_barrier()",
+          "for c in range(0, n_chunks - 1):  # the last chunk's final state is not needed")
+        o.indent()
+        self.load_chunk(o, backward=False)
+        o("ckpt_rows = (slot0 + c).to(tl.int64) * n_channels * N + dn",
+          "for n in range(N):")
+        o.indent()
+        self.state_coefficients(o, backward=False)
+        o("h_in = tl.load(ckpt_ptr + ckpt_rows + n)",
+          "_, hs = tl.associative_scan((abar_m, tl.where(first, bx + abar_m * h_in[:, None], bx)), "
+          "1, _ssmc_pair)",
+          "h_out = tl.sum(tl.where(last, hs, 0.0), axis=1)",
+          "tl.store(ckpt_ptr + ckpt_rows + n_channels * N + n, h_out, mask=ch_ok)")
+        o.dedent()
+        o("tl.debug_barrier()  # the next chunk reads the states other threads wrote")
+        o.dedent()
         # ---- pass 2
-        o("", "# pass 2: backward over the chunks; lam = dL/dh at the next chunk's first step,",
-          "# Abar past the sequence's end is 1: the final state's gradient enters as is",
-          "lam = tl.zeros([BLOCK_D, N], dtype=tl.float32)",
-          "if HAS_DHT:",
-          "    lam = tl.load(dhT_ptr + seq64 * n_channels * N + dn, mask=dn_ok, other=0.0)")
+        o("", "# pass 2: backward over the chunks. dh0 carries Abar_T lam_T, lam's share in the",
+          "# step before the chunk's first (Abar past the sequence's end is 1: the final state's",
+          "# gradient enters as is); after the first chunk it is dL/dh_0",
+          "for n in range(N):")
+        o.indent()
+        o("if HAS_DHT:",
+          "    lam_in = tl.load(dhT_ptr + state_rows + n, mask=ch_ok, other=0.0)",
+          "else:",
+          "    lam_in = zero_d",
+          "tl.store(dh0_ptr + state_rows + n, lam_in, mask=ch_ok)")
+        o.dedent()
         accs = self.accumulators()
-        o(*(f"{name} = {init}" for name, init, _ in accs))
-        o("for i in range(0, n_chunks):")
+        o(*(f"{acc} = {init}" for acc, init, _ in accs))
+        o("tl.debug_barrier()",
+          "for i in range(0, n_chunks):")
         o.indent()
         o("c = n_chunks - 1 - i",
-          "h0c = tl.load(ckpt_ptr + (slot0 + c).to(tl.int64) * n_channels * N + dn, mask=dn_ok, "
-          "other=0.0)")
+          "ckpt_rows = (slot0 + c).to(tl.int64) * n_channels * N + dn")
         self.load_chunk(o, backward=True)
         self.chunk_backward(o)
         o.dedent()
-        o("if HAS_H0:").indent()
-        self.first_step(o)
-        o("tl.store(dh0_ptr + seq64 * n_channels * N + dn, abar0 * lam, mask=dn_ok)").dedent()
         o("# per (sequence, channel block): the launcher sums over sequences")
-        for name, _, store in accs:
+        for _, _, store in accs:
             o(store)
         return o.text()
 
     def accumulators(self):
-        """(name, initial value, store) of the gradients summed over time in registers."""
+        """(name, initial value, store) of the per-channel gradients summed over time."""
         sel, out = self.sel, []
-        dn_acc = "tl.zeros([BLOCK_D, N], dtype=tl.float32)"
-        row_dn = "seq64 * n_channels * N + dn"
         row_d = "seq64 * n_channels + ch"
-        if not sel["A"]:
-            out.append(("acc_a", dn_acc, f"tl.store(dA_ptr + {row_dn}, acc_a, mask=dn_ok)"))
-        for w in ("B", "C"):
-            if not sel[w]:
-                out.append((f"acc_{w.lower()}", dn_acc,
-                            f"tl.store(d{w}_ptr + {row_dn}, acc_{w.lower()}, mask=dn_ok)"))
         if not sel["dt"]:
             out.append(("acc_dt", "zero_d", f"tl.store(ddelta_ptr + {row_d}, acc_dt, mask=ch_ok)"))
         if "D" in self.terms:
@@ -304,154 +395,132 @@ class _BackwardGen:
                         f"tl.store(ddt_bias_ptr + {row_d}, acc_bias, mask=ch_ok)"))
         return out
 
-    def first_step(self, o: Lines):
-        """``abar0``: Abar at the sequence's first step ([BLOCK_D, N]; 1 for an empty one), for
-        dL/dh_0 = Abar_1 lam_1."""
-        sel = self.sel
-        o("first_ok = ch_ok & ((ch * 0 + seq_end) > seq_start)")
-        if sel["dt"]:
-            o("dr = tl.load(dt_rows + seq_start, mask=first_ok, other=0.0).to(tl.float32)[:, None]",
-              f"dt0 = {codegen.delta_expr(self.plan, 'dr')}  # dt_bias is [BLOCK_D, 1] here")
-        else:
-            o("dt0 = dt[:, None]")
-        if sel["A"]:
-            o("a0 = tl.load(a_rows + seq_start, mask=dn_ok & first_ok[:, None], other=-1.0)"
-              ".to(tl.float32)")
-        else:
-            o("a0 = a")
-        self.print_math(o, {"abar": self.coefs["abar"]}, "ztmp", {"dt": "dt0", "a": "a0"},
-                        {"abar": "abar0"})
-        o("abar0 = tl.where(first_ok[:, None], tl.broadcast_to(abar0, (BLOCK_D, N)), 1.0)")
-
-    def next_step(self, o: Lines):
-        """``an``: Abar of the step after each of the chunk's steps (1 past the sequence's
-        end), from loads shifted by one step (cheaper than moving the tile by one step)."""
-        sel = self.sel
-        o("offs_n = offs + 1",
-          "tm_n = offs_n < seq_end",
-          "tm2_n = ch_ok[:, None] & tm_n[None, :]")
-        names = {"dt": "dt3", "a": "a3"}
-        if sel["dt"]:
-            o("drn = tl.load(dt_rows[:, None] + offs_n[None, :], mask=tm2_n, other=0.0)"
-              ".to(tl.float32)",
-              f"dtn3 = ({codegen.delta_expr(self.plan, 'drn')})[:, None, :]")
-            names["dt"] = "dtn3"
-        if sel["A"]:
-            o("an3 = tl.load(a_rows[:, :, None] + offs_n[None, None, :], "
-              "mask=tm_n[None, None, :] & dn_ok[:, :, None], other=-1.0).to(tl.float32)")
-            names["a"] = "an3"
-        keys, rename = {"abar": self.coefs["abar"]}, {"abar": "an"}
-        if self.trap:
-            keys["bbar_prev"], rename["bbar_prev"] = self.coefs["bbar_prev"], "bpn"
-        self.print_math(o, keys, "ntmp", names, rename)
-        o("an = tl.where(tm_n[None, None, :], tl.broadcast_to(an, (BLOCK_D, N, CHUNK)), 1.0)")
-        if self.trap:   # no step t + 1 past the sequence's end: no previous-token term
-            o("bpn = tl.where(tm_n[None, None, :], tl.broadcast_to(bpn, (BLOCK_D, N, CHUNK)), "
-              "0.0)")
-
     def load_chunk(self, o: Lines, backward: bool):
-        """The chunk's inputs as tiles, its coefficients (and in pass 2 their derivatives),
-        masked past the sequence's end to Abar = 1, b = 0."""
+        """The chunk's per-channel inputs as [BLOCK_D, CHUNK] tiles (state-independent)."""
         sel = self.sel
         o("t0 = seq_start + c * CHUNK",
-          "offs = t0 + tt",
+          "if VARLEN:",
+          "    offs = t0 + tt",
+          "else:  # chunks start at multiples of CHUNK: vector loads",
+          "    offs = tl.max_contiguous(tl.multiple_of(t0 + tt, CHUNK), CHUNK)",
           "tm = offs < seq_end",
           "tm2 = ch_ok[:, None] & tm[None, :]",
-          "tm3 = tm[None, None, :]",
-          "x = tl.load(u_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)",
-          "x3 = x[:, None, :]")
+          "x = tl.load(u_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
         if sel["dt"]:
             o("dr = tl.load(dt_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)",
-              f"dt = {codegen.delta_expr(self.plan, 'dr')}",
-              "dt3 = dt[:, None, :]")
-        if sel["A"]:
-            # past the end a = -1 keeps coefficients like expm1(a dt) / a finite
-            o("a3 = tl.load(a_rows[:, :, None] + offs[None, None, :], mask=tm3 & dn_ok[:, :, None], "
-              "other=-1.0).to(tl.float32)")
-        for w in ("B", "C"):
-            if w == "C" and not backward:
-                continue
-            lw = w.lower()
-            if sel[w]:
-                o(f"{lw}t = tl.load({lw}_rows[:, None] + offs[None, :], mask=tm[None, :], "
-                  f"other=0.0).to(tl.float32)", f"{lw}3 = {lw}t[None, :, :]")
+              f"dt = {codegen.delta_expr(self.plan, 'dr')}")
         if self.trap:
             o("# B_{t-1} x_{t-1}, zero at the sequence's first step",
               "offs_p = offs - 1",
               "tm_p = tm & (offs_p >= seq_start)",
               "xp = tl.load(u_rows[:, None] + offs_p[None, :], "
-              "mask=ch_ok[:, None] & tm_p[None, :], other=0.0).to(tl.float32)",
-              "xp3 = xp[:, None, :]")
-            if sel["B"]:
-                o("bp3 = tl.load(b_rows[:, None] + offs_p[None, :], mask=tm_p[None, :], other=0.0)"
-                  ".to(tl.float32)[None, :, :]")
-            else:
-                o("bp3 = b3")
-        keys = dict(self.coefs)
-        if backward:
-            keys.update(self.grads)
-            keys.update(self.ratios or {})
-        self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
-        # coefficients that vary with fewer axes (constant Δ, constant B) at the full tile
-        o("abar_m = tl.where(tm3, tl.broadcast_to(abar, (BLOCK_D, N, CHUNK)), 1.0)",
-          "bb = tl.broadcast_to(bbar * b3, (BLOCK_D, N, CHUNK))  # Bbar B per (channel, state, step)")
-        if self.trap:
-            o("bx = tl.where(tm3, bb * x3 + bbar_prev * bp3 * xp3, 0.0)")
-        else:
-            o("bx = tl.where(tm3, bb * x3, 0.0)")
-
-    def dabar_lines(self) -> List[str]:
-        """dL/dAbar_t = lam_t h_{t-1}: as lam_t Abar_t h_{t-1} = lam_t (h_t - b_t) where the
-        plan's ratios (∂Ā/∂·)/Ā exist, else with the states shifted by one step."""
-        if self.ratios:
-            return ["dabar_h = lam3 * (hs - bx)  # lam_t Abar_t h_{t-1}"]
-        return ["h_prev = tl.where(t3 == 0, h0c[:, :, None], tl.gather(hs, prev_t, 2))",
-                "dabar = lam3 * h_prev"]
-
-    def chunk_backward(self, o: Lines):
-        sel, terms = self.sel, self.terms
-        o("P, H = tl.associative_scan((abar_m, bx), 2, _ssmc_pair)",
-          "hs = P * h0c[:, :, None] + H  # the chunk's states",
-          "g = tl.load(dout_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
-        if "z" in terms:
+              "mask=ch_ok[:, None] & tm_p[None, :], other=0.0).to(tl.float32)")
+            if backward:
+                o("# step t + 1, whose previous-token term reads x_t and B_t",
+                  "offs_n = offs + 1",
+                  "tm_n = offs_n < seq_end")
+                if sel["dt"]:
+                    o("drn = tl.load(dt_rows[:, None] + offs_n[None, :], "
+                      "mask=ch_ok[:, None] & tm_n[None, :], other=0.0).to(tl.float32)",
+                      f"dtn = {codegen.delta_expr(self.plan, 'drn')}")
+                else:
+                    o("dtn = dt")
+        if not backward:
+            return
+        o("g = tl.load(dout_rows[:, None] + offs[None, :], mask=tm2, other=0.0).to(tl.float32)")
+        if "z" in self.terms:
             o("if HAS_Z:",
               "    zt = tl.load(z_rows[:, None] + offs[None, :], mask=tm2, other=0.0)"
               ".to(tl.float32)",
               "    sig = 1.0 / (1.0 + tl.exp(-zt))",
-              "    y = tl.sum(c3 * hs, axis=1)" + (" + d_skip[:, None] * x" if "D" in terms else ""),
-              "    dzt = g * y * sig * (1.0 + zt * (1.0 - sig))",
-              "    tl.store(dz_ptr + grad_rows[:, None] + offs[None, :], "
-              "dzt.to(dz_ptr.dtype.element_ty), mask=tm2)",
               "    dy = g * zt * sig",
               "else:",
               "    dy = g")
         else:
             o("dy = g")
-        o("dy3 = dy[:, None, :]")
-        if "D" in terms:
-            o("dx = d_skip[:, None] * dy",
-              "if HAS_D:",
-              "    acc_d += tl.sum(dy * x, axis=1)")
+        o("y = " + ("d_skip[:, None] * x" if "D" in self.terms else "tl.zeros_like(x)")
+          + "  # the output before the gate, summed over the states below",
+          "lb = tl.zeros_like(x)  # sum over the states of lam Bbar B",
+          "ddt = tl.zeros_like(x)  # dL/dDelta")
+        if self.trap:
+            o("lbn = tl.zeros_like(x)  # sum over the states of lam_{t+1} Bbar_prev_{t+1} B_t")
+
+    def state_coefficients(self, o: Lines, backward: bool):
+        """State n's a, B, C and the coefficients (and in pass 2 their derivatives) printed from
+        the plan, masked past the sequence's end to Abar = 1, b = 0."""
+        sel = self.sel
+        if sel["A"]:
+            # past the end a = -1 keeps coefficients like expm1(a dt) / a finite
+            o("a = tl.load(a_rows[:, None] + n * stride_A_n + offs[None, :], mask=tm2, "
+              "other=-1.0).to(tl.float32)")
         else:
-            o("dx = tl.zeros_like(dy)")
-        self.next_step(o)
-        o("# lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}, lam entering from the next chunk",
-          "Q, R = tl.associative_scan((an, c3 * dy3), 2, _ssmc_pair, reverse=True)",
-          "lam3 = R + Q * lam[:, :, None]",
-          *(["lam_in = lam  # lam at the next chunk's first step"] if self.trap else []),
-          "lam = tl.sum(tl.where(t3 == 0, lam3, 0.0), axis=2)",
-          "lam3 = tl.where(tm3, lam3, 0.0)",
-          *self.dabar_lines(),
-          "dbbar = lam3 * b3 * x3",
-          "dx += tl.sum(lam3 * bb, axis=1)",
-          *(["# step t + 1's previous-token term: lam_{t+1} Bbar_prev_{t+1} (B_t x_t)",
-             "lam_n3 = tl.where(t3 == CHUNK - 1, lam_in[:, :, None], tl.gather(lam3, next_t, 2))",
-             "lbpn = lam_n3 * bpn",
-             "dbbarp = lam3 * bp3 * xp3",
-             "dx += tl.sum(lbpn * b3, axis=1)"] if self.trap else []),
-          "tl.store(du_ptr + grad_rows[:, None] + offs[None, :], dx.to(du_ptr.dtype.element_ty), "
-          "mask=tm2)")
+            o("a = tl.load(A_ptr + dn + n).to(tl.float32)[:, None]")
+        for w in ("B", "C"):
+            if w == "C" and not backward:
+                continue
+            lw = w.lower()
+            if sel[w]:
+                o(f"{lw}t = tl.load({lw}_rows + n * stride_{w}_n + offs, mask=tm, other=0.0)"
+                  f".to(tl.float32)[None, :]")
+            else:
+                o(f"{lw}t = tl.load({w}_ptr + dn + n).to(tl.float32)[:, None]")
+        if self.trap:
+            if sel["B"]:
+                o("bp = tl.load(b_rows + n * stride_B_n + offs_p, mask=tm_p, other=0.0)"
+                  ".to(tl.float32)[None, :]")
+            else:
+                o("bp = bt")
+        keys = dict(self.coefs)
+        if backward:
+            keys.update(self.grads)
+            keys.update(self.ratios or {})
+        self.live = self.print_math(o, keys, "btmp" if backward else "ftmp")
+        if backward and self.trap:
+            if sel["A"]:
+                o("an = tl.load(a_rows[:, None] + n * stride_A_n + offs_n[None, :], "
+                  "mask=ch_ok[:, None] & tm_n[None, :], other=-1.0).to(tl.float32)")
+            self.print_math(o, {"prev_ratio": self.prev_ratio}, "ntmp",
+                            {"dt": "dtn", "a": "an" if sel["A"] else "a"})
+            o("# no step t + 1 past the sequence's end: no previous-token term",
+              "prev_ratio = tl.where(tm_n[None, :], prev_ratio, 0.0)")
+        o("abar_m = tl.where(tm2, abar, 1.0)",
+          "bb = bbar * bt  # Bbar B")
+        if self.trap:
+            o("bx = tl.where(tm2, bb * x + bbar_prev * bp * xp, 0.0)")
+        else:
+            o("bx = tl.where(tm2, bb * x, 0.0)")
+
+    def chunk_backward(self, o: Lines):
+        sel, terms, live = self.sel, self.terms, None
+        o("for n in range(N):")
+        o.indent()
+        self.state_coefficients(o, backward=True)
         live = self.live
+        o("h_in = tl.load(ckpt_ptr + ckpt_rows + n)",
+          "_, hs = tl.associative_scan((abar_m, tl.where(first, bx + abar_m * h_in[:, None], bx)), "
+          "1, _ssmc_pair)  # the chunk's states",
+          "y += ct * hs",
+          "gc = ct * dy",
+          "lam_in = tl.load(dh0_ptr + state_rows + n)",
+          "_, _, lam = tl.associative_scan((tl.full(gc.shape, 1.0, tl.float32), abar_m, "
+          "tl.where(last, gc + lam_in[:, None], gc)), 1, _ssmc_adjoint, reverse=True)",
+          "tl.store(dh0_ptr + state_rows + n, tl.sum(tl.where(first, abar_m * lam, 0.0), axis=1), "
+          "mask=ch_ok)",
+          "lam = tl.where(tm2, lam, 0.0)")
+        if self.ratios:
+            o("dabar_h = lam * (hs - bx)  # lam_t Abar_t h_{t-1}")
+        else:
+            o("h_prev = tl.where(first, h_in[:, None], tl.gather(hs, tl.maximum(tt - 1, 0)"
+              "[None, :] + tl.zeros_like(hs).to(tl.int32), 1))",
+              "dabar = lam * h_prev")
+        o("dbbar = lam * bt * x",
+          "lb += lam * bb")
+        if self.trap:
+            o("# step t + 1's previous-token term: lam_{t+1} Bbar_prev_{t+1} = (lam_t - C_t dy_t)",
+              "# (Bbar_prev / Abar)_{t+1}, as lam_t = C_t dy_t + Abar_{t+1} lam_{t+1}",
+              "lbpn = (lam - gc) * prev_ratio",
+              "dbbarp = lam * bp * xp",
+              "lbn += lbpn * bt")
 
         def chain(var):
             abar_term = (f"dabar_h * ratio_{var}" if f"ratio_{var}" in live else None) \
@@ -462,8 +531,49 @@ class _BackwardGen:
             parts = [p for p in parts if p]
             return " + ".join(parts) if parts else None
         ddt, da = chain("dt"), chain("a")
+        if ddt:
+            o(f"ddt += {ddt}")
+        acc_n = "tl.load({ptr} + state_rows + n, mask=ch_ok, other=0.0)"
+        if sel["A"]:
+            o(f"tl.store(dA_ptr + da_rows[:, None] + n * seqlen + offs[None, :], "
+              f"{da if da else 'tl.zeros_like(lam)'}, mask=tm2)")
+        elif da:
+            o(f"tl.store(dA_ptr + state_rows + n, {acc_n.format(ptr='dA_ptr')} + "
+              f"tl.sum({da}, axis=1), mask=ch_ok)")
+        else:
+            o("tl.store(dA_ptr + state_rows + n, zero_d, mask=ch_ok)")
+        b_val = "lam * bbar * x"
+        if self.trap:   # selective B_t: from step t + 1; a constant B: each step's own term
+            b_val += " + lbpn * x" if sel["B"] else " + lam * bbar_prev * xp"
+        for w, val in (("B", b_val), ("C", "hs * dy")):
+            lw = w.lower()
+            if sel[w]:
+                o(f"d{lw}_ptrs = d{w}_ptr + d{lw}_rows + n * seqlen + offs",
+                  "if ATOMIC_BC:",
+                  f"    tl.atomic_add(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm, sem='relaxed')",
+                  "else:",
+                  f"    tl.store(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm)")
+            else:
+                o(f"tl.store(d{w}_ptr + state_rows + n, {acc_n.format(ptr=f'd{w}_ptr')} + "
+                  f"tl.sum({val}, axis=1), mask=ch_ok)")
+        o.dedent()
+        o("tl.debug_barrier()  # the carries and sums written above are re-read by other threads")
+        # ---- per chunk, after the state loop
+        if "z" in terms:
+            o("if HAS_Z:",
+              "    dzt = g * y * sig * (1.0 + zt * (1.0 - sig))",
+              "    tl.store(dz_ptr + grad_rows[:, None] + offs[None, :], "
+              "dzt.to(dz_ptr.dtype.element_ty), mask=tm2)")
+        dx = "lb" + (" + lbn" if self.trap else "")
+        if "D" in terms:
+            o(f"dx = {dx} + d_skip[:, None] * dy",
+              "if HAS_D:",
+              "    acc_d += tl.sum(tl.where(tm2, dy * x, 0.0), axis=1)")
+        else:
+            o(f"dx = {dx}")
+        o("tl.store(du_ptr + grad_rows[:, None] + offs[None, :], dx.to(du_ptr.dtype.element_ty), "
+          "mask=tm2)")
         # dL/dDelta and its chain through the Delta map to the raw dt (and its bias)
-        o(f"ddt = tl.sum({ddt}, axis=1)" if ddt else "ddt = tl.zeros_like(dy)")
         draw = codegen.print_one(self.delta_raw, {"dt_raw": "dr", "dt_bias": "dt_bias"})
         if sel["dt"]:
             o(f"ddr = tl.where(tm2, ddt * ({draw}), 0.0)",
@@ -472,35 +582,9 @@ class _BackwardGen:
             if self.bias:
                 o("acc_bias += tl.sum(ddr, axis=1)")
         else:
-            o(f"ddr = tl.sum(ddt, axis=1) * ({draw})", "acc_dt += ddr")
+            o(f"ddr = tl.sum(tl.where(tm2, ddt, 0.0), axis=1) * ({draw})", "acc_dt += ddr")
             if self.bias:
                 o("acc_bias += ddr")
-        if da:
-            if sel["A"]:
-                o(f"tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], {da}, "
-                  "mask=tm3 & dn_ok[:, :, None])")
-            else:
-                o(f"acc_a += tl.sum({da}, axis=2)")
-        elif sel["A"]:
-            o("tl.store(dA_ptr + da_rows[:, :, None] + offs[None, None, :], tl.zeros_like(lam3), "
-              "mask=tm3 & dn_ok[:, :, None])")
-        b_val = "lam3 * tl.broadcast_to(bbar, (BLOCK_D, N, CHUNK)) * x3"
-        if self.trap:   # selective B_t: from step t + 1; a constant B: each step's own term
-            b_val += (" + lbpn * x3" if sel["B"] else
-                      " + lam3 * tl.broadcast_to(bbar_prev, (BLOCK_D, N, CHUNK)) * xp3")
-        for w, val in (("B", b_val), ("C", "hs * dy3")):
-            lw = w.lower()
-            if sel[w]:
-                o(f"d{lw}_ptrs = d{w}_ptr + (((d{lw}_part * n_rows + bat) * "
-                  f"(n_channels // cpg_{w}) + group_{lw}) * N + nn[:, None]) * seqlen + "
-                  "offs[None, :]",
-                  "if ATOMIC_BC:",
-                  f"    tl.atomic_add(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm[None, :], "
-                  "sem='relaxed')",
-                  "else:",
-                  f"    tl.store(d{lw}_ptrs, tl.sum({val}, axis=0), mask=tm[None, :])")
-            else:
-                o(f"acc_{lw} += tl.sum(tl.where(tm3, {val}, 0.0), axis=2)")
 
 
 LAUNCHER = '''
@@ -554,8 +638,9 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
     grads = {{"u": EMPTY(u.shape, device=dev, dtype=u.dtype)}}
     grads["delta"] = (EMPTY((batch, d, L), device=dev, dtype=delta.dtype) if SELECTIVE["dt"]
                       else EMPTY((nseq, d), device=dev, dtype=f32))
+    # the per-sequence sums over time of a constant A, B, C: added into chunk by chunk
     grads["A"] = (EMPTY({a_shape}, device=dev, dtype=f32) if SELECTIVE["A"]
-                  else EMPTY((nseq, d, N{pair}), device=dev, dtype=f32))
+                  else torch.zeros((nseq, d, N{pair}), device=dev, dtype=f32))
     atomic = any(SELECTIVE[w] and k // bd > BWD_CONFIG["bwd_max_partials"]
                  for w, k in (("B", cpg[0]), ("C", cpg[1])))
     for name, t, k in (("B", bc[0], cpg[0]), ("C", bc[1], cpg[1])):
@@ -565,7 +650,7 @@ def backward(dout, dlast, u, delta, A, B, C, D=None, z=None, delta_bias=None, in
             grads[name] = make((1 if atomic else k // bd, batch, t.shape[{g_axis}], N, L{pair}), device=dev,
                                dtype=f32)
         else:
-            grads[name] = EMPTY((nseq, d, N{pair}), device=dev, dtype=f32)
+            grads[name] = torch.zeros((nseq, d, N{pair}), device=dev, dtype=f32)
     opt, flags = [], {{}}
 {opt_args}
     grads["initial_state"] = EMPTY((nseq, d, N{pair}), device=dev, dtype=f32)
@@ -648,18 +733,20 @@ def launcher_source(plan: KernelPlan, config: dict, kernel: str) -> str:
                       "            strides += list(t.stride()[:3])\n            groups = t.shape[1]",
             a_shape="A.shape", g_axis=1, pair="", dlast="dlast.to(f32).contiguous()",
             plane_args="", to_complex="")
-    return PAIR_SCAN + (CPAIR_SCAN if cplx else "") + LAUNCHER.format(
+    return PAIR_SCAN + (CPAIR_SCAN if cplx else RSCAN) + LAUNCHER.format(
         config=dict(config), name=plan.family.name, kernel=kernel, opt_args="\n".join(opt),
         sum_args="\n".join(sums), cplx=cplx, **slots)
 
 
 def generate(plan: KernelPlan, config: dict, forward_kernel: str) -> str:
     """The backward kernel and ``backward`` launcher for the scan module (after its forward)."""
-    cfg = {k: config.get(k, v) for k, v in BACKWARD_DEFAULTS.items()}
+    cplx = plan.family.A.structure is AStructure.COMPLEX_DIAGONAL
+    defaults = COMPLEX_DEFAULTS if cplx else BACKWARD_DEFAULTS
+    cfg = {k: config.get(k, v) for k, v in defaults.items()}
     name = f"{forward_kernel}_backward"
-    if plan.family.A.structure is AStructure.COMPLEX_DIAGONAL:
+    if cplx:
         from .scan_backward_complex import ComplexBackwardGen
         gen = ComplexBackwardGen(plan)
     else:
-        gen = _BackwardGen(plan)
+        gen = _TimeLanesGen(plan)
     return "\n\n" + gen.kernel(name) + launcher_source(plan, cfg, name)
