@@ -118,6 +118,10 @@ class _Gen:
             self.slopes["bbarp"] = (der.bbar_prev_dt, der.bbar_prev_a)
         # tc planes: Δ, then each coefficient; tacc planes: dL/d(coefficient) per head-token
         self.tc = {"delta": 0, **{k: i + 1 for i, k in enumerate(self.coef)}}
+        # and the forward pass's weights to the end of the token's checkpoint chunk: the decay
+        # Π_{u >= t} Ā_u and B̄ (B̄₋) times Π_{u > t} Ā_u
+        for key in ("aend", "bend") + (("bpend",) if self.trap else ()):
+            self.tc[key] = len(self.tc)
         self.tacc = {k: i for i, k in enumerate(self.coef)}
         self.names = dict(buffers.inputs(plan))
         self.d_per_p = "D" in self.names and self.names["D"].dims == ("h", "p")
@@ -273,6 +277,7 @@ class _Gen:
         for name in ("dba", "dca") + (("dbpa",) if self.trap else ()):
             self.alloc(name, (W,))
         self.alloc("xg", (len(self.tacc),))
+        self.alloc("decay", (1,))
         self.alloc("sums", (3 * R + 1,))
         self.alloc("hacc", (4,))            # per-head sums: dA, dbias, dD (per head)
         if "D" in self.names:
@@ -303,6 +308,17 @@ class _Gen:
                         p = f"pb * {WP} + v"
                         gate = self.gate_text(self.tok("z", p))[0]
                         w(f"{self.tok('dx', p)} = {self.tok('dout', p)} * {gate}")
+        K = self.K
+        with self.loop("ci", f"(t_len + {K - 1}) // {K}"):
+            w(f"nt: T.let = T.min({K}, t_len - ci * {K})")
+            w("decay[0] = T.float32(1.0)")
+            with self.loop("jj", "nt"):
+                w(f"tt: T.let = t_begin + ci * {K} + nt - 1 - jj")
+                w(f"{self.coef_at('bend')} = {self.coef_at('bbar')} * decay[0]")
+                if self.trap:
+                    w(f"{self.coef_at('bpend')} = {self.coef_at('bbarp')} * decay[0]")
+                w(f"decay[0] = decay[0] * {self.coef_at('abar')}")
+                w(f"{self.coef_at('aend')} = decay[0]")
 
     def gate_text(self, z: str):
         """(gate(z), ∂gate/∂z) printed from the pass, sharing subexpressions, as lets."""
@@ -397,25 +413,39 @@ class _Gen:
                 f"{prev}")
 
     def forward_checkpoints(self):
-        """The head's state every ``ckpt`` tokens (all rows at once: B_t is loaded once per
-        token for the head)."""
+        """The head's state at every chunk's start, all rows at once (B_t loaded once per token
+        for the head), each chunk as its end state's sum: h_end = (Π Ā) h_start +
+        Σ_t B̄_t (Π_{u > t} Ā_u) x_t B_t, one FMA per state element and token (the recurrence
+        is two: the decay is applied once per chunk)."""
         w, n, K, P = self.w, self.n, self.K, self.P
         with self.loop("r", P):
             with self.loop("s", n, "vectorized"):
                 w(f"h[r, s] = T.Select(has_init != 0, h0[T.min(sq, ninit - 1), hh, r, s], "
                   f"{ZERO})")
-        with self.loop("t", "t_len"):
-            w("tt: T.let = t_begin + t")
-            if self.trap:
-                w("tp: T.let = T.max(tt - 1, t_begin)")
-            with w.block(f"if t % {K} == 0:"):
-                with self.loop("r", P):
-                    with self.loop("s", n, "vectorized"):
-                        w(f"ck[task, t // {K}, r, s] = h[r, s]")
-            self.drive_rows("", P)
+        with self.loop("ci", f"(t_len + {K - 1}) // {K} - 1"):   # the last chunk's end: unused
+            w(f"t0: T.let = t_begin + ci * {K}")
             with self.loop("r", P):
                 with self.loop("s", n, "vectorized"):
-                    w(self.drive("h[r, s]", "h[r, s]"))
+                    w(f"ck[task, ci, r, s] = h[r, s]")
+                    w(f"h[r, s] = {self.coef_at('aend', 't0')} * h[r, s]")
+            with self.loop("j", K):
+                w("tt: T.let = t0 + j")
+                if self.trap:
+                    w("tp: T.let = T.max(tt - 1, t_begin)")
+                with self.loop("r", P):
+                    w(f"bx[r] = {self.coef_at('bend')} * {self.tok('x', 'r')}")
+                    if self.trap:
+                        w(f"bxp[r] = {self.coef_at('bpend')} * T.Select(tt > t_begin, "
+                          f"{self.tok('x', 'r', 'tp')}, {ZERO})")
+                prev = " + bxp[r] * B[bi, tp, g, s]" if self.trap else ""
+                with self.loop("r", P):
+                    with self.loop("s", n, "vectorized"):
+                        w(f"h[r, s] = h[r, s] + bx[r] * B[bi, tt, g, s]{prev}")
+        with w.block("if t_len > 0:"):   # (an empty packed sequence has no chunk)
+            w(f"c_last: T.let = (t_len + {K - 1}) // {K} - 1")
+            with self.loop("r", P):
+                with self.loop("s", n, "vectorized"):
+                    w("ck[task, c_last, r, s] = h[r, s]")
 
     def reverse(self):
         """Chunk by chunk backward; inside a chunk, row block by row block (the chunk's B, C,
