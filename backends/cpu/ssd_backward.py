@@ -76,8 +76,8 @@ def checkpoint(config: dict) -> int:
 
 
 class _FastPrinter(DeltaPrinter):
-    """TIR printer for vector code: exp as fastmath's polynomial (let-lines; a libm call per
-    lane otherwise), softplus as DeltaPrinter's, expm1 (``stable_form``) as fastmath's."""
+    """TIR printer whose exp is fastmath's polynomial (let-lines; T.exp is a libm call, per
+    lane in vector code), softplus DeltaPrinter's, expm1 (``stable_form``) fastmath's."""
 
     def _print_exp(self, expr):
         lines: List[str] = []
@@ -357,7 +357,7 @@ class _Gen:
                 ddelta = w.let("ddelta", " + ".join(dd) if dd else ZERO)
                 raw = {"dt_raw": "dt[bi, tt, hh]",
                        "dt_bias": "bias[hh]" if self.has("bias") else ZERO}
-                slope = DeltaPrinter(w, raw).doprint(sp.sympify(self.der.delta_raw))
+                slope = _FastPrinter(w, raw).doprint(sp.sympify(self.der.delta_raw))
                 ddr = w.let("ddr", f"{ddelta} * ({slope})")
                 w(f"ddt[bi, tt, hh] = {ddr}")
                 w(f"hacc[0] = hacc[0] + {' + '.join(da) if da else ZERO}")
