@@ -8,7 +8,8 @@ median ms of ours (the generated TVM forward and backward kernels through the pu
 callable), torch autograd through the best vectorized torch form (bench/cpu.py's chunked
 cumulative-sum form, ``m1_chunked``) and through the per-timestep loop (``m1_eager``), the
 ratios, and each one's gradient error against float64 autograd through the recurrence
-(``reference.run_float64_differentiable``). Prints the CPU model; all in one run.
+(``reference.run_float64_differentiable``); then our forward and backward kernels alone.
+Prints the CPU model; all in one run.
 """
 from __future__ import annotations
 
@@ -67,15 +68,29 @@ def main(argv=None):
 
     def ours(x, dt, A, B, C, D, z, bias):
         return kernel(x, dt, A, B, C, D=D, z=z, **{names[-1]: bias, softplus: True})
+    # ours alone first: torch's idle OpenMP workers spin after its runs (NOTES_cpu.md)
+    fwd, bwd = split(kernel, fam, args.L, args.repeats, cpu_bench)
     rows = compare(fam, names, {"ours": ours, **forms}, args.L, args.repeats, check, cpu_bench)
     ours_ms = rows[0][1]
     lines = [f"CPU: {cpu_bench.cpu_model()}; {args.threads} thread(s); torch {torch.__version__}\n",
              f"| fwd+bwd, {title} fp32 | ms | ours is faster by | grad rel err vs fp64 |",
              "|---|---|---|---|"]
     lines += [f"| {name} | {t:.1f} | {t / ours_ms:.1f}x | {err:.1e} |" for name, t, err in rows]
+    lines.append(f"\nours alone: forward {fwd:.1f} ms, backward {bwd:.1f} ms (the generated "
+                 "kernels, median)")
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def split(kernel, fam, L, repeats, cpu_bench):
+    """(forward ms, backward ms) of our kernels alone, on the same problem as ``compare``."""
+    from ssmc.signature import bind, example_inputs
+    p = bind(fam, fam.convention, (), example_inputs(fam, None, 1, L, seed=0))
+    backend = kernel.kernel_for(p.family)
+    dy = torch.randn_like(p.input)
+    return (cpu_bench.median_ms(lambda: backend(p), repeats),
+            cpu_bench.median_ms(lambda: backend.backward(p, dy, None), repeats))
 
 
 def compare(fam, names, impls, L, repeats, check, cpu_bench):
