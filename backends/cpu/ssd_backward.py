@@ -37,11 +37,11 @@ the readout y in dz).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import sympy as sp
 
-from ssmc.ir import AStructure, KernelPlan, Sharing
+from ssmc.ir import KernelPlan
 from ssmc.printers import stable_form
 
 from . import buffers, fastmath
@@ -279,7 +279,7 @@ class _Gen:
         self.alloc("xg", (len(self.tacc),))
         self.alloc("decay", (1,))
         self.alloc("sums", (3 * R + 1,))
-        self.alloc("hacc", (4,))            # per-head sums: dA, dbias, dD (per head)
+        self.alloc("hacc", (2,))            # per-head sums: dA, dbias
         if "D" in self.names:
             self.alloc("dacc", (self.P,))
 
@@ -338,7 +338,7 @@ class _Gen:
         """dΔ from the per-token sums, through the Δ map to dt and its bias; dA; dD; dz from
         the readout the walk left in dz."""
         w, P, WP, H = self.w, self.P, self.WP, self.H
-        for i in range(4):
+        for i in range(2):
             w(f"hacc[{i}] = {ZERO}")
         if self.has("D"):
             with self.loop("v", P, "vectorized"):
